@@ -1,0 +1,146 @@
+"""Building blocks shared by every FineTuneJob model: camelCase wire names, strictness, and
+cross-field rules that exist once and are enforced twice (pydantic here, CEL in the CRD)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written once in both languages that enforce it.
+
+    `cel` goes into the CRD's `x-kubernetes-validations`, so `kubectl apply` refuses the object;
+    `check` runs in the pydantic model, so `ftjob validate`, the local run and the trainer refuse it
+    with the same `message`. `field` is the offending field relative to the model the rule sits on.
+    Tests run both sides over the same malformed manifests and require them to agree.
+    """
+
+    cel: str
+    message: str
+    field: str
+    check: Callable[[Any], bool]
+
+    def to_crd(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message, "fieldPath": "." + self.field}
+
+
+@dataclass(frozen=True)
+class ServerRule:
+    """A rule only the API server enforces: transition rules compare the new object with the stored
+    one (`oldSelf`), which only the server sees; metadata rules duplicate a pydantic field
+    constraint on a part of the object the models keep loose."""
+
+    cel: str
+    message: str
+    field: str
+
+    def to_crd(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message, "fieldPath": "." + self.field}
+
+
+class RuleViolation(ValueError):
+    """Raised by a model whose cross-field rules fail; carries field paths for readable errors."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{field}: {message}" for field, message in violations))
+
+
+def _crd_schema_extras(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """Carry into the schema what pydantic knows but JSON Schema leaves out: the CEL rules, and the
+    defaults of default_factory fields. A section defaults to `{}` so the API server fills in its
+    fields' own defaults, as pydantic does; lists and maps default to their empty value."""
+    rules = [r.to_crd() for r in getattr(cls, "rules", ())]
+    rules += [r.to_crd() for r in getattr(cls, "server_rules", ())]
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    for name, field in cls.model_fields.items():
+        if field.default_factory is None:
+            continue
+        prop = schema.get("properties", {}).get(field.alias or name)
+        if prop is None:
+            continue
+        value = field.default_factory()  # type: ignore[call-arg]
+        prop["default"] = {} if isinstance(value, BaseModel) else value
+
+
+class ApiModel(BaseModel):
+    """Base of every model in the FineTuneJob API."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        # Strict like the API server: "4" is not an integer and "yes" is not a boolean, so a manifest
+        # is refused or accepted by both layers alike. Timestamps and enums read from the API
+        # arrive as strings and opt out per field.
+        strict=True,
+        validate_default=True,
+        json_schema_extra=_crd_schema_extras,  # type: ignore[typeddict-item]
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+    server_rules: ClassVar[tuple[ServerRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ApiModel:
+        failed = [(r.field, r.message) for r in type(self).rules if not r.check(self)]
+        if failed:
+            raise RuleViolation(failed)
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it is written to the cluster: camelCase, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Kubernetes resource quantities ("8", "16Gi", "500m", or a bare integer), as the API server
+# accepts them for Pod resources. The pattern is the one Kubernetes publishes for Quantity.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 8, 500m, 64Gi)")
+    if isinstance(value, int) and value < 0:
+        raise ValueError("a quantity may not be negative")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+# Names that end up as Kubernetes object names (Secrets, ServiceAccounts, classes): DNS-1123 subdomains.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+K8sName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+
+# Storage locations. Bucket names follow S3's rules; file:// must be absolute (three slashes).
+S3_URI_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
+FILE_URI_PATTERN = r"file:///[^\s]*"
+STORAGE_URI_PATTERN = rf"^({S3_URI_PATTERN}|{FILE_URI_PATTERN})$"
+StorageUri = Annotated[str, Field(pattern=STORAGE_URI_PATTERN, max_length=2048)]
+
+# A model can also come from a hub id ("org/name"), for clusters that reach a model hub.
+HUB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?"
+MODEL_SOURCE_PATTERN = rf"^({S3_URI_PATTERN}|{FILE_URI_PATTERN}|{HUB_ID_PATTERN})$"
+ModelSource = Annotated[str, Field(pattern=MODEL_SOURCE_PATTERN, max_length=2048)]
+
+ShortString = Annotated[str, Field(min_length=1, max_length=253)]

@@ -1,0 +1,122 @@
+"""The FineTuneJob resource: spec sections put together, the rules that span them, and the rules
+that keep a started job's training semantics fixed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from finetune_operator import contract
+from finetune_operator.api.base import ApiModel, Rule, ServerRule
+from finetune_operator.api.spec import (
+    CheckpointSpec,
+    DatasetSpec,
+    DeepSpeedSpec,
+    ModelSpec,
+    OutputSpec,
+    ResourcesSpec,
+    RunPolicy,
+    TrainingSpec,
+)
+from finetune_operator.api.status import FineTuneJobStatus
+
+API_VERSION = f"{contract.API_GROUP}/{contract.API_VERSION}"
+
+# Child names are "<job>-a<attempt>-n<rank>" and double as pod hostnames (a DNS label, at most 63
+# characters), so job names are kept short enough for 4-digit attempts and ranks.
+MAX_JOB_NAME_LENGTH = 42
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+# CEL for the number of training processes per node, mirroring ResourcesSpec.procs_per_node.
+_PROCS_CEL = "(has({r}.processesPerNode) ? {r}.processesPerNode : ({r}.gpusPerNode > 0 ? {r}.gpusPerNode : 1))"
+
+
+def _world_cel(resources: str) -> str:
+    return f"({resources}.nodes * {_PROCS_CEL.format(r=resources)})"
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on which data, how, on which machines, and where checkpoints go."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    checkpoint: CheckpointSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    rules = (
+        Rule(
+            cel="!has(self.training.globalBatchSize) || self.training.globalBatchSize % "
+            f"(self.training.microBatchSize * {_world_cel('self.resources')}) == 0",
+            message="globalBatchSize must be a multiple of microBatchSize x world size "
+            "(nodes x processes per node), so gradient accumulation is a whole number",
+            field="training.globalBatchSize",
+            check=lambda s: s.training.global_batch_size is None
+            or s.training.global_batch_size % (s.training.micro_batch_size * s.resources.world_size) == 0,
+        ),
+        Rule(
+            cel="!has(self.training.evalEverySteps) || self.dataset.validationFraction > 0.0",
+            message="evalEverySteps needs held-out data: set dataset.validationFraction above 0",
+            field="training.evalEverySteps",
+            check=lambda s: s.training.eval_every_steps is None or s.dataset.validation_fraction > 0,
+        ),
+    )
+
+
+class ObjectMeta(ApiModel):
+    """The part of Kubernetes metadata the operator reads; the rest is kept as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(pattern=JOB_NAME_PATTERN, max_length=MAX_JOB_NAME_LENGTH)]
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+def _frozen_once_started(path: str, what: str, *, cel_value: str | None = None) -> ServerRule:
+    new = cel_value.format(obj="self") if cel_value else f"self.{path}"
+    old = cel_value.format(obj="oldSelf") if cel_value else f"oldSelf.{path}"
+    return ServerRule(
+        cel=f"!has(oldSelf.status) || !has(oldSelf.status.attempt) || oldSelf.status.attempt == 0 || {new} == {old}",
+        message=f"{what} cannot change once the job has started: its checkpoints depend on it. "
+        "Create a new FineTuneJob instead",
+        field=path,
+    )
+
+
+class FineTuneJob(ApiModel):
+    """A distributed fine-tuning run of a Llama-family model with DeepSpeed."""
+
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    server_rules = (
+        _frozen_once_started("spec.model", "spec.model"),
+        _frozen_once_started("spec.dataset", "spec.dataset"),
+        _frozen_once_started("spec.training", "spec.training"),
+        _frozen_once_started("spec.deepspeed", "spec.deepspeed"),
+        _frozen_once_started("spec.checkpoint.uri", "spec.checkpoint.uri"),
+        _frozen_once_started(
+            "spec.resources.nodes",
+            "The world size (resources.nodes x processes per node)",
+            cel_value=_world_cel("{obj}.spec.resources"),
+        ),
+    )
+
+
+def parse_manifest(manifest: dict[str, Any]) -> FineTuneJob:
+    """Validate a manifest (as loaded from YAML or the API) into a FineTuneJob.
+
+    Raises pydantic.ValidationError; `finetune_operator.api.errors.describe` makes it readable.
+    """
+    return FineTuneJob.model_validate(manifest)

@@ -1,0 +1,398 @@
+"""FineTuneJob spec: what to train, on what data, how, where, and what to do when it fails.
+
+These models are the single source of truth: the CRD (crds/), docs/api.md and the trainer's config
+are all generated from them. Defaults fit one node of 8 GPUs; a minimal manifest names only the
+model, the dataset and the checkpoint uri.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from finetune_operator import contract
+from finetune_operator.api.base import (
+    ApiModel,
+    K8sName,
+    ModelSource,
+    Quantity,
+    Rule,
+    ShortString,
+    StorageUri,
+)
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune, in Hugging Face format."""
+
+    source: ModelSource = Field(
+        description="Where the model is: s3://bucket/prefix, file:///mounted/path, or a hub id "
+        "(org/name) when the cluster can reach a model hub."
+    )
+    revision: ShortString | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
+    tokenizer: ModelSource | None = Field(
+        None, description="Tokenizer location when it differs from the model's; same forms as source."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Leave off unless you trust the source."
+    )
+
+
+RecordShape = Literal["text", "promptCompletion", "chat"]
+DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+class DatasetSource(ApiModel):
+    """One dataset in the training mixture."""
+
+    uri: StorageUri = Field(description="A file or a prefix of files (s3:// or file://).")
+    name: ShortString | None = Field(None, description="Label used in logs and data reports.")
+    format: Literal["jsonl", "parquet"] | None = Field(
+        None, description="File format; inferred from the uri's extension when left out."
+    )
+    shape: RecordShape = Field(
+        "text",
+        description="Record shape: text (one text field), promptCompletion (loss only on the "
+        "completion), or chat (a list of role/content messages, loss only on assistant turns).",
+    )
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="Relative share of this source in the mixture (weights are normalised)."
+    )
+    text_field: ShortString = Field("text", description="Field holding the text (shape text).")
+    prompt_field: ShortString = Field("prompt", description="Field holding the prompt (shape promptCompletion).")
+    completion_field: ShortString = Field(
+        "completion", description="Field holding the completion (shape promptCompletion)."
+    )
+    messages_field: ShortString = Field("messages", description="Field holding the messages (shape chat).")
+
+    rules = (
+        Rule(
+            cel="has(self.format) || self.uri.endsWith('.jsonl') || self.uri.endsWith('.json') "
+            "|| self.uri.endsWith('.parquet')",
+            message="format is required when the uri does not end in .jsonl, .json or .parquet",
+            field="format",
+            check=lambda s: s.format is not None or s.uri.endswith(DATASET_EXTENSIONS),
+        ),
+    )
+
+
+class DatasetSpec(ApiModel):
+    """The training data: a weighted mixture of sources, cleaned, tokenized and split."""
+
+    sources: list[DatasetSource] = Field(min_length=1, max_length=64, description="One or more sources.")
+    max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per training sequence.")
+    packing: bool = Field(
+        False, description="Concatenate records into full-length sequences instead of padding each one."
+    )
+    overlength: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with records longer than maxSeqLength."
+    )
+    validation_fraction: float = Field(
+        0.01, ge=0, lt=0.5, description="Share of records held out for evaluation (a deterministic split)."
+    )
+    dedupe: bool = Field(True, description="Remove exact duplicate records across all sources.")
+    shuffle: bool = Field(True, description="Shuffle records each epoch (seeded by training.seed).")
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapters (training.method lora)."""
+
+    rank: int = Field(16, ge=1, le=1024, description="Adapter rank r.")
+    alpha: float = Field(32.0, gt=0, le=4096, description="Scaling numerator (the update is scaled by alpha/r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        max_length=64,
+        description="Module names that get adapters (Llama's attention and MLP projections by default).",
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="Final model: adapters merged into the base weights, or the adapter alone."
+    )
+
+
+class TrainingSpec(ApiModel):
+    """The optimisation: method, length, batch, schedule and numerics."""
+
+    method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
+    lora: LoraSpec | None = Field(None, description="LoRA settings; only with method lora (defaults apply).")
+    epochs: int | None = Field(
+        None, ge=1, le=1000, description="Passes over the data. Set this or maxSteps; neither means 1 epoch."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Optimizer steps to run. Set this or epochs, not both."
+    )
+    micro_batch_size: int = Field(1, ge=1, le=4096, description="Sequences per GPU (per process) per forward pass.")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description="Sequences per optimizer step across all ranks. Gradient accumulation is derived: "
+        "globalBatchSize / (microBatchSize x world size), which must be a whole number. "
+        "Left out: one micro batch per rank (no accumulation).",
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Peak learning rate. Left out: 2e-5 for full, 2e-4 for lora."
+    )
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps. Set this or warmupRatio.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warmup as a share of all steps. Left out (with warmupSteps): 0.03."
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (never on biases and norms).")
+    gradient_clipping: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training numerics.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and the split.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps. Left out: at every checkpoint when data is held out."
+    )
+    log_every_steps: int = Field(10, ge=1, description="Report progress every N steps.")
+
+    rules = (
+        Rule(
+            cel="self.method == 'lora' || !has(self.lora)",
+            message="lora settings are only allowed with method lora",
+            field="lora",
+            check=lambda s: s.method == "lora" or s.lora is None,
+        ),
+        Rule(
+            cel="!(has(self.epochs) && has(self.maxSteps))",
+            message="set epochs or maxSteps, not both",
+            field="maxSteps",
+            check=lambda s: s.epochs is None or s.max_steps is None,
+        ),
+        Rule(
+            cel="!(has(self.warmupSteps) && has(self.warmupRatio))",
+            message="set warmupSteps or warmupRatio, not both",
+            field="warmupRatio",
+            check=lambda s: s.warmup_steps is None or s.warmup_ratio is None,
+        ),
+        Rule(
+            cel="!has(self.globalBatchSize) || self.globalBatchSize >= self.microBatchSize",
+            message="globalBatchSize must be at least microBatchSize",
+            field="globalBatchSize",
+            check=lambda s: s.global_batch_size is None or s.global_batch_size >= s.micro_batch_size,
+        ),
+    )
+
+
+class DeepSpeedSpec(ApiModel):
+    """DeepSpeed engine settings; the trainer generates the full DeepSpeed config from the spec."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters sharded."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_parameters: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+    override: dict[str, Any] | None = Field(
+        None, description="Raw DeepSpeed config merged last, over everything generated. Expert use."
+    )
+
+    rules = (
+        Rule(
+            cel="!self.offloadOptimizer || self.zeroStage >= 1",
+            message="offloadOptimizer needs zeroStage 1, 2 or 3",
+            field="offloadOptimizer",
+            check=lambda s: not s.offload_optimizer or s.zero_stage >= 1,
+        ),
+        Rule(
+            cel="!self.offloadParameters || self.zeroStage == 3",
+            message="offloadParameters needs zeroStage 3",
+            field="offloadParameters",
+            check=lambda s: not s.offload_parameters or s.zero_stage == 3,
+        ),
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, copied to every rank pod."""
+
+    key: ShortString | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, Field(max_length=253)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+EnvName = Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)]
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the trainer container."""
+
+    name: EnvName
+    value: Annotated[str, Field(max_length=32768)] | None = None
+    value_from: dict[str, Any] | None = Field(
+        None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef...)."
+    )
+
+    rules = (
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            message="set value or valueFrom, not both",
+            field="valueFrom",
+            check=lambda s: s.value is None or s.value_from is None,
+        ),
+    )
+
+
+def _reserved_env_cel() -> str:
+    names = ", ".join(f"'{n}'" for n in sorted(contract.RESERVED_ENV))
+    return f"self.env.all(e, !(e.name in [{names}]))"
+
+
+class ResourcesSpec(ApiModel):
+    """Where and how the rank pods run."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Node ranks (one pod each).")
+    gpus_per_node: int = Field(8, ge=0, le=64, description="GPUs per node rank; 0 runs on CPU (tests, demos).")
+    processes_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Training processes per node rank. Left out: one per GPU, or 1 without GPUs.",
+    )
+    gpu_resource_name: ShortString = Field(
+        "nvidia.com/gpu", description="Extended resource that counts GPUs on your nodes."
+    )
+    cpu: Quantity | None = Field(None, description="CPU request (and limit) per pod.")
+    memory: Quantity | None = Field(None, description="Memory request (and limit) per pod.")
+    shm_size: Quantity = Field("16Gi", description="Size of /dev/shm (a memory-backed volume) for data loaders.")
+    image: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="Trainer image. Left out: the operator's configured default trainer image."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy for the trainer image."
+    )
+    image_pull_secrets: list[K8sName] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the trainer image."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=dict, description="Node labels every rank pod requires."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(
+        None, description="A Kubernetes Affinity, copied verbatim to every rank pod."
+    )
+    priority_class_name: K8sName | None = Field(None, description="PriorityClass of the rank pods.")
+    scheduler_name: K8sName | None = Field(None, description="Scheduler of the rank pods (e.g. a gang scheduler).")
+    service_account_name: K8sName | None = Field(
+        None, description="ServiceAccount of the rank pods; its token is not mounted."
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra trainer environment.")
+
+    rules = (
+        Rule(
+            cel="!has(self.processesPerNode) || self.gpusPerNode == 0 || self.processesPerNode == self.gpusPerNode",
+            message="processesPerNode must equal gpusPerNode on GPU nodes (one process per GPU)",
+            field="processesPerNode",
+            check=lambda s: s.processes_per_node is None
+            or s.gpus_per_node == 0
+            or s.processes_per_node == s.gpus_per_node,
+        ),
+        Rule(
+            cel=_reserved_env_cel(),
+            message="env may not set variables the operator owns (rendezvous, job identity, storage credentials)",
+            field="env",
+            check=lambda s: all(e.name not in contract.RESERVED_ENV for e in s.env),
+        ),
+    )
+
+    @property
+    def procs_per_node(self) -> int:
+        if self.processes_per_node is not None:
+            return self.processes_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoints in object storage: where, how often, how many kept, and where to resume from."""
+
+    uri: StorageUri = Field(
+        description="Store root (s3://bucket/prefix or file:///path); the job writes under "
+        "<uri>/<namespace>/<job>/."
+    )
+    credentials_secret: K8sName | None = Field(
+        None,
+        description="Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(optionally AWS_SESSION_TOKEN), used for every s3:// location of the job. Left out: the "
+        "pod's own identity (e.g. workload identity).",
+    )
+    endpoint_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=2048)] | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, GCS interop). Left out: AWS."
+    )
+    region: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", max_length=64)] | None = Field(
+        None, description="Storage region."
+    )
+    every_steps: int = Field(0, ge=0, description="Checkpoint every N optimizer steps; 0 turns this trigger off.")
+    every_minutes: int = Field(30, ge=0, le=10080, description="Checkpoint every N minutes; 0 turns this off.")
+    keep_last: int = Field(3, ge=1, le=1000, description="Committed checkpoints kept; older ones are deleted.")
+    resume: Annotated[str, Field(max_length=2048)] = Field(
+        "latest",
+        pattern=r"^(latest|none|s3://[^\s]+|file:///[^\s]*)$",
+        description="latest (the newest committed checkpoint of this job), none (start fresh), or the "
+        "uri of one committed checkpoint.",
+    )
+
+    rules = (
+        Rule(
+            cel="self.everySteps > 0 || self.everyMinutes > 0",
+            message="set everySteps or everyMinutes above 0, or the job never checkpoints",
+            field="everySteps",
+            check=lambda s: s.every_steps > 0 or s.every_minutes > 0,
+        ),
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where the final model goes."""
+
+    uri: StorageUri | None = Field(
+        None,
+        description="Destination of the final Hugging Face model. Left out: "
+        "<checkpoint.uri>/<namespace>/<job>/final.",
+    )
+
+
+class RunPolicy(ApiModel):
+    """Restarts, deadlines and clean-up."""
+
+    max_restarts: int = Field(
+        3, ge=0, le=1000, description="Gang restarts after application failures; infrastructure ones don't count."
+    )
+    backoff_base_seconds: int = Field(10, ge=1, le=3600, description="First restart delay; doubles each time.")
+    backoff_cap_seconds: int = Field(300, ge=1, le=86400, description="Longest restart delay.")
+    startup_timeout_seconds: int = Field(
+        600, ge=30, le=86400, description="How long rank pods may stay unscheduled or pulling images."
+    )
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this long.")
+    progress_timeout_seconds: int | None = Field(
+        1800, ge=60, description="Restart the gang when no training progress is reported for this long."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job this long after it succeeded or failed."
+    )
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running", description="Pods deleted when the job finishes: none, those still running, or all."
+    )
+    termination_grace_period_seconds: int = Field(
+        120, ge=10, le=3600, description="Time a rank has on SIGTERM to write its emergency checkpoint."
+    )
+    suspend: bool = Field(False, description="Stop the pods and keep the job; unsuspend resumes from a checkpoint.")
+
+    rules = (
+        Rule(
+            cel="self.backoffCapSeconds >= self.backoffBaseSeconds",
+            message="backoffCapSeconds must be at least backoffBaseSeconds",
+            field="backoffCapSeconds",
+            check=lambda s: s.backoff_cap_seconds >= s.backoff_base_seconds,
+        ),
+    )

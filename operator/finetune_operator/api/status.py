@@ -1,0 +1,89 @@
+"""FineTuneJob status: what the operator observed and what the job reported, nothing else.
+
+kopf keeps its own bookkeeping in annotations, so every field here means what its description says.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, Strict
+
+from finetune_operator.api.base import ApiModel, ShortString, StorageUri
+
+
+# Values the API hands back as strings.
+Timestamp = Annotated[datetime, Strict(False)]
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"  # accepted, no pods yet
+    STARTING = "Starting"  # pods of the current attempt exist, not all running
+    RUNNING = "Running"  # every rank of the current attempt is running
+    RESTARTING = "Restarting"  # a rank failed; the gang is being torn down or backing off
+    SUSPENDED = "Suspended"  # spec.runPolicy.suspend: no pods, status kept
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+ACTIVE_PHASES = frozenset({Phase.STARTING, Phase.RUNNING, Phase.RESTARTING})
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (Running, Succeeded, Failed, Suspended, Restarting)."""
+
+    type: ShortString
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    message: Annotated[str, Field(max_length=32768)] | None = None
+    last_transition_time: Timestamp | None = None
+
+
+class RankCounts(ApiModel):
+    """Pods of the current attempt by state."""
+
+    total: int = Field(0, ge=0)
+    pending: int = Field(0, ge=0)
+    running: int = Field(0, ge=0)
+    succeeded: int = Field(0, ge=0)
+    failed: int = Field(0, ge=0)
+
+
+class Progress(ApiModel):
+    """Training progress as reported by rank 0."""
+
+    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps in the whole run.")
+    percent: float | None = Field(None, ge=0, le=100, description="step / totalSteps, in percent.")
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds to the end of training.")
+    loss: float | None = Field(None, description="Training loss, averaged since the previous report.")
+    eval_loss: float | None = Field(None, description="Latest evaluation loss.")
+    tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all ranks.")
+    updated_at: Timestamp | None = Field(None, description="When rank 0 reported this.")
+
+
+class CheckpointRef(ApiModel):
+    """A committed checkpoint (its manifest exists)."""
+
+    step: int = Field(ge=0)
+    uri: StorageUri
+    time: Timestamp | None = None
+
+
+class FineTuneJobStatus(ApiModel):
+    phase: Annotated[Phase, Strict(False)] | None = Field(None, description="Where the job is in its lifecycle.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=32)
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation this status reflects.")
+    attempt: int = Field(0, ge=0, description="Current gang attempt; 0 before the first pods exist.")
+    restarts: int = Field(0, ge=0, description="Gang restarts counted toward runPolicy.maxRestarts.")
+    infra_restarts: int = Field(
+        0, ge=0, description="Gang restarts after evictions, preemptions and lost nodes (not counted)."
+    )
+    ranks: RankCounts = Field(default_factory=RankCounts)
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None
+    progress: Progress | None = None
+    latest_checkpoint: CheckpointRef | None = None

@@ -1,0 +1,142 @@
+"""`ftjob`: validate and render FineTuneJob manifests, and generate the CRD and API docs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from finetune_operator.api import FineTuneJob, describe, parse_manifest, resolve_trainer_config
+from finetune_operator.api.crd import render_crd_yaml, write_crd
+from finetune_operator.api.docs import render_api_docs
+from finetune_operator.builders import BuildContext, build_attempt
+
+EXIT_INVALID = 2
+DEFAULT_TRAINER_IMAGE = "finetune-operator/trainer:0.1.0"
+
+
+def _documents(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        docs = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"{path}: not valid YAML: {exc}") from None
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "FineTuneJob":
+            yield doc
+
+
+def _load_jobs(path: Path) -> list[FineTuneJob] | None:
+    jobs: list[FineTuneJob] = []
+    ok = True
+    for index, doc in enumerate(_documents(path)):
+        try:
+            jobs.append(parse_manifest(doc))
+        except ValidationError as exc:
+            ok = False
+            name = (doc.get("metadata") or {}).get("name", f"document {index}")
+            print(f"{path}: FineTuneJob {name} is invalid:", file=sys.stderr)
+            for line in describe(exc):
+                print(f"  {line}", file=sys.stderr)
+    if ok and not jobs:
+        print(f"{path}: no FineTuneJob in this file", file=sys.stderr)
+        return None
+    return jobs if ok else None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        jobs = _load_jobs(path)
+        if jobs is None:
+            status = EXIT_INVALID
+            continue
+        for job in jobs:
+            cfg = resolve_trainer_config(job)
+            print(
+                f"{path}: {job.metadata.name} ok: {cfg.world.nnodes} node(s) x {cfg.world.nproc_per_node} "
+                f"process(es) = world size {cfg.world.world_size}; global batch {cfg.schedule.global_batch_size} "
+                f"= micro {job.spec.training.micro_batch_size} x world x accumulation "
+                f"{cfg.schedule.gradient_accumulation_steps}; checkpoints under {cfg.checkpoint.job_uri}"
+            )
+    return status
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    jobs = _load_jobs(args.file)
+    if jobs is None:
+        return EXIT_INVALID
+    ctx = BuildContext(default_image=args.image)
+    objects = [obj for job in jobs for obj in build_attempt(job, args.attempt, ctx)]
+    yaml.safe_dump_all(objects, sys.stdout, sort_keys=False)
+    return 0
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    if args.write:
+        for directory in args.write:
+            print(f"wrote {write_crd(directory)}")
+    else:
+        sys.stdout.write(render_crd_yaml())
+    return 0
+
+
+def _cmd_docs(args: argparse.Namespace) -> int:
+    if args.write:
+        args.write.write_text(render_api_docs())
+        print(f"wrote {args.write}")
+    else:
+        sys.stdout.write(render_api_docs())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    print(
+        "ftjob run is not built yet: the local backend (each node rank a local process group running the\n"
+        "trainer) lands with the local-run work. Today you can check a manifest with `ftjob validate` and\n"
+        "see the exact pods it becomes with `ftjob render`.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftjob", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check FineTuneJob manifests and show the derived training layout")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("render", help="print the Service, ConfigMap and Pods one attempt of a job becomes")
+    p.add_argument("file", type=Path)
+    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image when the manifest names none")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("crd", help="print the CRD generated from the API models, or --write it")
+    p.add_argument("--write", type=Path, nargs="*", metavar="DIR")
+    p.set_defaults(func=_cmd_crd)
+
+    p = sub.add_parser("docs", help="print the API reference generated from the models, or --write it")
+    p.add_argument("--write", type=Path, metavar="FILE")
+    p.set_defaults(func=_cmd_docs)
+
+    p = sub.add_parser("run", help="run a FineTuneJob on this machine (not built yet)")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

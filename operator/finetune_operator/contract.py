@@ -1,0 +1,118 @@
+"""The pod contract between the operator and the trainer, in one place both sides import.
+
+The operator builds pods from these names; the trainer reads its environment and reports back
+through these exit codes. Changing a value here changes it on both sides at once.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+API_GROUP: Final = "finetune.dev"
+API_VERSION: Final = "v1alpha1"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAMES: Final = ("ftj",)
+CATEGORIES: Final = ("finetune",)
+
+# Labels on every child object; the operator finds a job's children by them.
+LABEL_JOB: Final = f"{API_GROUP}/job-name"
+LABEL_ATTEMPT: Final = f"{API_GROUP}/attempt"
+LABEL_RANK: Final = f"{API_GROUP}/node-rank"
+
+# torchrun's rendezvous between node ranks.
+ENV_NNODES: Final = "NNODES"
+ENV_NPROC_PER_NODE: Final = "NPROC_PER_NODE"
+ENV_NODE_RANK: Final = "NODE_RANK"
+ENV_MASTER_ADDR: Final = "MASTER_ADDR"
+ENV_MASTER_PORT: Final = "MASTER_PORT"
+MASTER_PORT: Final = 29500
+
+# Which job and attempt a rank belongs to, and where its checkpoints go.
+ENV_JOB_NAME: Final = "FTJOB_NAME"
+ENV_JOB_NAMESPACE: Final = "FTJOB_NAMESPACE"
+ENV_ATTEMPT: Final = "FTJOB_ATTEMPT"
+ENV_CHECKPOINT_URI: Final = "FTJOB_CHECKPOINT_URI"
+ENV_SCRATCH_DIR: Final = "FTJOB_SCRATCH_DIR"
+ENV_TERMINATION_LOG: Final = "FTJOB_TERMINATION_LOG"
+
+# Storage credentials: only ever injected as secretKeyRefs to the user's Secret. The keys are the
+# ones boto3 reads from the environment, so the Secret is written once and works everywhere.
+SECRET_KEY_ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"
+SECRET_KEY_SESSION_TOKEN: Final = "AWS_SESSION_TOKEN"
+REQUIRED_SECRET_KEYS: Final = (SECRET_KEY_ACCESS_KEY_ID, SECRET_KEY_SECRET_ACCESS_KEY)
+OPTIONAL_SECRET_KEYS: Final = (SECRET_KEY_SESSION_TOKEN,)
+ENV_S3_ENDPOINT: Final = "AWS_ENDPOINT_URL_S3"
+ENV_S3_REGION: Final = "AWS_DEFAULT_REGION"
+
+# Communication defaults. NCCL's own collective timeout is 10 minutes; a hung rank should be noticed
+# well before that so the operator can restart the gang instead of idling the whole allocation.
+COMMUNICATION_ENV: Final = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "180",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+    "NCCL_DEBUG": "WARN",
+    "PYTHONUNBUFFERED": "1",
+}
+
+# Paths inside the trainer container.
+CONFIG_DIR: Final = "/etc/finetune"
+CONFIG_FILE_NAME: Final = "config.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE_NAME}"
+SCRATCH_DIR: Final = "/scratch"
+SHM_DIR: Final = "/dev/shm"
+TERMINATION_LOG: Final = "/dev/termination-log"
+
+CONTAINER_NAME: Final = "trainer"
+RENDEZVOUS_PORT_NAME: Final = "rendezvous"
+TRAINER_UID: Final = 1000
+
+
+class ExitCode(IntEnum):
+    """Trainer exit codes; the operator classifies a failed rank by them (docs/operations.md)."""
+
+    OK = 0
+    INVALID_CONFIG = 2
+    INPUT_NOT_FOUND = 3
+    TRANSIENT = 75  # EX_TEMPFAIL: storage unreachable, collective timeout
+    TERMINATED = 143  # 128 + SIGTERM: preempted or drained, after the emergency checkpoint
+
+
+def torchrun_command(config_path: str = CONFIG_PATH) -> list[str]:
+    """The command every node rank runs; the shell expands the rendezvous variables from the env."""
+    return [
+        "torchrun",
+        f"--nnodes=$({ENV_NNODES})",
+        f"--nproc-per-node=$({ENV_NPROC_PER_NODE})",
+        f"--node-rank=$({ENV_NODE_RANK})",
+        f"--master-addr=$({ENV_MASTER_ADDR})",
+        f"--master-port=$({ENV_MASTER_PORT})",
+        "--max-restarts=0",
+        "-m",
+        "finetune_trainer",
+        "--config",
+        config_path,
+    ]
+
+
+# Env names the operator owns; a user's extra env may not override them.
+RESERVED_ENV: Final = frozenset(
+    {
+        ENV_NNODES,
+        ENV_NPROC_PER_NODE,
+        ENV_NODE_RANK,
+        ENV_MASTER_ADDR,
+        ENV_MASTER_PORT,
+        ENV_JOB_NAME,
+        ENV_JOB_NAMESPACE,
+        ENV_ATTEMPT,
+        ENV_CHECKPOINT_URI,
+        ENV_SCRATCH_DIR,
+        ENV_TERMINATION_LOG,
+        *REQUIRED_SECRET_KEYS,
+        *OPTIONAL_SECRET_KEYS,
+    }
+)

@@ -1,0 +1,48 @@
+"""Read and validate the resolved config the operator rendered into this attempt's ConfigMap.
+
+The model is the operator's own (finetune_operator.api.TrainerConfig), so both sides read one schema.
+An invalid config exits 2 with a one-line reason in the termination log, which the operator copies
+into the job's Failed condition.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from finetune_operator import contract
+from finetune_operator.api import TrainerConfig, describe
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message is one line for the termination log."""
+
+
+def load_config(path: Path) -> TrainerConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read trainer config {path}: {exc.strerror}") from None
+    try:
+        return TrainerConfig.model_validate_json(text)
+    except ValidationError as exc:
+        problems = describe(exc)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"invalid trainer config {path}: {problems[0]}{more}") from None
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG))
+
+
+def write_termination_message(message: str) -> None:
+    """Best effort: the reason must reach the operator, but failing to write it must not mask the exit."""
+    line = " ".join(message.split())[:1024]
+    try:
+        termination_log_path().write_text(line + "\n")
+    except OSError:
+        pass
+    print(line, file=sys.stderr)
