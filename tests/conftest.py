@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from finetune_operator.api.crd import build_crd
+
 from tests.support.apiserver import FakeApiServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -59,7 +59,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             cfg = resolve_trainer_config(job)
             print(
                 f"{path}: {job.metadata.name} ok: {cfg.world.nnodes} node(s) x {cfg.world.nproc_per_node} "
-                f"process(es) = world size {cfg.world.world_size}; global batch {cfg.schedule.global_batch_size} "
+                f"process(es) = world size {cfg.world.world_size}; "
+                f"global batch {cfg.schedule.global_batch_size} "
                 f"= micro {job.spec.training.micro_batch_size} x world x accumulation "
                 f"{cfg.schedule.gradient_accumulation_steps}; checkpoints under {cfg.checkpoint.job_uri}"
             )
@@ -115,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the Service, ConfigMap and Pods one attempt of a job becomes")
     p.add_argument("file", type=Path)
     p.add_argument("--attempt", type=int, default=1)
-    p.add_argument("--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image when the manifest names none")
+    p.add_argument(
+        "--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image when the manifest names none"
+    )
     p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("crd", help="print the CRD generated from the API models, or --write it")

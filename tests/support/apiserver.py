@@ -92,9 +92,7 @@ class CelRules:
             self._programs[rule] = self._env.program(self._env.compile(rule))
         return self._programs[rule]
 
-    def evaluate(
-        self, path: str, value: Any, old: Any, schema: dict[str, Any], errors: list[str]
-    ) -> None:
+    def evaluate(self, path: str, value: Any, old: Any, schema: dict[str, Any], errors: list[str]) -> None:
         for rule in schema.get("x-kubernetes-validations", []):
             transition = "oldSelf" in rule["rule"]
             if transition and old is None:
@@ -104,7 +102,7 @@ class CelRules:
                 activation["oldSelf"] = to_cel(old, schema)
             result = self.program(rule["rule"]).evaluate(activation)
             if isinstance(result, Exception) or result is not True:
-                where = path + rule.get("fieldPath", "")
+                where = (path + rule.get("fieldPath", "")).lstrip(".")
                 if result is not True and not isinstance(result, celtypes.BoolType):
                     errors.append(f"{where}: rule could not be evaluated: {result}")
                 elif not result:
@@ -146,8 +144,12 @@ class FakeApiServer:
             path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
         if error.validator == "required":
             missing = [n for n in error.validator_value if n not in error.instance]
-            return "; ".join(f"{path}.{name}: Required value" if path else f"{name}: Required value" for name in missing)
+            return "; ".join(
+                f"{path}.{name}: Required value" if path else f"{name}: Required value" for name in missing
+            )
         if error.validator == "additionalProperties":
             unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-            return "; ".join(f"{path}.{name}: unknown field" if path else f"{name}: unknown field" for name in unknown)
+            return "; ".join(
+                f"{path}.{name}: unknown field" if path else f"{name}: unknown field" for name in unknown
+            )
         return f"{path}: Invalid value: {error.message}"

@@ -27,14 +27,13 @@ def minimal_manifest(name: str = "demo", namespace: str = "team-a") -> dict[str,
 def _walk(obj: Any, path: str) -> tuple[Any, str | int]:
     parts: list[str | int] = [int(p) if p.isdigit() else p for p in path.split(".")]
     for part in parts[:-1]:
-        if isinstance(part, int):
-            obj = obj[part]
-        else:
-            obj = obj.setdefault(part, {})
+        obj = obj[part] if isinstance(part, int) else obj.setdefault(part, {})
     return obj, parts[-1]
 
 
-def manifest(changes: dict[str, Any] | None = None, *, drop: tuple[str, ...] = (), **kw: Any) -> dict[str, Any]:
+def manifest(
+    changes: dict[str, Any] | None = None, *, drop: tuple[str, ...] = (), **kw: Any
+) -> dict[str, Any]:
     """A minimal manifest with dotted-path changes ("spec.training.maxSteps": 10) and removals."""
     out = copy.deepcopy(minimal_manifest(**kw))
     for path, value in (changes or {}).items():
@@ -46,7 +45,12 @@ def manifest(changes: dict[str, Any] | None = None, *, drop: tuple[str, ...] = (
     return out
 
 
-def job(changes: dict[str, Any] | None = None, *, uid: str | None = "3f1c2d4e-0000-4000-8000-000000000001", **kw: Any) -> FineTuneJob:
+def job(
+    changes: dict[str, Any] | None = None,
+    *,
+    uid: str | None = "3f1c2d4e-0000-4000-8000-000000000001",
+    **kw: Any,
+) -> FineTuneJob:
     data = manifest(changes, **kw)
     if uid:
         data["metadata"]["uid"] = uid

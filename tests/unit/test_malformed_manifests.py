@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from finetune_operator.api import describe, parse_manifest
 from pydantic import ValidationError
 
-from finetune_operator.api import describe, parse_manifest
 from tests.support.apiserver import FakeApiServer
 from tests.support.factories import manifest
 
@@ -30,7 +30,11 @@ GPU8 = {"spec.resources.gpusPerNode": 8}
 CASES = [
     # wrong types
     Bad("nodes as a word", {"spec.resources.nodes": "two"}, "spec.resources.nodes"),
-    Bad("micro batch as a numeric string", {"spec.training.microBatchSize": "4"}, "spec.training.microBatchSize"),
+    Bad(
+        "micro batch as a numeric string",
+        {"spec.training.microBatchSize": "4"},
+        "spec.training.microBatchSize",
+    ),
     Bad("dedupe as yes", {"spec.dataset.dedupe": "yes"}, "spec.dataset.dedupe"),
     Bad("sources as a map", {"spec.dataset.sources": {"uri": "s3://data/x.jsonl"}}, "spec.dataset.sources"),
     Bad("memory not a quantity", {"spec.resources.memory": "lots"}, "spec.resources.memory"),
@@ -71,15 +75,26 @@ CASES = [
     # bad URIs
     Bad("http checkpoint uri", {"spec.checkpoint.uri": "http://store/ckpt"}, "spec.checkpoint.uri"),
     Bad("bucket with capitals", {"spec.checkpoint.uri": "s3://My_Bucket/ckpt"}, "spec.checkpoint.uri"),
-    Bad("relative file uri", {"spec.dataset.sources.0.uri": "file://data/x.jsonl"}, "spec.dataset.sources[0].uri"),
+    Bad(
+        "relative file uri",
+        {"spec.dataset.sources.0.uri": "file://data/x.jsonl"},
+        "spec.dataset.sources[0].uri",
+    ),
     Bad("model source with spaces", {"spec.model.source": "my model"}, "spec.model.source"),
     Bad("output to gcs scheme", {"spec.output.uri": "gs://out/final"}, "spec.output.uri"),
     Bad("resume from a made-up keyword", {"spec.checkpoint.resume": "earliest"}, "spec.checkpoint.resume"),
-    Bad("endpoint without scheme", {"spec.checkpoint.endpointUrl": "minio:9000"}, "spec.checkpoint.endpointUrl"),
+    Bad(
+        "endpoint without scheme",
+        {"spec.checkpoint.endpointUrl": "minio:9000"},
+        "spec.checkpoint.endpointUrl",
+    ),
     # cross-field rules
     Bad("lora settings on a full run", {"spec.training.lora": {"rank": 8}}, "spec.training.lora", rule=True),
     Bad(
-        "epochs and maxSteps", {"spec.training.epochs": 2, "spec.training.maxSteps": 10}, "spec.training.maxSteps", rule=True
+        "epochs and maxSteps",
+        {"spec.training.epochs": 2, "spec.training.maxSteps": 10},
+        "spec.training.maxSteps",
+        rule=True,
     ),
     Bad(
         "two warmups",
@@ -150,10 +165,18 @@ CASES = [
     # enums
     Bad("fp8 precision", {"spec.training.precision": "fp8"}, "spec.training.precision"),
     Bad("ZeRO stage 4", {"spec.deepspeed.zeroStage": 4}, "spec.deepspeed.zeroStage"),
-    Bad("unknown clean pod policy", {"spec.runPolicy.cleanPodPolicy": "Sometimes"}, "spec.runPolicy.cleanPodPolicy"),
+    Bad(
+        "unknown clean pod policy",
+        {"spec.runPolicy.cleanPodPolicy": "Sometimes"},
+        "spec.runPolicy.cleanPodPolicy",
+    ),
     Bad("unknown record shape", {"spec.dataset.sources.0.shape": "qa"}, "spec.dataset.sources[0].shape"),
     # names
-    Bad("secret name with capitals", {"spec.checkpoint.credentialsSecret": "My_Secret"}, "spec.checkpoint.credentialsSecret"),
+    Bad(
+        "secret name with capitals",
+        {"spec.checkpoint.credentialsSecret": "My_Secret"},
+        "spec.checkpoint.credentialsSecret",
+    ),
     Bad("job name too long for pod hostnames", {"metadata.name": "a" * 43}, "metadata.name"),
     Bad("job name starting with a digit", {"metadata.name": "8b-lora"}, "metadata.name"),
 ]
@@ -185,7 +208,9 @@ def test_the_models_refuse_it_naming_the_field(case: Bad) -> None:
 @pytest.mark.parametrize("case", [c for c in CASES if c.rule], ids=_ids)
 def test_both_layers_give_the_same_message_for_a_rule(case: Bad, apiserver: FakeApiServer) -> None:
     data = manifest(case.changes, drop=case.drop)
-    crd_messages = {e.split("Invalid value: ", 1)[1] for e in apiserver.admit(data).errors if e.startswith(case.field)}
+    crd_messages = {
+        e.split("Invalid value: ", 1)[1] for e in apiserver.admit(data).errors if e.startswith(case.field)
+    }
     with pytest.raises(ValidationError) as caught:
         parse_manifest(data)
     model_messages = {

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from finetune_operator import contract
+
 from finetune_trainer.config import ConfigError, load_config, write_termination_message
 
 

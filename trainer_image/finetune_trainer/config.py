@@ -7,14 +7,14 @@ into the job's Failed condition.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from finetune_operator import contract
 from finetune_operator.api import TrainerConfig, describe
+from pydantic import ValidationError
 
 
 class ConfigError(Exception):
@@ -41,8 +41,6 @@ def termination_log_path() -> Path:
 def write_termination_message(message: str) -> None:
     """Best effort: the reason must reach the operator, but failing to write it must not mask the exit."""
     line = " ".join(message.split())[:1024]
-    try:
+    with contextlib.suppress(OSError):
         termination_log_path().write_text(line + "\n")
-    except OSError:
-        pass
     print(line, file=sys.stderr)

@@ -83,7 +83,7 @@ class ApiModel(BaseModel):
         # arrive as strings and opt out per field.
         strict=True,
         validate_default=True,
-        json_schema_extra=_crd_schema_extras,  # type: ignore[typeddict-item]
+        json_schema_extra=_crd_schema_extras,
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()
@@ -103,9 +103,7 @@ class ApiModel(BaseModel):
 
 # Kubernetes resource quantities ("8", "16Gi", "500m", or a bare integer), as the API server
 # accepts them for Pod resources. The pattern is the one Kubernetes publishes for Quantity.
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"  # noqa: E501
 
 
 def _check_quantity(value: int | str) -> int | str:

@@ -32,10 +32,14 @@ PRINTER_COLUMNS = [
     _column("Progress", "number", ".status.progress.percent", "Percent of all steps"),
     _column("Loss", "number", ".status.progress.loss", "Training loss"),
     _column("Restarts", "integer", ".status.restarts", "Gang restarts counted toward maxRestarts"),
-    _column("Checkpoint", "integer", ".status.latestCheckpoint.step", "Step of the latest committed checkpoint"),
+    _column(
+        "Checkpoint", "integer", ".status.latestCheckpoint.step", "Step of the latest committed checkpoint"
+    ),
     _column("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
     _column("Attempt", "integer", ".status.attempt", "Current gang attempt", priority=1),
-    _column("Infra-Restarts", "integer", ".status.infraRestarts", "Restarts after evictions and lost nodes", 1),
+    _column(
+        "Infra-Restarts", "integer", ".status.infraRestarts", "Restarts after evictions and lost nodes", 1
+    ),
     _column("ETA", "integer", ".status.progress.etaSeconds", "Seconds to the end of training", 1),
     _column("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput", 1),
     _column("Reason", "string", '.status.conditions[?(@.type=="Failed")].reason', "Why the job failed", 1),
@@ -75,7 +79,10 @@ def build_crd() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{contract.PLURAL}.{contract.API_GROUP}",
-            "labels": {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune-operator"},
+            "labels": {
+                "app.kubernetes.io/name": "finetune-operator",
+                "app.kubernetes.io/part-of": "finetune-operator",
+            },
         },
         "spec": {
             "group": contract.API_GROUP,

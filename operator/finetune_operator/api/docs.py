@@ -38,7 +38,12 @@ def _type(node: dict[str, Any]) -> str:
 
 def _limits(node: dict[str, Any]) -> str:
     parts = []
-    for key, label in (("minimum", ">="), ("maximum", "<="), ("minItems", "items >="), ("maxItems", "items <=")):
+    for key, label in (
+        ("minimum", ">="),
+        ("maximum", "<="),
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+    ):
         if key in node:
             strict = node.get("exclusive" + key[0].upper() + key[1:]) is True
             parts.append(f"{label.replace('=', '') if strict else label} {node[key]}")
@@ -58,7 +63,11 @@ def _section(path: str, node: dict[str, Any], out: list[str]) -> None:
     out += ["| field | type | default | description |", "| --- | --- | --- | --- |"]
     children: list[tuple[str, dict[str, Any]]] = []
     for name, prop in props.items():
-        default = "required" if name in required else ("" if "default" not in prop else f"`{json.dumps(prop['default'])}`")
+        default = (
+            "required"
+            if name in required
+            else ("" if "default" not in prop else f"`{json.dumps(prop['default'])}`")
+        )
         limits = _limits(prop)
         desc = prop.get("description", "") + (f" ({limits})" if limits else "")
         out.append(f"| `{name}` | {_cell(_type(prop))} | {_cell(default)} | {_cell(desc)} |")
@@ -80,7 +89,9 @@ def render_api_docs() -> str:
     schema = openapi_schema()
     out = [INTRO, "## `kubectl get ftj` columns", "", "| column | from | shown |", "| --- | --- | --- |"]
     for col in PRINTER_COLUMNS:
-        out.append(f"| {col['name']} | `{_cell(col['jsonPath'])}` | {'-o wide' if col.get('priority') else 'always'} |")
+        out.append(
+            f"| {col['name']} | `{_cell(col['jsonPath'])}` | {'-o wide' if col.get('priority') else 'always'} |"  # noqa: E501
+        )
     out.append("")
     root_rules = {"x-kubernetes-validations": schema.get("x-kubernetes-validations", []), "description": ""}
     if root_rules["x-kubernetes-validations"]:

@@ -22,7 +22,11 @@ def _path(loc: tuple[int | str, ...]) -> str:
 def _input_hint(error: Any) -> str:
     value = error.get("input")
     # Env values may hold tokens a user pasted in; never echo them.
-    if error["type"] in {"missing", "extra_forbidden"} or isinstance(value, dict | list) or "env" in error["loc"]:
+    if (
+        error["type"] in {"missing", "extra_forbidden"}
+        or isinstance(value, dict | list)
+        or "env" in error["loc"]
+    ):
         return ""
     text = repr(value)
     return f" (got {text[:60]}{'...' if len(text) > 60 else ''})"

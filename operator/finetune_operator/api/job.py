@@ -29,7 +29,9 @@ MAX_JOB_NAME_LENGTH = 42
 JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 # CEL for the number of training processes per node, mirroring ResourcesSpec.procs_per_node.
-_PROCS_CEL = "(has({r}.processesPerNode) ? {r}.processesPerNode : ({r}.gpusPerNode > 0 ? {r}.gpusPerNode : 1))"
+_PROCS_CEL = (
+    "(has({r}.processesPerNode) ? {r}.processesPerNode : ({r}.gpusPerNode > 0 ? {r}.gpusPerNode : 1))"
+)
 
 
 def _world_cel(resources: str) -> str:
@@ -55,8 +57,10 @@ class FineTuneJobSpec(ApiModel):
             message="globalBatchSize must be a multiple of microBatchSize x world size "
             "(nodes x processes per node), so gradient accumulation is a whole number",
             field="training.globalBatchSize",
-            check=lambda s: s.training.global_batch_size is None
-            or s.training.global_batch_size % (s.training.micro_batch_size * s.resources.world_size) == 0,
+            check=lambda s: (
+                s.training.global_batch_size is None
+                or s.training.global_batch_size % (s.training.micro_batch_size * s.resources.world_size) == 0
+            ),
         ),
         Rule(
             cel="!has(self.training.evalEverySteps) || self.dataset.validationFraction > 0.0",
@@ -84,7 +88,8 @@ def _frozen_once_started(path: str, what: str, *, cel_value: str | None = None) 
     new = cel_value.format(obj="self") if cel_value else f"self.{path}"
     old = cel_value.format(obj="oldSelf") if cel_value else f"oldSelf.{path}"
     return ServerRule(
-        cel=f"!has(oldSelf.status) || !has(oldSelf.status.attempt) || oldSelf.status.attempt == 0 || {new} == {old}",
+        cel="!has(oldSelf.status) || !has(oldSelf.status.attempt) || oldSelf.status.attempt == 0 "
+        f"|| {new} == {old}",
         message=f"{what} cannot change once the job has started: its checkpoints depend on it. "
         "Create a new FineTuneJob instead",
         field=path,
@@ -94,7 +99,7 @@ def _frozen_once_started(path: str, what: str, *, cel_value: str | None = None) 
 class FineTuneJob(ApiModel):
     """A distributed fine-tuning run of a Llama-family model with DeepSpeed."""
 
-    api_version: Literal["finetune.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["finetune.dev/v1alpha1"] = Field("finetune.dev/v1alpha1", alias="apiVersion")
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta
     spec: FineTuneJobSpec

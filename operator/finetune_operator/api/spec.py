@@ -30,7 +30,9 @@ class ModelSpec(ApiModel):
         description="Where the model is: s3://bucket/prefix, file:///mounted/path, or a hub id "
         "(org/name) when the cluster can reach a model hub."
     )
-    revision: ShortString | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id.")
+    revision: ShortString | None = Field(
+        None, description="Hub revision (branch, tag or commit) of a hub id."
+    )
     tokenizer: ModelSource | None = Field(
         None, description="Tokenizer location when it differs from the model's; same forms as source."
     )
@@ -57,10 +59,15 @@ class DatasetSource(ApiModel):
         "completion), or chat (a list of role/content messages, loss only on assistant turns).",
     )
     weight: float = Field(
-        1.0, gt=0, le=1000, description="Relative share of this source in the mixture (weights are normalised)."
+        1.0,
+        gt=0,
+        le=1000,
+        description="Relative share of this source in the mixture (weights are normalised).",
     )
     text_field: ShortString = Field("text", description="Field holding the text (shape text).")
-    prompt_field: ShortString = Field("prompt", description="Field holding the prompt (shape promptCompletion).")
+    prompt_field: ShortString = Field(
+        "prompt", description="Field holding the prompt (shape promptCompletion)."
+    )
     completion_field: ShortString = Field(
         "completion", description="Field holding the completion (shape promptCompletion)."
     )
@@ -99,7 +106,9 @@ class LoraSpec(ApiModel):
     """Low-rank adapters (training.method lora)."""
 
     rank: int = Field(16, ge=1, le=1024, description="Adapter rank r.")
-    alpha: float = Field(32.0, gt=0, le=4096, description="Scaling numerator (the update is scaled by alpha/r).")
+    alpha: float = Field(
+        32.0, gt=0, le=4096, description="Scaling numerator (the update is scaled by alpha/r)."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -123,7 +132,9 @@ class TrainingSpec(ApiModel):
     max_steps: int | None = Field(
         None, ge=1, le=10_000_000, description="Optimizer steps to run. Set this or epochs, not both."
     )
-    micro_batch_size: int = Field(1, ge=1, le=4096, description="Sequences per GPU (per process) per forward pass.")
+    micro_batch_size: int = Field(
+        1, ge=1, le=4096, description="Sequences per GPU (per process) per forward pass."
+    )
     global_batch_size: int | None = Field(
         None,
         ge=1,
@@ -139,10 +150,10 @@ class TrainingSpec(ApiModel):
     warmup_ratio: float | None = Field(
         None, ge=0, lt=1, description="Warmup as a share of all steps. Left out (with warmupSteps): 0.03."
     )
-    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Decay after warmup."
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(
+        0.0, ge=0, le=1, description="AdamW weight decay (never on biases and norms)."
     )
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (never on biases and norms).")
     gradient_clipping: float = Field(1.0, ge=0, description="Max gradient norm; 0 turns clipping off.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training numerics.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
@@ -249,7 +260,9 @@ class ResourcesSpec(ApiModel):
     """Where and how the rank pods run."""
 
     nodes: int = Field(1, ge=1, le=1024, description="Node ranks (one pod each).")
-    gpus_per_node: int = Field(8, ge=0, le=64, description="GPUs per node rank; 0 runs on CPU (tests, demos).")
+    gpus_per_node: int = Field(
+        8, ge=0, le=64, description="GPUs per node rank; 0 runs on CPU (tests, demos)."
+    )
     processes_per_node: int | None = Field(
         None,
         ge=1,
@@ -261,7 +274,9 @@ class ResourcesSpec(ApiModel):
     )
     cpu: Quantity | None = Field(None, description="CPU request (and limit) per pod.")
     memory: Quantity | None = Field(None, description="Memory request (and limit) per pod.")
-    shm_size: Quantity = Field("16Gi", description="Size of /dev/shm (a memory-backed volume) for data loaders.")
+    shm_size: Quantity = Field(
+        "16Gi", description="Size of /dev/shm (a memory-backed volume) for data loaders."
+    )
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
         None, description="Trainer image. Left out: the operator's configured default trainer image."
     )
@@ -279,7 +294,9 @@ class ResourcesSpec(ApiModel):
         None, description="A Kubernetes Affinity, copied verbatim to every rank pod."
     )
     priority_class_name: K8sName | None = Field(None, description="PriorityClass of the rank pods.")
-    scheduler_name: K8sName | None = Field(None, description="Scheduler of the rank pods (e.g. a gang scheduler).")
+    scheduler_name: K8sName | None = Field(
+        None, description="Scheduler of the rank pods (e.g. a gang scheduler)."
+    )
     service_account_name: K8sName | None = Field(
         None, description="ServiceAccount of the rank pods; its token is not mounted."
     )
@@ -287,16 +304,20 @@ class ResourcesSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="!has(self.processesPerNode) || self.gpusPerNode == 0 || self.processesPerNode == self.gpusPerNode",
+            cel="!has(self.processesPerNode) || self.gpusPerNode == 0 "
+            "|| self.processesPerNode == self.gpusPerNode",
             message="processesPerNode must equal gpusPerNode on GPU nodes (one process per GPU)",
             field="processesPerNode",
-            check=lambda s: s.processes_per_node is None
-            or s.gpus_per_node == 0
-            or s.processes_per_node == s.gpus_per_node,
+            check=lambda s: (
+                s.processes_per_node is None
+                or s.gpus_per_node == 0
+                or s.processes_per_node == s.gpus_per_node
+            ),
         ),
         Rule(
             cel=_reserved_env_cel(),
-            message="env may not set variables the operator owns (rendezvous, job identity, storage credentials)",
+            message="env may not set variables the operator owns "
+            "(rendezvous, job identity, storage credentials)",
             field="env",
             check=lambda s: all(e.name not in contract.RESERVED_ENV for e in s.env),
         ),
@@ -326,15 +347,21 @@ class CheckpointSpec(ApiModel):
         "(optionally AWS_SESSION_TOKEN), used for every s3:// location of the job. Left out: the "
         "pod's own identity (e.g. workload identity).",
     )
-    endpoint_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=2048)] | None = Field(
-        None, description="S3-compatible endpoint (MinIO, Ceph, GCS interop). Left out: AWS."
+    endpoint_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=2048)] | None = (
+        Field(None, description="S3-compatible endpoint (MinIO, Ceph, GCS interop). Left out: AWS.")
     )
     region: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", max_length=64)] | None = Field(
         None, description="Storage region."
     )
-    every_steps: int = Field(0, ge=0, description="Checkpoint every N optimizer steps; 0 turns this trigger off.")
-    every_minutes: int = Field(30, ge=0, le=10080, description="Checkpoint every N minutes; 0 turns this off.")
-    keep_last: int = Field(3, ge=1, le=1000, description="Committed checkpoints kept; older ones are deleted.")
+    every_steps: int = Field(
+        0, ge=0, description="Checkpoint every N optimizer steps; 0 turns this trigger off."
+    )
+    every_minutes: int = Field(
+        30, ge=0, le=10080, description="Checkpoint every N minutes; 0 turns this off."
+    )
+    keep_last: int = Field(
+        3, ge=1, le=1000, description="Committed checkpoints kept; older ones are deleted."
+    )
     resume: Annotated[str, Field(max_length=2048)] = Field(
         "latest",
         pattern=r"^(latest|none|s3://[^\s]+|file:///[^\s]*)$",
@@ -366,9 +393,14 @@ class RunPolicy(ApiModel):
     """Restarts, deadlines and clean-up."""
 
     max_restarts: int = Field(
-        3, ge=0, le=1000, description="Gang restarts after application failures; infrastructure ones don't count."
+        3,
+        ge=0,
+        le=1000,
+        description="Gang restarts after application failures; infrastructure ones don't count.",
     )
-    backoff_base_seconds: int = Field(10, ge=1, le=3600, description="First restart delay; doubles each time.")
+    backoff_base_seconds: int = Field(
+        10, ge=1, le=3600, description="First restart delay; doubles each time."
+    )
     backoff_cap_seconds: int = Field(300, ge=1, le=86400, description="Longest restart delay.")
     startup_timeout_seconds: int = Field(
         600, ge=30, le=86400, description="How long rank pods may stay unscheduled or pulling images."
@@ -386,7 +418,9 @@ class RunPolicy(ApiModel):
     termination_grace_period_seconds: int = Field(
         120, ge=10, le=3600, description="Time a rank has on SIGTERM to write its emergency checkpoint."
     )
-    suspend: bool = Field(False, description="Stop the pods and keep the job; unsuspend resumes from a checkpoint.")
+    suspend: bool = Field(
+        False, description="Stop the pods and keep the job; unsuspend resumes from a checkpoint."
+    )
 
     rules = (
         Rule(

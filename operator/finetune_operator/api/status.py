@@ -13,7 +13,6 @@ from pydantic import Field, Strict
 
 from finetune_operator.api.base import ApiModel, ShortString, StorageUri
 
-
 # Values the API hands back as strings.
 Timestamp = Annotated[datetime, Strict(False)]
 
@@ -74,9 +73,13 @@ class CheckpointRef(ApiModel):
 
 
 class FineTuneJobStatus(ApiModel):
-    phase: Annotated[Phase, Strict(False)] | None = Field(None, description="Where the job is in its lifecycle.")
+    phase: Annotated[Phase, Strict(False)] | None = Field(
+        None, description="Where the job is in its lifecycle."
+    )
     conditions: list[Condition] = Field(default_factory=list, max_length=32)
-    observed_generation: int | None = Field(None, ge=0, description="The spec generation this status reflects.")
+    observed_generation: int | None = Field(
+        None, ge=0, description="The spec generation this status reflects."
+    )
     attempt: int = Field(0, ge=0, description="Current gang attempt; 0 before the first pods exist.")
     restarts: int = Field(0, ge=0, description="Gang restarts counted toward runPolicy.maxRestarts.")
     infra_restarts: int = Field(

@@ -46,7 +46,9 @@ class Schedule(ApiModel):
 class Store(ApiModel):
     """This job's own area of the checkpoint store and how it is used."""
 
-    job_uri: StorageUri = Field(description="<checkpoint.uri>/<namespace>/<job>: checkpoints/ and final/ live here.")
+    job_uri: StorageUri = Field(
+        description="<checkpoint.uri>/<namespace>/<job>: checkpoints/ and final/ live here."
+    )
     endpoint_url: str | None = None
     region: str | None = None
     every_steps: int = Field(ge=0)

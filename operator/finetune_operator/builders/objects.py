@@ -67,7 +67,11 @@ def build_config_map(job: FineTuneJob, attempt: int) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": child_metadata(job, naming.config_map_name(name, attempt), naming.attempt_labels(name, attempt)),
+        "metadata": child_metadata(
+            job, naming.config_map_name(name, attempt), naming.attempt_labels(name, attempt)
+        ),
         "immutable": True,
-        "data": {contract.CONFIG_FILE_NAME: config.model_dump_json(by_alias=True, exclude_none=True, indent=2)},
+        "data": {
+            contract.CONFIG_FILE_NAME: config.model_dump_json(by_alias=True, exclude_none=True, indent=2)
+        },
     }

@@ -55,8 +55,14 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
     if checkpoint.region:
         env.append(_value(contract.ENV_S3_REGION, checkpoint.region))
     if checkpoint.credentials_secret:
-        env += [_secret_ref(k, checkpoint.credentials_secret, optional=False) for k in contract.REQUIRED_SECRET_KEYS]
-        env += [_secret_ref(k, checkpoint.credentials_secret, optional=True) for k in contract.OPTIONAL_SECRET_KEYS]
+        env += [
+            _secret_ref(k, checkpoint.credentials_secret, optional=False)
+            for k in contract.REQUIRED_SECRET_KEYS
+        ]
+        env += [
+            _secret_ref(k, checkpoint.credentials_secret, optional=True)
+            for k in contract.OPTIONAL_SECRET_KEYS
+        ]
     env += [e.to_wire() for e in resources.env]
     return env
 
@@ -86,7 +92,9 @@ def _container(job: FineTuneJob, attempt: int, rank: int, image: str) -> dict[st
         "imagePullPolicy": job.spec.resources.image_pull_policy,
         "command": contract.torchrun_command(),
         "env": rank_env(job, attempt, rank),
-        "ports": [{"name": contract.RENDEZVOUS_PORT_NAME, "containerPort": contract.MASTER_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": contract.RENDEZVOUS_PORT_NAME, "containerPort": contract.MASTER_PORT, "protocol": "TCP"}
+        ],
         "resources": _container_resources(job),
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": contract.CONFIG_DIR, "readOnly": True},

@@ -1,0 +1,232 @@
+"""Pure builders: what one attempt of a job becomes in the cluster, following the pod contract."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from finetune_operator import contract
+from finetune_operator.api import TrainerConfig
+from finetune_operator.builders import (
+    BuildContext,
+    build_attempt,
+    build_config_map,
+    build_rank_pod,
+    build_service,
+)
+
+from tests.support.factories import job
+
+CTX = BuildContext(default_image="registry.example/finetune-trainer:test")
+KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
+SECRET_VALUE = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+def _env(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["spec"]["containers"][0]["env"]}
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = pod["spec"]["containers"][0]
+    return container
+
+
+def _everything() -> dict[str, Any]:
+    """A job using every optional knob, so validation covers every branch of the builders."""
+    return {
+        "spec.resources.nodes": 2,
+        "spec.resources.cpu": "32",
+        "spec.resources.memory": "256Gi",
+        "spec.resources.image": "trainer:custom",
+        "spec.resources.imagePullSecrets": ["regcred"],
+        "spec.resources.nodeSelector": {"gpu": "h100"},
+        "spec.resources.tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ],
+        "spec.resources.affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                    ]
+                }
+            }
+        },
+        "spec.resources.priorityClassName": "training",
+        "spec.resources.schedulerName": "volcano",
+        "spec.resources.serviceAccountName": "trainer",
+        "spec.resources.env": [
+            {"name": "NCCL_IB_HCA", "value": "mlx5"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ],
+        "spec.checkpoint.credentialsSecret": "s3-creds",
+        "spec.checkpoint.endpointUrl": "https://minio.storage:9000",
+        "spec.checkpoint.region": "eu-west-1",
+    }
+
+
+class TestRankPods:
+    def test_one_pod_per_node_rank_with_deterministic_names(self) -> None:
+        objects = build_attempt(job({"spec.resources.nodes": 3}), attempt=2, ctx=CTX)
+        pods = [o for o in objects if o["kind"] == "Pod"]
+        assert [p["metadata"]["name"] for p in pods] == ["demo-a2-n0", "demo-a2-n1", "demo-a2-n2"]
+
+    def test_building_twice_gives_identical_objects(self) -> None:
+        assert build_attempt(job(_everything()), 3, CTX) == build_attempt(job(_everything()), 3, CTX)
+
+    @pytest.mark.parametrize("attempt", [1, 2, 7])
+    def test_master_addr_is_rank_zero_of_this_attempt(self, attempt: int) -> None:
+        pod = build_rank_pod(job({"spec.resources.nodes": 4}), attempt, 3, CTX)
+        assert _env(pod)["MASTER_ADDR"] == f"demo-a{attempt}-n0.demo-ranks.team-a.svc"
+        assert pod["spec"]["hostname"] == f"demo-a{attempt}-n3"
+        assert pod["spec"]["subdomain"] == "demo-ranks"
+
+    def test_rendezvous_env_follows_the_contract(self) -> None:
+        env = _env(build_rank_pod(job({"spec.resources.nodes": 4}), 1, 2, CTX))
+        assert env["NNODES"] == "4" and env["NPROC_PER_NODE"] == "8" and env["NODE_RANK"] == "2"
+        assert env["MASTER_PORT"] == str(contract.MASTER_PORT)
+        assert (
+            env["FTJOB_NAME"] == "demo" and env["FTJOB_NAMESPACE"] == "team-a" and env["FTJOB_ATTEMPT"] == "1"
+        )
+        assert env["FTJOB_CHECKPOINT_URI"] == "s3://checkpoints/runs/team-a/demo"
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) < 600
+
+    def test_command_is_torchrun_over_the_contract_env(self) -> None:
+        command = _container(build_rank_pod(job(), 1, 0, CTX))["command"]
+        assert command[0] == "torchrun" and "--max-restarts=0" in command
+        assert "--node-rank=$(NODE_RANK)" in command and "--master-addr=$(MASTER_ADDR)" in command
+        assert command[-4:] == ["-m", "finetune_trainer", "--config", contract.CONFIG_PATH]
+
+    @pytest.mark.parametrize("gpus", [1, 8])
+    def test_gpu_count_is_requested_and_limited(self, gpus: int) -> None:
+        resources = _container(build_rank_pod(job({"spec.resources.gpusPerNode": gpus}), 1, 0, CTX))[
+            "resources"
+        ]
+        assert resources["requests"]["nvidia.com/gpu"] == gpus == resources["limits"]["nvidia.com/gpu"]
+
+    def test_cpu_jobs_request_no_gpu_and_run_one_process_per_node(self) -> None:
+        pod = build_rank_pod(job({"spec.resources.gpusPerNode": 0}), 1, 0, CTX)
+        assert "nvidia.com/gpu" not in str(_container(pod).get("resources"))
+        assert _env(pod)["NPROC_PER_NODE"] == "1"
+
+    def test_another_gpu_resource_name_is_honoured(self) -> None:
+        pod = build_rank_pod(job({"spec.resources.gpuResourceName": "amd.com/gpu"}), 1, 0, CTX)
+        assert _container(pod)["resources"]["limits"] == {"amd.com/gpu": 8}
+
+    def test_memory_is_limited_but_cpu_is_not(self) -> None:
+        resources = _container(build_rank_pod(job(_everything()), 1, 0, CTX))["resources"]
+        assert resources["requests"]["cpu"] == "32" and "cpu" not in resources["limits"]
+        assert resources["requests"]["memory"] == resources["limits"]["memory"] == "256Gi"
+
+    def test_shm_is_a_memory_volume_of_the_requested_size(self) -> None:
+        pod = build_rank_pod(job({"spec.resources.shmSize": "32Gi"}), 1, 0, CTX)
+        shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in _container(pod)["volumeMounts"]
+
+    def test_config_comes_from_this_attempts_config_map(self) -> None:
+        pod = build_rank_pod(job(), 4, 0, CTX)
+        config = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+        assert config["configMap"]["name"] == "demo-a4-config"
+
+    def test_security_context_is_non_root_without_escalation(self) -> None:
+        pod = build_rank_pod(job(), 1, 0, CTX)
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        container = _container(pod)["securityContext"]
+        assert container["allowPrivilegeEscalation"] is False and container["privileged"] is False
+        assert container["capabilities"] == {"drop": ["ALL"]}
+
+    def test_trainer_pods_hold_no_cluster_credentials(self) -> None:
+        pod = build_rank_pod(job(_everything()), 1, 0, CTX)
+        assert pod["spec"]["automountServiceAccountToken"] is False
+
+    def test_labels_name_job_attempt_and_rank(self) -> None:
+        labels = build_rank_pod(job(), 3, 1, CTX)["metadata"]["labels"]
+        assert labels[contract.LABEL_JOB] == "demo"
+        assert labels[contract.LABEL_ATTEMPT] == "3" and labels[contract.LABEL_RANK] == "1"
+
+    def test_the_job_owns_every_child(self) -> None:
+        for obj in build_attempt(job(uid="1234-uid"), 1, CTX):
+            (owner,) = obj["metadata"]["ownerReferences"]
+            assert (
+                owner["kind"] == "FineTuneJob" and owner["uid"] == "1234-uid" and owner["controller"] is True
+            )
+
+    def test_a_job_never_stored_in_a_cluster_owns_nothing(self) -> None:
+        for obj in build_attempt(job(uid=None), 1, CTX):
+            assert "ownerReferences" not in obj["metadata"]
+
+    def test_image_falls_back_to_the_installation_default(self) -> None:
+        assert _container(build_rank_pod(job(), 1, 0, CTX))["image"] == CTX.default_image
+        assert _container(build_rank_pod(job(_everything()), 1, 0, CTX))["image"] == "trainer:custom"
+
+    def test_placement_knobs_reach_the_pod(self) -> None:
+        spec = build_rank_pod(job(_everything()), 1, 0, CTX)["spec"]
+        assert spec["nodeSelector"] == {"gpu": "h100"}
+        assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert "nodeAffinity" in spec["affinity"]
+        assert spec["priorityClassName"] == "training" and spec["schedulerName"] == "volcano"
+        assert spec["serviceAccountName"] == "trainer" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+
+    def test_storage_credentials_come_only_from_the_named_secret(self) -> None:
+        env = _env(build_rank_pod(job(_everything()), 1, 0, CTX))
+        for key in contract.REQUIRED_SECRET_KEYS:
+            assert env[key] == {"secretKeyRef": {"name": "s3-creds", "key": key, "optional": False}}
+        assert env["AWS_SESSION_TOKEN"]["secretKeyRef"]["optional"] is True
+        assert env["AWS_ENDPOINT_URL_S3"] == "https://minio.storage:9000"
+
+    def test_user_env_comes_after_the_contract(self) -> None:
+        names = [e["name"] for e in _container(build_rank_pod(job(_everything()), 1, 0, CTX))["env"]]
+        assert names[-2:] == ["NCCL_IB_HCA", "HF_TOKEN"]
+
+    def test_a_credential_value_never_appears_in_any_built_object(self) -> None:
+        # The spec holds only the Secret's name; whatever the Secret holds never passes through here.
+        built = json.dumps(build_attempt(job(_everything()), 1, CTX))
+        assert SECRET_VALUE not in built
+        assert "s3-creds" in built and "secretKeyRef" in built
+
+
+class TestServiceAndConfigMap:
+    def test_service_is_headless_and_publishes_unready_ranks(self) -> None:
+        svc = build_service(job())
+        assert svc["metadata"]["name"] == "demo-ranks"
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+        assert svc["spec"]["selector"] == {contract.LABEL_JOB: "demo"}
+
+    def test_config_map_is_immutable_and_per_attempt(self) -> None:
+        cm = build_config_map(job(), 5)
+        assert cm["metadata"]["name"] == "demo-a5-config" and cm["immutable"] is True
+        assert cm["metadata"]["labels"][contract.LABEL_ATTEMPT] == "5"
+
+    def test_config_map_holds_what_the_trainer_reads(self) -> None:
+        data = build_config_map(job({"spec.resources.nodes": 2, "spec.training.globalBatchSize": 64}), 1)[
+            "data"
+        ]
+        config = TrainerConfig.model_validate_json(data[contract.CONFIG_FILE_NAME])
+        assert config.world.world_size == 16
+        assert config.schedule.gradient_accumulation_steps == 4
+        assert config.checkpoint.job_uri == "s3://checkpoints/runs/team-a/demo"
+
+    def test_config_map_never_names_credentials(self) -> None:
+        data = json.dumps(build_config_map(job(_everything()), 1))
+        assert "s3-creds" not in data and "credentials" not in data.lower()
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("variant", ["minimal", "everything", "cpu"])
+def test_every_built_object_passes_kubernetes_validate_strict(version: str, variant: str) -> None:
+    changes = {"minimal": {}, "everything": _everything(), "cpu": {"spec.resources.gpusPerNode": 0}}[variant]
+    for obj in build_attempt(job(changes), 1, CTX):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_kubernetes_validate_refuses_an_unknown_pod_field() -> None:
+    """The negative control: strict validation is really strict, so the checks above mean something."""
+    pod = build_rank_pod(job(), 1, 0, CTX)
+    pod["spec"]["containers"][0]["gpus"] = 8
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, KUBERNETES_VERSIONS[0], strict=True)

@@ -1,0 +1,164 @@
+"""The committed CRD is the generated one, is a valid structural CRD, and says what users rely on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from finetune_operator.api.crd import CRD_FILE_NAME, build_crd, render_crd_yaml
+
+from tests.support.apiserver import CelRules, FakeApiServer
+from tests.support.factories import manifest, started
+
+KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
+
+
+def _schema(crd: dict[str, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _nodes(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every schema node with its path, for structural checks."""
+    if not isinstance(node, dict):
+        return []
+    out = [(path, node)]
+    for name, child in node.get("properties", {}).items():
+        out += _nodes(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        out += _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _nodes(node["additionalProperties"], f"{path}{{}}")
+    return out
+
+
+def test_committed_crd_is_the_generated_one(repo: Any) -> None:
+    committed = (repo / "crds" / CRD_FILE_NAME).read_text()
+    assert committed == render_crd_yaml(), "crds/ is stale: run `make crds` and commit the result"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_crd_passes_kubernetes_validate_strict(committed_crd: dict[str, Any], version: str) -> None:
+    kubernetes_validate.validate(committed_crd, version, strict=True)
+
+
+def test_every_schema_node_is_typed_and_ref_free(committed_crd: dict[str, Any]) -> None:
+    for path, node in _nodes(_schema(committed_crd)):
+        assert "$ref" not in node, path
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        assert node.get("additionalProperties") is not False, (
+            f"{path}: additionalProperties false is not structural"
+        )
+
+
+def test_int_or_string_nodes_use_the_only_allowed_anyof(committed_crd: dict[str, Any]) -> None:
+    for path, node in _nodes(_schema(committed_crd)):
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string") is True, path
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
+
+
+def test_defaults_pass_their_own_schema(committed_crd: dict[str, Any], apiserver: FakeApiServer) -> None:
+    admission = apiserver.admit(manifest())
+    assert admission.allowed, admission.errors
+    assert admission.object is not None
+    spec = admission.object["spec"]
+    assert spec["resources"]["gpusPerNode"] == 8 and spec["resources"]["nodes"] == 1
+    assert spec["training"]["precision"] == "bf16"
+
+
+def test_names_short_name_category_and_status_subresource(committed_crd: dict[str, Any]) -> None:
+    spec = committed_crd["spec"]
+    assert committed_crd["metadata"]["name"] == "finetunejobs.finetune.dev"
+    assert spec["names"]["shortNames"] == ["ftj"]
+    assert spec["names"]["categories"] == ["finetune"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["storage"] and version["served"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_printer_columns_tell_the_story(committed_crd: dict[str, Any]) -> None:
+    columns = [
+        c["name"]
+        for c in committed_crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        if not c.get("priority")
+    ]
+    assert columns == ["Phase", "Nodes", "Step", "Progress", "Loss", "Restarts", "Checkpoint", "Age"]
+
+
+def test_every_cel_rule_compiles(committed_crd: dict[str, Any]) -> None:
+    rules = CelRules()
+    found = [
+        r["rule"]
+        for _, node in _nodes(_schema(committed_crd))
+        for r in node.get("x-kubernetes-validations", [])
+    ]
+    assert len(found) >= 15
+    for rule in found:
+        rules.program(rule)
+
+
+def test_status_schema_refuses_unknown_fields(apiserver: FakeApiServer) -> None:
+    obj = manifest()
+    obj["status"] = {"phase": "Running", "kopf": {"progress": {}}}
+    assert "status.kopf: unknown field" in apiserver.admit(obj).errors
+
+
+def test_a_yaml_round_trip_keeps_the_crd(committed_crd: dict[str, Any]) -> None:
+    assert yaml.safe_load(render_crd_yaml()) == build_crd() == committed_crd
+
+
+class TestTransitionRules:
+    """Fields whose change would make the job's checkpoints meaningless are frozen once it started."""
+
+    def _update(self, apiserver: FakeApiServer, changes: dict[str, Any], *, attempt: int) -> list[str]:
+        old = started(manifest(), attempt=attempt)
+        new = started(manifest(changes), attempt=attempt)
+        # The server compares against the stored, defaulted object.
+        stored = apiserver.admit(old).object
+        return apiserver.admit(new, old=stored).errors
+
+    @pytest.mark.parametrize(
+        "changes,field",
+        [
+            ({"spec.model.source": "s3://models/other"}, "spec.model"),
+            ({"spec.dataset.maxSeqLength": 4096}, "spec.dataset"),
+            ({"spec.training.learningRate": 0.1}, "spec.training"),
+            ({"spec.deepspeed.zeroStage": 3}, "spec.deepspeed"),
+            ({"spec.checkpoint.uri": "s3://elsewhere/ckpt"}, "spec.checkpoint.uri"),
+            ({"spec.resources.nodes": 2}, "spec.resources.nodes"),
+            ({"spec.resources.gpusPerNode": 4}, "spec.resources.nodes"),
+        ],
+    )
+    def test_a_started_job_refuses_changes_to_training_semantics(
+        self, apiserver: FakeApiServer, changes: dict[str, Any], field: str
+    ) -> None:
+        errors = self._update(apiserver, changes, attempt=1)
+        assert any(e.startswith(field + ": Invalid value") and "cannot change" in e for e in errors), errors
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"spec.runPolicy.maxRestarts": 10},
+            {"spec.runPolicy.suspend": True},
+            {"spec.runPolicy.activeDeadlineSeconds": 3600},
+            {"spec.runPolicy.ttlSecondsAfterFinished": 60},
+            {"spec.resources.nodeSelector": {"pool": "spot"}},
+            {"spec.resources.image": "trainer:0.2"},
+            {"spec.checkpoint.keepLast": 5},
+        ],
+    )
+    def test_a_started_job_takes_operational_changes(
+        self, apiserver: FakeApiServer, changes: dict[str, Any]
+    ) -> None:
+        assert self._update(apiserver, changes, attempt=2) == []
+
+    def test_a_job_that_has_not_started_can_change_anything(self, apiserver: FakeApiServer) -> None:
+        assert (
+            self._update(
+                apiserver, {"spec.model.source": "s3://models/other", "spec.resources.nodes": 2}, attempt=0
+            )
+            == []
+        )
