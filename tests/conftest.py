@@ -25,3 +25,18 @@ def committed_crd() -> dict:
 @pytest.fixture(scope="session")
 def apiserver() -> FakeApiServer:
     return FakeApiServer(build_crd())
+
+
+@pytest.fixture(scope="session")
+def s3():  # type: ignore[no-untyped-def]
+    from tests.support.s3 import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):  # type: ignore[no-untyped-def]
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return s3

@@ -1,0 +1,53 @@
+"""moto's S3 server on 127.0.0.1: the S3 wire protocol, spoken to by boto3 as it would to MinIO."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+# Stand-in credentials; the tests also use them to prove secrets never reach logs or errors.
+ACCESS_KEY = "AKIAFTJOBTESTKEY0001"
+SECRET_KEY = "ftjob-test-secret-0f9c3a7e5b1d"
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    url: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL_S3": self.url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
+
+    def new_bucket(self) -> str:
+        name = f"ftjob-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@contextmanager
+def moto_s3() -> Iterator[S3Endpoint]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Endpoint(url=f"http://{host}:{port}")
+    finally:
+        server.stop()

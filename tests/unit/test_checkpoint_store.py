@@ -1,0 +1,160 @@
+"""The checkpoint commit protocol, on both store kinds: the file store and S3 (moto's server)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from finetune_trainer.checkpoint_store import (
+    MANIFEST,
+    CheckpointStore,
+    TornCheckpoint,
+    step_dir,
+)
+from finetune_trainer.storage import ObjectStore, StorageUnavailable, open_store
+
+from tests.support.s3 import SECRET_KEY
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/store/team-a/demo")
+    s3 = request.getfixturevalue("s3_env")
+    return open_store(f"s3://{s3.new_bucket()}/runs/team-a/demo")
+
+
+def _saved(tmp_path: Path, node: int, step: int, files: dict[str, bytes]) -> Path:
+    local = tmp_path / f"node{node}" / f"step{step}"
+    for name, data in files.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    return local
+
+
+def _checkpoint(cs: CheckpointStore, tmp_path: Path, step: int, nnodes: int = 2) -> None:
+    """What a whole gang does for one checkpoint: every node uploads, rank 0 commits."""
+    for node in range(nnodes):
+        files = {f"global_step{step}/zero_rank_{node}_optim_states.pt": os.urandom(2048 + node)}
+        if node == 0:
+            files[f"global_step{step}/mp_rank_00_model_states.pt"] = os.urandom(4096)
+        cs.upload_node(step, node, _saved(tmp_path, node, step, files))
+    reports = cs.wait_for_nodes(step, nnodes, timeout=5)
+    cs.commit(step, reports, world_size=nnodes, data_position={"epoch": 0, "consumed": step * 8})
+
+
+def test_a_committed_checkpoint_round_trips(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store)
+    _checkpoint(cs, tmp_path, 100)
+    (manifest,) = cs.resumable()
+    assert manifest.step == 100 and manifest.nnodes == 2 and manifest.data_position["consumed"] == 800
+    cs.download(manifest, tmp_path / "restore")
+    original = (tmp_path / "node0/step100/global_step100/mp_rank_00_model_states.pt").read_bytes()
+    assert (tmp_path / "restore/global_step100/mp_rank_00_model_states.pt").read_bytes() == original
+
+
+def test_no_manifest_is_written_until_every_node_reported(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store, poll_seconds=0.01)
+    cs.upload_node(100, 0, _saved(tmp_path, 0, 100, {"a.pt": b"a"}))
+    with pytest.raises(TimeoutError, match="1 of 2 nodes"):
+        cs.wait_for_nodes(100, 2, timeout=0.1)
+    assert cs.committed_steps() == []
+
+
+def test_a_checkpoint_without_manifest_is_not_resumable(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store)
+    _checkpoint(cs, tmp_path, 100)
+    cs.upload_node(200, 0, _saved(tmp_path, 0, 200, {"a.pt": b"uncommitted"}))
+    assert [m.step for m in cs.resumable()] == [100]
+
+
+def test_a_checkpoint_with_a_missing_file_is_skipped_with_a_warning(
+    store: ObjectStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cs = CheckpointStore(store)
+    _checkpoint(cs, tmp_path, 100)
+    _checkpoint(cs, tmp_path, 200)
+    store.delete([f"{step_dir(200)}/global_step200/zero_rank_1_optim_states.pt"])
+    with caplog.at_level(logging.WARNING):
+        assert [m.step for m in cs.resumable()] == [100]
+    assert "skipping torn checkpoint step 200" in caplog.text and "missing" in caplog.text
+
+
+def test_a_truncated_file_is_caught_by_its_size(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store)
+    _checkpoint(cs, tmp_path, 100)
+    store.put_bytes(f"{step_dir(100)}/global_step100/mp_rank_00_model_states.pt", b"short")
+    assert cs.resumable(warn=lambda _: None) == []
+
+
+def test_a_corrupted_file_of_the_right_size_fails_its_checksum(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store)
+    _checkpoint(cs, tmp_path, 100)
+    key = f"{step_dir(100)}/global_step100/mp_rank_00_model_states.pt"
+    store.put_bytes(key, b"\0" * 4096)
+    (manifest,) = cs.resumable()
+    with pytest.raises(TornCheckpoint, match="checksum"):
+        cs.download(manifest, tmp_path / "restore")
+
+
+def test_retention_keeps_the_newest_k_committed(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store)
+    for step in (100, 200, 300, 400):
+        _checkpoint(cs, tmp_path, step)
+    assert cs.retain(keep_last=2) == [100, 200]
+    assert cs.committed_steps() == [300, 400]
+    assert store.list(step_dir(100) + "/") == []
+
+
+def test_retention_never_deletes_the_checkpoint_being_resumed_from(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    cs = CheckpointStore(store)
+    for step in (100, 200, 300):
+        _checkpoint(cs, tmp_path, step)
+    cs.retain(keep_last=1, protect=100)
+    assert cs.committed_steps() == [100, 300]
+
+
+def test_retention_clears_old_leftovers_but_not_uploads_in_flight(store: ObjectStore, tmp_path: Path) -> None:
+    cs = CheckpointStore(store)
+    cs.upload_node(50, 0, _saved(tmp_path, 0, 50, {"torn.pt": b"x"}))
+    _checkpoint(cs, tmp_path, 100)
+    cs.upload_node(150, 0, _saved(tmp_path, 0, 150, {"in-flight.pt": b"y"}))
+    cs.retain(keep_last=3)
+    assert store.list(step_dir(50) + "/") == []
+    assert [o.key for o in store.list(step_dir(150) + "/")] == [
+        f"{step_dir(150)}/in-flight.pt",
+        f"{step_dir(150)}/nodes/node-00000.json",
+    ]
+
+
+def test_retention_removes_the_manifest_before_the_files(tmp_path: Path) -> None:
+    """A retention killed halfway leaves an uncommitted checkpoint, never a committed torn one."""
+    store = open_store(f"file://{tmp_path}/store")
+    cs = CheckpointStore(store)
+    for step in (100, 200):
+        _checkpoint(cs, tmp_path, step)
+    deleted: list[list[str]] = []
+    real_delete = store.delete
+
+    def spy(keys: list[str]) -> None:
+        deleted.append(keys)
+        real_delete(keys)
+
+    store.delete = spy  # type: ignore[method-assign]
+    cs.retain(keep_last=1)
+    assert deleted[0] == [f"{step_dir(100)}/{MANIFEST}"]
+
+
+def test_unreachable_storage_raises_storage_unavailable_without_secrets(
+    monkeypatch: pytest.MonkeyPatch, s3_env: object
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = open_store("s3://bucket/runs")
+    with pytest.raises(StorageUnavailable) as caught:
+        store.list("checkpoints/")
+    assert SECRET_KEY not in str(caught.value) and caught.value.__cause__ is None

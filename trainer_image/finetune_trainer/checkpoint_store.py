@@ -1,0 +1,205 @@
+"""The checkpoint commit protocol: the data that must never be lost or half-used.
+
+    <job uri>/checkpoints/step-00000100/<files each node saved>
+    <job uri>/checkpoints/step-00000100/nodes/node-00001.json   <- a node's report: its files, sizes, sha256
+    <job uri>/checkpoints/step-00000100/MANIFEST.json           <- written last, by rank 0: the commit point
+
+Every node uploads what it saved, then its report. Rank 0 writes MANIFEST.json only once every
+node's report is there, and only from them. No manifest, no checkpoint: resume takes the newest
+manifest whose files are all present with the recorded sizes and (when downloaded) checksums, and
+skips a torn one with a warning. Retention deletes only committed checkpoints older than the newest
+`keep_last`, never the one a run resumed from, plus uncommitted leftovers older than the newest commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from finetune_trainer.storage import ObjectNotFound, ObjectStore
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1
+
+
+class FileEntry(BaseModel):
+    path: str  # relative to the checkpoint's directory
+    size: int
+    sha256: str
+
+
+class NodeReport(BaseModel):
+    node_rank: int
+    files: list[FileEntry]
+
+
+class CheckpointManifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    step: int
+    nnodes: int
+    world_size: int
+    files: list[FileEntry]
+    data_position: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
+class TornCheckpoint(Exception):
+    pass
+
+
+def step_dir(step: int) -> str:
+    return f"checkpoints/step-{step:08d}"
+
+
+def _step_of(key: str) -> int | None:
+    parts = key.split("/")
+    if len(parts) >= 2 and parts[0] == "checkpoints" and parts[1].startswith("step-"):
+        try:
+            return int(parts[1][5:])
+        except ValueError:
+            return None
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CheckpointStore:
+    def __init__(self, store: ObjectStore, *, poll_seconds: float = 0.2) -> None:
+        self.store = store
+        self.poll_seconds = poll_seconds
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def upload_node(self, step: int, node_rank: int, local_dir: Path) -> NodeReport:
+        """Upload every file this node saved for `step`, then its report (the node's 'done')."""
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        entries = []
+        for path in files:
+            rel = path.relative_to(local_dir).as_posix()
+            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_of(path)))
+            self.store.put_file(path, f"{step_dir(step)}/{rel}")
+        report = NodeReport(node_rank=node_rank, files=entries)
+        self.store.put_bytes(
+            f"{step_dir(step)}/nodes/node-{node_rank:05d}.json", report.model_dump_json().encode()
+        )
+        return report
+
+    def wait_for_nodes(self, step: int, nnodes: int, timeout: float) -> list[NodeReport]:
+        """Rank 0 waits (bounded) until every node reported its upload done."""
+        deadline = time.monotonic() + timeout
+        prefix = f"{step_dir(step)}/nodes/"
+        while True:
+            keys = [o.key for o in self.store.list(prefix)]
+            if len(keys) >= nnodes:
+                return [NodeReport.model_validate_json(self.store.get_bytes(k)) for k in sorted(keys)]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"step {step}: {len(keys)} of {nnodes} nodes finished uploading in {timeout:.0f}s"
+                )
+            time.sleep(self.poll_seconds)
+
+    def commit(
+        self, step: int, reports: list[NodeReport], *, world_size: int, data_position: dict[str, Any]
+    ) -> CheckpointManifest:
+        seen: dict[str, FileEntry] = {}
+        for report in reports:
+            for entry in report.files:
+                if entry.path in seen and seen[entry.path] != entry:
+                    raise TornCheckpoint(f"step {step}: two nodes saved different {entry.path}")
+                seen[entry.path] = entry
+        manifest = CheckpointManifest(
+            step=step,
+            nnodes=len(reports),
+            world_size=world_size,
+            files=sorted(seen.values(), key=lambda e: e.path),
+            data_position=data_position,
+            created_at=datetime.now(UTC),
+        )
+        self.store.put_bytes(f"{step_dir(step)}/{MANIFEST}", manifest.model_dump_json(indent=1).encode())
+        return manifest
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        steps = {_step_of(o.key) for o in self.store.list("checkpoints/") if o.key.endswith(f"/{MANIFEST}")}
+        return sorted(s for s in steps if s is not None)
+
+    def manifest(self, step: int) -> CheckpointManifest:
+        return CheckpointManifest.model_validate_json(self.store.get_bytes(f"{step_dir(step)}/{MANIFEST}"))
+
+    def _problem(self, manifest: CheckpointManifest) -> str | None:
+        present = {o.key: o.size for o in self.store.list(step_dir(manifest.step) + "/")}
+        for entry in manifest.files:
+            size = present.get(f"{step_dir(manifest.step)}/{entry.path}")
+            if size is None:
+                return f"{entry.path} is missing"
+            if size != entry.size:
+                return f"{entry.path} has {size} bytes, the manifest says {entry.size}"
+        return None
+
+    def resumable(self, warn: Callable[[str], None] = log.warning) -> list[CheckpointManifest]:
+        """Committed checkpoints whose files are all present, newest first; torn ones are skipped."""
+        out = []
+        for step in reversed(self.committed_steps()):
+            try:
+                manifest = self.manifest(step)
+            except (ObjectNotFound, ValueError) as exc:
+                warn(f"skipping checkpoint step {step}: unreadable manifest ({type(exc).__name__})")
+                continue
+            problem = self._problem(manifest)
+            if problem:
+                warn(f"skipping torn checkpoint step {step}: {problem}")
+                continue
+            out.append(manifest)
+        return out
+
+    def download(self, manifest: CheckpointManifest, dest: Path) -> None:
+        """Fetch a checkpoint and verify every checksum; TornCheckpoint if any file does not match."""
+        for entry in manifest.files:
+            local = dest / entry.path
+            try:
+                self.store.get_file(f"{step_dir(manifest.step)}/{entry.path}", local)
+            except ObjectNotFound:
+                raise TornCheckpoint(f"step {manifest.step}: {entry.path} vanished") from None
+            if local.stat().st_size != entry.size or sha256_of(local) != entry.sha256:
+                raise TornCheckpoint(f"step {manifest.step}: {entry.path} does not match its checksum")
+        (dest / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def retain(self, keep_last: int, *, protect: int | None = None) -> list[int]:
+        """Delete committed checkpoints older than the newest `keep_last` (never `protect`), and
+        uncommitted leftovers older than the newest commit. Newer uncommitted steps may be uploads
+        in flight, so they are left alone. The manifest goes first: a half-deleted checkpoint is
+        then merely uncommitted, never a torn committed one."""
+        committed = self.committed_steps()
+        if not committed:
+            return []
+        doomed = set(committed[:-keep_last]) if keep_last < len(committed) else set()
+        if protect is not None:
+            doomed.discard(protect)
+        objects = self.store.list("checkpoints/")
+        all_steps = {s for s in (_step_of(o.key) for o in objects) if s is not None}
+        leftovers = {s for s in all_steps - set(committed) if s < committed[-1]}
+        for step in sorted(doomed | leftovers):
+            keys = [o.key for o in objects if _step_of(o.key) == step]
+            manifest_key = f"{step_dir(step)}/{MANIFEST}"
+            if manifest_key in keys:
+                self.store.delete([manifest_key])
+            self.store.delete([k for k in keys if k != manifest_key])
+        return sorted(doomed)

@@ -1,0 +1,231 @@
+"""Object storage behind one small interface: `s3://` (any S3-compatible endpoint, through boto3)
+and `file://` (a mounted volume, and the local run's default).
+
+Writes of a single object are atomic on both: S3 makes an object visible only when its upload
+completes, and the file store writes to a temporary name and renames. The checkpoint store builds
+its commit protocol on exactly that guarantee.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from finetune_operator import contract
+
+
+class StorageUnavailable(Exception):
+    """Storage could not be reached or refused us; the trainer exits 75 (transient) on it."""
+
+
+class ObjectNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's root
+    size: int
+
+
+class ObjectStore(Protocol):
+    uri: str
+
+    def put_file(self, local: Path, key: str) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_file(self, key: str, local: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+    def delete(self, keys: list[str]) -> None: ...
+
+
+class FileStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"file://{root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _atomic_write(self, key: str, write: Any) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, local: Path, key: str) -> None:
+        with local.open("rb") as src:
+            self._atomic_write(key, lambda out: shutil.copyfileobj(src, out, 8 << 20))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda out: out.write(data))
+
+    def get_file(self, key: str, local: Path) -> None:
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._path(key), local)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        base = self._path(prefix)
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        out = []
+        for path in _walk(start):
+            key = path.relative_to(self.root).as_posix()
+            if key.startswith(prefix) and not path.name.endswith(".partial"):
+                out.append(ObjectInfo(key=key, size=path.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+
+def _walk(start: Path) -> Iterator[Path]:
+    for dirpath, _, names in os.walk(start):
+        for name in names:
+            yield Path(dirpath) / name
+
+
+class S3Store:
+    """S3 through boto3. Credentials, endpoint and region come from the environment (the pod gets them
+    from the user's Secret); they are never logged or put into an exception message."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any, transfer_config: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client = client
+        self._transfer = transfer_config
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                raise ObjectNotFound(what) from None
+            raise StorageUnavailable(f"{what} on {self.uri} failed: {code or 'error'}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise StorageUnavailable(f"{what} on {self.uri} failed: {type(exc).__name__}") from None
+
+    def put_file(self, local: Path, key: str) -> None:
+        self._call(
+            f"upload {key}",
+            self._client.upload_file,
+            str(local),
+            self.bucket,
+            self._key(key),
+            Config=self._transfer,
+        )
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".partial")
+        self._call(
+            f"download {key}",
+            self._client.download_file,
+            self.bucket,
+            self._key(key),
+            str(tmp),
+            Config=self._transfer,
+        )
+        os.replace(tmp, local)
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call(f"get {key}", self._client.get_object, Bucket=self.bucket, Key=self._key(key))
+        data: bytes = response["Body"].read()
+        return data
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        out = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self._call(
+            f"list {prefix}", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)))
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                out.append(ObjectInfo(key=obj["Key"][strip:], size=obj["Size"]))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            self._call(
+                "delete",
+                self._client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        # Exponential backoff with jitter on throttling and dropped connections; AWS_MAX_ATTEMPTS,
+        # the standard variable, still wins.
+        retries={"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")), "mode": "adaptive"},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url or os.environ.get(contract.ENV_S3_ENDPOINT),
+        region_name=region or os.environ.get(contract.ENV_S3_REGION),
+        config=config,
+    )
+
+
+def transfer_config(concurrency: int = 16, chunk_mib: int = 64) -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=chunk_mib << 20,
+        multipart_chunksize=chunk_mib << 20,
+        max_concurrency=concurrency,
+        use_threads=True,
+    )
+
+
+def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return FileStore(Path(parsed.path))
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path, s3_client(endpoint_url, region), transfer_config())
+    raise ValueError(f"unsupported storage uri scheme {parsed.scheme!r}: use s3:// or file://")
