@@ -1,0 +1,197 @@
+"""Dataset expansion before tokenization: read every source, clean, dedupe, split, mix and shard.
+
+Every record keeps a stable id (`<source>:<row>`), so a sample can be traced from the mixture to
+the file it came from, and a resumed run can prove it neither skipped nor repeated one. All
+randomness is seeded: every rank computes the same split, mixture and order without talking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
+from finetune_operator.api.spec import DatasetSource, DatasetSpec
+
+from finetune_trainer.storage import ObjectNotFound, open_store
+
+
+class DataNotFound(Exception):
+    """A source is missing or unreadable: the trainer exits 3 (InputNotFound)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    source: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class DataReport:
+    """What cleaning did, per source; logged by rank 0 and kept next to the checkpoints."""
+
+    read: Counter[str] = field(default_factory=Counter)
+    malformed: Counter[str] = field(default_factory=Counter)
+    empty: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    kept: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        names = sorted(set(self.read) | set(self.kept))
+        kinds = ("read", "malformed", "empty", "duplicates", "kept")
+        return {n: {k: getattr(self, k)[n] for k in kinds} for n in names}
+
+
+def source_name(source: DatasetSource, index: int) -> str:
+    return source.name or f"source{index}"
+
+
+def _format(source: DatasetSource, path: str) -> str:
+    if source.format:
+        return source.format
+    return "parquet" if path.endswith(".parquet") else "jsonl"
+
+
+def _read_rows(path: Path, fmt: str) -> list[Any]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        rows: list[Any] = pq.read_table(path).to_pylist()
+        return rows
+    out: list[Any] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                out.append(None)  # counted as empty
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append(ValueError("not JSON"))
+    return out
+
+
+def fetch_source(source: DatasetSource, cache_dir: Path) -> list[Path]:
+    """Local copies of a source's files: the file the uri names, or every data file under it."""
+    uri = source.uri.rstrip("/")
+    if uri.endswith(DATA_EXTENSIONS):
+        parent, _, name = uri.rpartition("/")
+        store, keys = open_store(parent), [name]
+    else:
+        store = open_store(uri)
+        keys = [o.key for o in store.list("") if o.key.endswith(DATA_EXTENSIONS)]
+    if not keys:
+        raise DataNotFound(f"dataset {source.uri}: no .jsonl, .json or .parquet files there")
+    local_root = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    out = []
+    for key in sorted(keys):
+        local = local_root / key
+        try:
+            store.get_file(key, local)
+        except ObjectNotFound:
+            raise DataNotFound(f"dataset {source.uri}: {key} not found") from None
+        out.append(local)
+    return out
+
+
+def _clean(source: DatasetSource, row: Any) -> tuple[str, dict[str, Any] | None]:
+    """('ok', fields) or ('malformed' | 'empty', None), by the source's record shape."""
+    if row is None:
+        return "empty", None
+    if not isinstance(row, dict):
+        return "malformed", None
+    if source.shape == "text":
+        text = row.get(source.text_field)
+        if not isinstance(text, str):
+            return "malformed", None
+        return ("ok", {"text": text}) if text.strip() else ("empty", None)
+    if source.shape == "promptCompletion":
+        prompt, completion = row.get(source.prompt_field), row.get(source.completion_field)
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            return "malformed", None
+        return ("ok", {"prompt": prompt, "completion": completion}) if completion.strip() else ("empty", None)
+    messages = row.get(source.messages_field)
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        return "malformed", None
+    kept = [{"role": m["role"], "content": m["content"]} for m in messages]
+    has_answer = any(m["role"] == "assistant" and m["content"].strip() for m in kept)
+    return ("ok", {"messages": kept}) if has_answer else ("empty", None)
+
+
+def load_records(spec: DatasetSpec, files: dict[int, list[Path]], report: DataReport) -> list[list[Record]]:
+    """Cleaned, deduplicated records of every source (duplicates removed across all sources)."""
+    seen: set[str] = set()
+    per_source: list[list[Record]] = []
+    for index, source in enumerate(spec.sources):
+        name = source_name(source, index)
+        records = []
+        row_number = 0
+        for path in files[index]:
+            for row in _read_rows(path, _format(source, path.name)):
+                row_id = f"{name}:{row_number}"
+                row_number += 1
+                report.read[name] += 1
+                if isinstance(row, Exception):
+                    report.malformed[name] += 1
+                    continue
+                verdict, fields = _clean(source, row)
+                if fields is None:
+                    getattr(report, verdict)[name] += 1
+                    continue
+                digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+                if spec.dedupe and digest in seen:
+                    report.duplicates[name] += 1
+                    continue
+                seen.add(digest)
+                records.append(Record(id=row_id, source=name, fields=fields))
+                report.kept[name] += 1
+        per_source.append(records)
+    return per_source
+
+
+def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A deterministic train/validation split by hashed record id: stable when sources grow."""
+    train, validation = [], []
+    for record in records:
+        bucket = int(hashlib.sha256(f"{seed}:{record.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (validation if bucket < fraction else train).append(record)
+    return train, validation
+
+
+def mix(per_source: list[list[Record]], weights: list[float], seed: int) -> list[Record]:
+    """One epoch's training records: each source's share follows its normalised weight, over the
+    total number of records. A source is subsampled (without repeats) or repeated to fill its share."""
+    total = sum(len(r) for r in per_source)
+    weight_sum = sum(w for w, r in zip(weights, per_source, strict=True) if r)
+    rng = random.Random(seed)
+    epoch: list[Record] = []
+    for records, weight in zip(per_source, weights, strict=True):
+        if not records:
+            continue
+        share = round(total * weight / weight_sum)
+        full, rest = divmod(share, len(records))
+        epoch += records * full + rng.sample(records, rest)
+    return epoch
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def rank_shard(order: list[int], start: int, rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s indices of the epoch from global position `start` on: disjoint across ranks.
+    The tail that does not fill a whole step across all ranks is dropped, as every rank must step."""
+    usable = (len(order) - start) // world_size * world_size
+    return order[start : start + usable][rank::world_size]
