@@ -1,0 +1,85 @@
+"""Records become token ids with the loss masked on everything that is not a target."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from finetune_trainer.data import Record
+from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, collate, encode, encode_all, pack
+
+from tests.support.tokenizer import tiny_tokenizer
+
+CORPUS = "what is two plus two four system be brief hello there how are you fine thanks long prompt"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return tiny_tokenizer([CORPUS])
+
+
+def _rec(**fields: Any) -> Record:
+    return Record(id="s:0", source="s", fields=fields)
+
+
+def _targets(tok: Any, ids: list[int], labels: list[int]) -> str:
+    return tok.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+
+
+def test_text_is_learned_whole_and_ends_with_eos(tok: Any) -> None:
+    ids, labels = encode(_rec(text="hello there"), tok)
+    assert ids == labels and ids[-1] == tok.eos_token_id
+
+
+def test_prompt_tokens_are_masked_and_completion_tokens_learned(tok: Any) -> None:
+    ids, labels = encode(_rec(prompt="what is two plus two", completion="four"), tok)
+    assert labels[:5] == [IGNORE_INDEX] * 5
+    assert _targets(tok, ids, labels) == "four </s>"
+
+
+def test_only_assistant_turns_are_learned_in_a_chat(tok: Any) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you"},
+        {"role": "assistant", "content": "fine thanks"},
+    ]
+    ids, labels = encode(_rec(messages=messages), tok)
+    assert ids == list(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+    targets = _targets(tok, ids, labels)
+    assert targets == "<|assistant|> hello <|end|> <|assistant|> fine thanks <|end|>"
+
+
+def test_overlength_records_are_truncated_or_dropped_and_counted(tok: Any) -> None:
+    records = [_rec(text="hello " * 20), _rec(text="hello there")]
+    report = EncodingReport()
+    kept = encode_all(records, tok, max_len=8, overlength="truncate", report=report)
+    assert [len(e.input_ids) for e in kept] == [8, 3] and report.truncated == 1
+    report = EncodingReport()
+    kept = encode_all(records, tok, max_len=8, overlength="drop", report=report)
+    assert len(kept) == 1 and report.dropped_overlength == 1
+
+
+def test_a_prompt_filling_the_window_leaves_nothing_to_learn_and_is_dropped(tok: Any) -> None:
+    report = EncodingReport()
+    record = _rec(prompt="long prompt " * 10, completion="four")
+    assert encode_all([record], tok, max_len=6, overlength="truncate", report=report) == []
+    assert report.dropped_no_target == 1
+
+
+def test_packing_fills_windows_and_loses_no_labelled_token() -> None:
+    examples = [Example(id=f"s:{i}", input_ids=[i] * 5, labels=[i] * 5) for i in range(5)]
+    blocks = pack(examples, max_len=8)
+    assert [len(b.input_ids) for b in blocks] == [8, 8, 8, 1]
+    assert sorted(t for b in blocks for t in b.labels) == sorted(t for e in examples for t in e.labels)
+    assert blocks[1].id == "s:1+s:2+s:3"
+
+
+def test_collate_pads_right_and_masks_padding() -> None:
+    batch = collate(
+        [Example("a", [5, 6, 7], [5, 6, 7]), Example("b", [8], [IGNORE_INDEX])], pad_id=1, max_len=16
+    )
+    assert batch["input_ids"] == [[5, 6, 7], [8, 1, 1]]
+    assert batch["labels"][1] == [IGNORE_INDEX] * 3
+    assert batch["attention_mask"] == [[1, 1, 1], [1, 0, 0]]
