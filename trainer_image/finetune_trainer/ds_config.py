@@ -1,0 +1,103 @@
+"""The DeepSpeed config, generated from the resolved trainer config; the user's raw override last.
+
+The optimizer is DeepSpeed's own AdamW (so ZeRO-Offload gets its CPU Adam), fed parameter groups
+that exempt biases and norm weights from weight decay. The learning-rate schedule is a plain
+function of the step (`lr_at`), handed to DeepSpeed as a LambdaLR, so it is testable without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from finetune_operator.api import TrainerConfig
+
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` wins key by key; nested mappings merge, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _zero(config: TrainerConfig) -> dict[str, Any]:
+    ds = config.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)
+    if ds.zero_stage == 3:
+        # Export gathers the full 16-bit weights on rank 0, so final/ is a plain Hugging Face model.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def deepspeed_config(config: TrainerConfig) -> dict[str, Any]:
+    training, schedule = config.training, config.schedule
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": schedule.gradient_accumulation_steps,
+        "train_batch_size": schedule.global_batch_size,
+        "gradient_clipping": training.gradient_clipping,
+        "zero_optimization": _zero(config),
+        "bf16": {"enabled": training.precision == "bf16"},
+        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": schedule.learning_rate,
+                "betas": list(ADAM_BETAS),
+                "eps": ADAM_EPS,
+                "weight_decay": training.weight_decay,
+            },
+        },
+        "steps_per_print": 10**9,  # progress is reported by the trainer, once, from rank 0
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(generated, config.deepspeed.override or {})
+
+
+def is_decayed(name: str, ndim: int) -> bool:
+    """Weight decay applies to matrices, never to biases or normalisation weights."""
+    lowered = name.lower()
+    return ndim >= 2 and not lowered.endswith(".bias") and "norm" not in lowered
+
+
+def parameter_groups(named_parameters: Any, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (decay if is_decayed(name, param.ndim) else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_steps(config: TrainerConfig, total_steps: int) -> int:
+    if config.schedule.warmup_steps is not None:
+        return min(config.schedule.warmup_steps, total_steps)
+    return math.ceil(config.schedule.warmup_ratio * total_steps)
+
+
+def lr_at(step: int, *, total_steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
