@@ -18,9 +18,9 @@ from finetune_operator.builders import (
 )
 
 from tests.support.factories import job
+from tests.support.versions import KUBERNETES_VERSIONS
 
 CTX = BuildContext(default_image="registry.example/finetune-trainer:test")
-KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 SECRET_VALUE = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 

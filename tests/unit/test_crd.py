@@ -11,8 +11,7 @@ from finetune_operator.api.crd import CRD_FILE_NAME, build_crd, render_crd_yaml
 
 from tests.support.apiserver import CelRules, FakeApiServer
 from tests.support.factories import manifest, started
-
-KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
+from tests.support.versions import KUBERNETES_VERSIONS
 
 
 def _schema(crd: dict[str, Any]) -> dict[str, Any]:

@@ -42,12 +42,9 @@ def test_example_is_accepted_by_the_models(path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_builds_objects_valid_for_kubernetes(path: Path) -> None:
-    job = parse_manifest(
-        {
-            **_load(path),
-            "metadata": {**_load(path)["metadata"], "uid": "00000000-0000-4000-8000-000000000000"},
-        }
-    )
+    data = _load(path)
+    data["metadata"]["uid"] = "00000000-0000-4000-8000-000000000000"
+    job = parse_manifest(data)
     for obj in build_attempt(job, 1, BuildContext(default_image="trainer:test")):
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
 

@@ -93,10 +93,10 @@ def render_api_docs() -> str:
             f"| {col['name']} | `{_cell(col['jsonPath'])}` | {'-o wide' if col.get('priority') else 'always'} |"  # noqa: E501
         )
     out.append("")
-    root_rules = {"x-kubernetes-validations": schema.get("x-kubernetes-validations", []), "description": ""}
-    if root_rules["x-kubernetes-validations"]:
+    root_rules = schema.get("x-kubernetes-validations", [])
+    if root_rules:
         out += ["## Changes to a started job", ""]
-        for rule in root_rules["x-kubernetes-validations"]:
+        for rule in root_rules:
             out.append(f"- `{rule['fieldPath'].lstrip('.')}`: {rule['message']} *(server)*")
         out.append("")
     _section("spec", schema["properties"]["spec"], out)
