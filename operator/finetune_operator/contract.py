@@ -81,10 +81,24 @@ class ExitCode(IntEnum):
     TERMINATED = 143  # 128 + SIGTERM: preempted or drained, after the emergency checkpoint
 
 
-def torchrun_command(config_path: str = CONFIG_PATH) -> list[str]:
-    """The command every node rank runs; the shell expands the rendezvous variables from the env."""
+# How long the launcher gives the ranks after a SIGTERM before it kills them: the pod's grace period
+# minus this margin, so the emergency checkpoint finishes before the kubelet's own SIGKILL.
+ENV_SHUTDOWN_TIMEOUT: Final = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+SHUTDOWN_MARGIN_SECONDS: Final = 5
+# Where each local rank leaves its one-line failure reason for the launcher to pick from.
+ENV_RANK_TERMINATION_DIR: Final = "FTJOB_RANK_TERMINATION_DIR"
+
+
+def launch_command(config_path: str = CONFIG_PATH) -> list[str]:
+    """The command every node rank runs: torchrun's arguments, through the trainer's launcher.
+
+    The launcher runs torchrun in-process and passes the first failed rank's exit code and reason on
+    as the pod's own (torchrun alone exits 1 for any failed rank, and with a traceback on SIGTERM,
+    which would hide the failure class). Kubernetes expands the $(VAR) references from the env."""
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "finetune_trainer.launch",
         f"--nnodes=$({ENV_NNODES})",
         f"--nproc-per-node=$({ENV_NPROC_PER_NODE})",
         f"--node-rank=$({ENV_NODE_RANK})",
@@ -112,6 +126,8 @@ RESERVED_ENV: Final = frozenset(
         ENV_CHECKPOINT_URI,
         ENV_SCRATCH_DIR,
         ENV_TERMINATION_LOG,
+        ENV_SHUTDOWN_TIMEOUT,
+        ENV_RANK_TERMINATION_DIR,
         *REQUIRED_SECRET_KEYS,
         *OPTIONAL_SECRET_KEYS,
     }

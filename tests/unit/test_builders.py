@@ -94,9 +94,15 @@ class TestRankPods:
         assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
         assert int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) < 600
 
-    def test_command_is_torchrun_over_the_contract_env(self) -> None:
+    def test_ranks_are_killed_only_after_the_grace_period_less_a_margin(self) -> None:
+        pod = build_rank_pod(job({"spec.runPolicy.terminationGracePeriodSeconds": 60}), 1, 0, CTX)
+        env = {e["name"]: e.get("value") for e in _container(pod)["env"]}
+        assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) == 60 - contract.SHUTDOWN_MARGIN_SECONDS
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 60
+
+    def test_command_is_torchrun_through_the_launcher_over_the_contract_env(self) -> None:
         command = _container(build_rank_pod(job(), 1, 0, CTX))["command"]
-        assert command[0] == "torchrun" and "--max-restarts=0" in command
+        assert command[:3] == ["python", "-m", "finetune_trainer.launch"] and "--max-restarts=0" in command
         assert "--node-rank=$(NODE_RANK)" in command and "--master-addr=$(MASTER_ADDR)" in command
         assert command[-4:] == ["-m", "finetune_trainer", "--config", contract.CONFIG_PATH]
 

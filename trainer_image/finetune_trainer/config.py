@@ -35,6 +35,11 @@ def load_config(path: Path) -> TrainerConfig:
 
 
 def termination_log_path() -> Path:
+    """Under the launcher each rank writes its own reason file and the launcher passes the first
+    failed rank's on; run directly, a rank writes the termination log itself."""
+    rank_dir, local_rank = os.environ.get(contract.ENV_RANK_TERMINATION_DIR), os.environ.get("LOCAL_RANK")
+    if rank_dir and local_rank is not None:
+        return Path(rank_dir) / f"rank-{local_rank}"
     return Path(os.environ.get(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG))
 
 

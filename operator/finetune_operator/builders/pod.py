@@ -31,6 +31,11 @@ def _secret_ref(name: str, secret: str, *, optional: bool) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name, "optional": optional}}}
 
 
+def shutdown_timeout(job: FineTuneJob) -> int:
+    grace = job.spec.run_policy.termination_grace_period_seconds
+    return max(1, grace - contract.SHUTDOWN_MARGIN_SECONDS)
+
+
 def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
     """The container env of one rank: rendezvous, identity, storage, then the user's extras."""
     name, namespace = job.metadata.name, job.metadata.namespace
@@ -47,6 +52,7 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
         _value(contract.ENV_CHECKPOINT_URI, job_store_uri(job)),
         _value(contract.ENV_SCRATCH_DIR, contract.SCRATCH_DIR),
         _value(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG),
+        _value(contract.ENV_SHUTDOWN_TIMEOUT, shutdown_timeout(job)),
         _value("HF_HOME", f"{contract.SCRATCH_DIR}/hf"),
         *(_value(k, v) for k, v in contract.COMMUNICATION_ENV.items()),
     ]
@@ -90,7 +96,7 @@ def _container(job: FineTuneJob, attempt: int, rank: int, image: str) -> dict[st
         "name": contract.CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": job.spec.resources.image_pull_policy,
-        "command": contract.torchrun_command(),
+        "command": contract.launch_command(),
         "env": rank_env(job, attempt, rank),
         "ports": [
             {"name": contract.RENDEZVOUS_PORT_NAME, "containerPort": contract.MASTER_PORT, "protocol": "TCP"}
