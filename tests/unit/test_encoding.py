@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 from finetune_trainer.data import Record
 from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, collate, encode, encode_all, pack
-
-from tests.support.tokenizer import tiny_tokenizer
+from finetune_trainer.tiny import tiny_tokenizer
 
 CORPUS = "what is two plus two four system be brief hello there how are you fine thanks long prompt"
 

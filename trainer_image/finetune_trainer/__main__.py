@@ -1,29 +1,93 @@
-"""`python -m finetune_trainer --config FILE`, launched by torchrun on every node rank."""
+"""`python -m finetune_trainer --config FILE`, launched by torchrun on every node rank.
+
+Every way a rank can end maps to the exit code the operator classifies by (contract.ExitCode), with a
+one-line reason in the termination log. No message here ever holds a credential: storage errors
+name the operation and the uri, never the environment they were authenticated with.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from finetune_operator import contract
 
 from finetune_trainer.config import ConfigError, load_config, write_termination_message
+from finetune_trainer.data import DataNotFound
+from finetune_trainer.model import ModelNotFound
+from finetune_trainer.step_plan import NotEnoughData
+from finetune_trainer.storage import StorageUnavailable
+
+
+def _quiet_libraries(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # DeepSpeed's ZeRO calls torch's older collective names once per step; the notice is not ours.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.", category=FutureWarning)
+
+
+def _collective_timeout(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "timed out" in text or "timeout" in text or "connection reset" in text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune_trainer")
     parser.add_argument("--config", type=Path, default=Path(contract.CONFIG_PATH))
     args = parser.parse_args(argv)
+    _quiet_libraries(os.environ.get("RANK", "0") == "0")
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         write_termination_message(str(exc))
         return contract.ExitCode.INVALID_CONFIG
-    # The training engine (data, model, DeepSpeed, checkpoint store) lands with the trainer work; until
-    # then a valid config is all this entrypoint can check, and it says so instead of pretending.
-    write_termination_message("finetune_trainer: the training engine is not built yet")
-    return 1
+
+    from finetune_trainer.checkpointing import ResumeSourceNotFound
+    from finetune_trainer.training import Run, Terminated
+
+    run: Run | None = None
+    try:
+        run = Run(config)
+        run.execute()
+    except Terminated as exc:
+        write_termination_message(str(exc))
+        return contract.ExitCode.TERMINATED
+    except NotEnoughData as exc:
+        write_termination_message(str(exc))
+        return contract.ExitCode.INVALID_CONFIG
+    except (DataNotFound, ModelNotFound, ResumeSourceNotFound) as exc:
+        write_termination_message(str(exc))
+        return contract.ExitCode.INPUT_NOT_FOUND
+    except StorageUnavailable as exc:
+        write_termination_message(f"storage unavailable: {exc}")
+        return contract.ExitCode.TRANSIENT
+    except Exception as exc:
+        at = f" at step {run.step}" if run is not None else ""
+        if "out of memory" in str(exc).lower():
+            write_termination_message(f"out of memory{at}: {str(exc).splitlines()[0][:300]}")
+            return 1
+        if _collective_timeout(exc):
+            write_termination_message(
+                f"collective failed{at}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            )
+            return contract.ExitCode.TRANSIENT
+        logging.getLogger("finetune_trainer").exception("training failed%s", at)
+        write_termination_message(
+            f"{type(exc).__name__}{at}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        )
+        return 1
+    return contract.ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def _zero(config: TrainerConfig) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(config: TrainerConfig) -> dict[str, Any]:
+def deepspeed_config(config: TrainerConfig, *, cpu: bool = False) -> dict[str, Any]:
     training, schedule = config.training, config.schedule
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
@@ -60,6 +60,9 @@ def deepspeed_config(config: TrainerConfig) -> dict[str, Any]:
                 "betas": list(ADAM_BETAS),
                 "eps": ADAM_EPS,
                 "weight_decay": training.weight_decay,
+                # On CPU, PyTorch's AdamW: DeepSpeed's fused kernel targets GPUs and would only add
+                # a compile step (ZeRO-Offload still gets DeepSpeed's CPU Adam).
+                **({"torch_adam": True} if cpu and not config.deepspeed.offload_optimizer else {}),
             },
         },
         "steps_per_print": 10**9,  # progress is reported by the trainer, once, from rank 0
@@ -78,7 +81,9 @@ def parameter_groups(named_parameters: Any, weight_decay: float) -> list[dict[st
     decay, no_decay = [], []
     for name, param in named_parameters:
         if param.requires_grad:
-            (decay if is_decayed(name, param.ndim) else no_decay).append(param)
+            # Under ZeRO-3 a parameter is a flat shard; its real shape is kept in ds_shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if is_decayed(name, ndim) else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

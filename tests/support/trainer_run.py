@@ -1,0 +1,158 @@
+"""Run the real trainer under torchrun (through its launcher) on CPU, the way a rank pod does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api import parse_manifest
+from finetune_operator.api.trainer_config import TrainerConfig, resolve_trainer_config
+from finetune_operator.progress import ProgressReport, parse_last
+from finetune_trainer.tiny import counting_records, write_jsonl, write_tiny_model
+
+from tests.support.factories import manifest
+
+RUN_TIMEOUT = 420.0
+
+
+@dataclass
+class Workspace:
+    root: Path
+    model_uri: str
+    data_uri: str
+
+    @classmethod
+    def create(cls, root: Path, *, records: int = 192, seed: int = 0) -> Workspace:
+        model = write_tiny_model(root / "model", seed=seed)
+        data = write_jsonl(root / "data" / "train.jsonl", counting_records(records, seed=seed))
+        return cls(root=root, model_uri=f"file://{model}", data_uri=f"file://{data}")
+
+
+def tiny_job_manifest(ws: Workspace, store_uri: str, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Two CPU ranks, fp32, ZeRO-2, checkpoints every 4 steps: changes override any of it."""
+    base = {
+        "spec.model.source": ws.model_uri,
+        "spec.dataset.sources": [{"uri": ws.data_uri, "shape": "promptCompletion"}],
+        "spec.dataset.maxSeqLength": 32,
+        "spec.dataset.validationFraction": 0.1,
+        "spec.training.maxSteps": 12,
+        "spec.training.microBatchSize": 4,
+        "spec.training.globalBatchSize": 16,
+        "spec.training.learningRate": 0.003,
+        "spec.training.warmupSteps": 1,
+        "spec.training.precision": "fp32",
+        "spec.training.gradientCheckpointing": False,
+        "spec.training.logEverySteps": 2,
+        "spec.deepspeed.zeroStage": 2,
+        "spec.resources.gpusPerNode": 0,
+        "spec.resources.processesPerNode": 2,
+        "spec.checkpoint.uri": store_uri,
+        "spec.checkpoint.everySteps": 4,
+        "spec.checkpoint.everyMinutes": 0,
+        "spec.checkpoint.keepLast": 2,
+    }
+    return manifest({**base, **(changes or {})}, name="tiny")
+
+
+def trainer_config(ws: Workspace, store_uri: str, changes: dict[str, Any] | None = None) -> TrainerConfig:
+    return resolve_trainer_config(parse_manifest(tiny_job_manifest(ws, store_uri, changes)))
+
+
+@dataclass
+class Finished:
+    code: int
+    output: str
+    termination: str
+
+    @property
+    def progress(self) -> ProgressReport | None:
+        return parse_last(self.output)
+
+
+@dataclass
+class TrainerProcess:
+    proc: subprocess.Popen[str]
+    log_path: Path
+    termination_path: Path
+    lines: list[str] = field(default_factory=list)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = RUN_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.output()):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"trainer exited {self.proc.returncode} first:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met in {timeout}s:\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", "-P", str(self.proc.pid), "finetune_trainer --config"],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        return [int(p) for p in out.stdout.split()]
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def finish(self, timeout: float = RUN_TIMEOUT) -> Finished:
+        code = self.proc.wait(timeout)
+        text = self.termination_path.read_text().strip() if self.termination_path.exists() else ""
+        return Finished(code=code, output=self.output(), termination=text)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(config: TrainerConfig, workdir: Path, *, nproc: int = 2, env: dict[str, str] | None = None,
+          name: str = "run") -> TrainerProcess:  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / f"{name}-config.json"
+    config_path.write_text(config.model_dump_json(by_alias=True, exclude_none=True))
+    log_path, termination = workdir / f"{name}.log", workdir / f"{name}-termination.log"
+    termination.unlink(missing_ok=True)
+    full_env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "FTJOB_SCRATCH_DIR": str(workdir / "scratch"),
+        "FTJOB_TERMINATION_LOG": str(termination),
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60",
+        **(env or {}),
+    }
+    command = [
+        sys.executable, "-m", "finetune_trainer.launch", "--nnodes=1", f"--nproc-per-node={nproc}",
+        "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "--max-restarts=0",
+        "-m", "finetune_trainer", "--config", str(config_path),
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+    return TrainerProcess(proc=proc, log_path=log_path, termination_path=termination)
+
+
+def run(config: TrainerConfig, workdir: Path, **kwargs: Any) -> Finished:
+    return start(config, workdir, **kwargs).finish()
+
+
+def sample_trace(directory: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(directory.glob("rank-*.jsonl")):
+        rank = int(path.stem.split("-")[1])
+        rows += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines() if line]
+    return rows

@@ -1,0 +1,98 @@
+"""The final model in Hugging Face format (safetensors, config, tokenizer) at the output uri.
+
+Under ZeRO-3 the weights are gathered from every rank's shards first (a collective), then rank 0
+writes them. A LoRA run exports either the adapter alone or the adapter merged into a fresh copy of
+the base weights. The upload ends with the export's own MANIFEST.json, so a reader never takes a
+half-uploaded model for a finished one, and a restart after a finished export does not redo it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api import TrainerConfig
+from finetune_operator.api.spec import LoraSpec
+from pydantic import BaseModel
+
+from finetune_trainer import ranks as dist
+from finetune_trainer.checkpoint_store import MANIFEST, FileEntry, sha256_of
+from finetune_trainer.model import load_base, lora_config
+from finetune_trainer.storage import ObjectNotFound, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class ExportManifest(BaseModel):
+    step: int
+    kind: str  # full | merged | adapter
+    files: list[FileEntry]
+    created_at: datetime
+
+
+def exported_step(store: ObjectStore) -> int | None:
+    try:
+        return ExportManifest.model_validate_json(store.get_bytes(MANIFEST)).step
+    except (ObjectNotFound, ValueError):
+        return None
+
+
+def export_kind(config: TrainerConfig) -> str:
+    if config.training.method != "lora":
+        return "full"
+    return (config.training.lora or LoraSpec()).export
+
+
+def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
+    """The whole model's weights on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+    if zero_stage == 3:
+        state: dict[str, Any] | None = engine._zero3_consolidated_16bit_state_dict()
+        return state
+    return engine.module.state_dict() if dist.from_env().is_main else None
+
+
+def _write(config: TrainerConfig, engine: Any, state: dict[str, Any], base_source: str, tokenizer: Any,
+           out: Path) -> None:  # fmt: skip
+    kind = export_kind(config)
+    if kind == "full":
+        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    else:
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(engine.module, state_dict=state)
+        # A fresh CPU copy of the base: under ZeRO-3 the trained module holds only shards.
+        fresh = get_peft_model(load_base(config, base_source), lora_config(config))
+        set_peft_model_state_dict(fresh, adapter)
+        if kind == "adapter":
+            fresh.save_pretrained(out, safe_serialization=True)
+        else:
+            fresh.merge_and_unload().save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def export(config: TrainerConfig, engine: Any, *, step: int, base_source: str, tokenizer: Any,
+           store: ObjectStore, scratch: Path) -> None:  # fmt: skip
+    state = full_state_dict(engine, config.deepspeed.zero_stage)
+    if dist.from_env().is_main:
+        assert state is not None
+        store.delete([MANIFEST])  # from here on, until the new manifest, the output is unfinished
+        out = scratch / "export"
+        shutil.rmtree(out, ignore_errors=True)
+        _write(config, engine, state, base_source, tokenizer, out)
+        entries = []
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            rel = path.relative_to(out).as_posix()
+            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_of(path)))
+            store.put_file(path, rel)
+        manifest = ExportManifest(
+            step=step, kind=export_kind(config), files=entries, created_at=datetime.now(UTC)
+        )
+        store.put_bytes(MANIFEST, manifest.model_dump_json(indent=1).encode())
+        log.info(
+            "exported %s model of step %d: %s", manifest.kind, step, json.dumps([e.path for e in entries])
+        )
+    dist.barrier()

@@ -1,0 +1,140 @@
+"""The base model and tokenizer: fetched once per node, loaded for full fine-tuning or LoRA.
+
+An `s3://` model is downloaded by each node's local rank 0 into the node's scratch cache (marked
+complete only after the last file), while the node's other ranks wait at a barrier; `file://` is read
+in place; a hub id is left to transformers, which the cluster must be able to reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api import TrainerConfig
+
+from finetune_trainer import ranks as dist
+from finetune_trainer.storage import ObjectNotFound, open_store
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".complete"
+
+
+class ModelNotFound(Exception):
+    """The model or tokenizer is missing or unreadable: the trainer exits 3 (InputNotFound)."""
+
+
+def _fetch_s3(uri: str, cache: Path) -> Path:
+    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (dest / COMPLETE_MARKER).exists():
+        return dest
+    store = open_store(uri)
+    objects = store.list("")
+    if not any(o.key == "config.json" or o.key == "tokenizer_config.json" for o in objects):
+        raise ModelNotFound(f"model {uri}: no config.json or tokenizer_config.json there")
+    for obj in objects:
+        try:
+            store.get_file(obj.key, dest / obj.key)
+        except ObjectNotFound:
+            raise ModelNotFound(f"model {uri}: {obj.key} vanished while downloading") from None
+    (dest / COMPLETE_MARKER).touch()
+    return dest
+
+
+def local_source(uri: str, cache: Path, ranks: dist.Ranks, device: Any) -> str:
+    """A path (or hub id) transformers can load from; the node's download happens here once."""
+    if uri.startswith("file://"):
+        path = Path(uri[len("file://") :])
+        if not path.is_dir():
+            raise ModelNotFound(f"model {uri}: no such directory")
+        return str(path)
+    if uri.startswith("s3://"):
+        error: str | None = None
+        if ranks.is_node_main:
+            try:
+                _fetch_s3(uri, cache)
+            except ModelNotFound as exc:
+                error = str(exc)
+        # Every rank learns of a failed download instead of waiting for files that never come.
+        errors = dist.all_reduce([1.0 if error else 0.0], "max", device)
+        if errors[0]:
+            raise ModelNotFound(error or f"model {uri}: the download failed on another node")
+        return str(_fetch_s3(uri, cache))
+    return uri
+
+
+def load_tokenizer(config: TrainerConfig, source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelNotFound(f"tokenizer {source}: {exc}".splitlines()[0]) from None
+    if tokenizer.pad_token is None:
+        # Llama tokenizers ship without a pad token; padding is masked out of attention and loss,
+        # so reusing end-of-sequence is safe and adds no embedding row.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def lora_config(config: TrainerConfig) -> Any:
+    from finetune_operator.api.spec import LoraSpec
+    from peft import LoraConfig
+
+    lora = config.training.lora or LoraSpec()
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_base(config: TrainerConfig, source: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+            dtype=torch_dtype(config.training.precision),
+        )
+    except OSError as exc:
+        raise ModelNotFound(f"model {source}: {exc}".splitlines()[0]) from None
+
+
+def load_model(config: TrainerConfig, source: str, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """The model to train, and the object that must outlive it under ZeRO-3 (the HF/DeepSpeed link
+    that makes from_pretrained partition weights while loading instead of on one rank)."""
+    import torch
+
+    keep_alive = None
+    if config.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(config.training.seed)
+    model = load_base(config, source)
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.training.method == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(config))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA: %d trainable parameters", trainable)
+    return model, keep_alive

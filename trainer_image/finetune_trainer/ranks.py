@@ -1,0 +1,99 @@
+"""Who this process is in the gang, and the few collectives the trainer itself needs.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and GROUP_RANK (the node rank). Run
+without torchrun, the trainer is a world of one, which is how its single-process tests start it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def from_env() -> Ranks:
+    env = os.environ
+    if "RANK" not in env:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    return Ranks(
+        rank=int(env["RANK"]),
+        local_rank=int(env["LOCAL_RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+        node_rank=int(env.get("GROUP_RANK", "0")),
+    )
+
+
+def on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().device_name() == "cpu")
+
+
+def init(ranks: Ranks) -> Any:
+    """Start the process group (gloo on CPU, NCCL on GPUs) and return this rank's device."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    backend = "gloo" if on_cpu() else accelerator.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    if on_cpu():
+        return torch.device("cpu")
+    accelerator.set_device(ranks.local_rank)
+    return torch.device(accelerator.device_name(ranks.local_rank))
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (small picklable objects only)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce(values: list[float], op: str, device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return [float(v) for v in tensor.tolist()]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()

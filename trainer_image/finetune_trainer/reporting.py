@@ -1,0 +1,105 @@
+"""Rank 0's voice: a readable log line per report, the structured progress line the operator reads
+(finetune_operator.progress), and TensorBoard scalars. Other ranks stay quiet."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.status import CheckpointRef, Progress
+from finetune_operator.progress import ProgressReport, format_line
+
+log = logging.getLogger("finetune_trainer")
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Reporter:
+    def __init__(
+        self, *, enabled: bool, total_steps: int, start_step: int, tensorboard_dir: Path | None
+    ) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.progress = Progress(step=start_step, total_steps=total_steps)
+        self.checkpoint: CheckpointRef | None = None
+        self._lock = threading.Lock()  # the upload thread reports commits
+        self._writer: Any = None
+        if enabled and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def _eta(self, step: int) -> int | None:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return int((time.monotonic() - self.started) / done * (self.total_steps - step))
+
+    def _emit(self) -> None:
+        line = format_line(ProgressReport(progress=self.progress, latest_checkpoint=self.checkpoint))
+        print(line, file=sys.stdout, flush=True)
+
+    def step(self, step: int, *, loss: float, tokens_per_second: float, learning_rate: float) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.progress = self.progress.model_copy(
+                update={
+                    "step": step,
+                    "percent": round(100 * step / self.total_steps, 2),
+                    "eta_seconds": self._eta(step),
+                    "loss": round(loss, 5),
+                    "tokens_per_second": round(tokens_per_second, 1),
+                    "updated_at": datetime.now(UTC),
+                }
+            )
+            eta = self.progress.eta_seconds
+            ckpt = f" | ckpt step {self.checkpoint.step}" if self.checkpoint else ""
+            evl = f" eval {self.progress.eval_loss:.4f}" if self.progress.eval_loss is not None else ""
+            log.info(
+                "step %d/%d (%.0f%%) | loss %.4f%s | lr %.2e | %.0f tok/s | eta %s%s",
+                step, self.total_steps, self.progress.percent, loss, evl, learning_rate,
+                tokens_per_second, human_duration(eta) if eta is not None else "?", ckpt,
+            )  # fmt: skip
+            self._emit()
+        if self._writer is not None:
+            self._writer.add_scalar("train/loss", loss, step)
+            self._writer.add_scalar("train/learning_rate", learning_rate, step)
+            self._writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
+
+    def evaluation(self, step: int, eval_loss: float) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.progress = self.progress.model_copy(update={"eval_loss": round(eval_loss, 5)})
+        log.info("step %d | eval loss %.4f", step, eval_loss)
+        if self._writer is not None:
+            self._writer.add_scalar("eval/loss", eval_loss, step)
+
+    def committed(self, step: int, uri: str, at: datetime) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.checkpoint = CheckpointRef(step=step, uri=uri, time=at)
+            log.info("checkpoint step %d committed: %s", step, uri)
+            self._emit()
+
+    def flush_tensorboard(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

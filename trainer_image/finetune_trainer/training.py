@@ -1,0 +1,247 @@
+"""One rank's run: set up, resume, train step by step, checkpoint, evaluate, export.
+
+Every decision that all ranks must share (stop for SIGTERM, checkpoint because time is up) is taken
+together: after each optimizer step the ranks all-reduce two flags, so no rank ever waits in a
+collective the others skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_operator import contract
+from finetune_operator.api import TrainerConfig
+
+from finetune_trainer import ranks as dist
+from finetune_trainer.checkpoint_store import CheckpointStore
+from finetune_trainer.checkpointing import Checkpointer
+from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
+from finetune_trainer.encoding import IGNORE_INDEX, Example, collate
+from finetune_trainer.export import export, exported_step
+from finetune_trainer.model import load_model, load_tokenizer, local_source
+from finetune_trainer.prepared_data import PreparedData, prepare
+from finetune_trainer.reporting import Reporter
+from finetune_trainer.sample_trace import SampleTrace
+from finetune_trainer.step_plan import StepPlan, plan
+from finetune_trainer.storage import open_store
+
+log = logging.getLogger("finetune_trainer")
+
+
+class Terminated(Exception):
+    """SIGTERM (or Ctrl-C) was answered with an emergency checkpoint; the rank exits 143."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; read at step boundaries, never acted on inside a collective."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+
+
+def scratch_dir(config: TrainerConfig, ranks: dist.Ranks) -> Path:
+    configured = os.environ.get(contract.ENV_SCRATCH_DIR)
+    if configured:
+        return Path(configured)
+    return (
+        Path(tempfile.gettempdir()) / f"ftjob-{config.job.namespace}-{config.job.name}-node{ranks.node_rank}"
+    )
+
+
+class Run:
+    def __init__(self, config: TrainerConfig) -> None:
+        self.config = config
+        self.stop = StopFlag()
+        self.ranks = dist.from_env()
+        self.device = dist.init(self.ranks)
+        self.scratch = scratch_dir(config, self.ranks)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+
+    def _open(self, uri: str) -> Any:
+        return open_store(
+            uri, endpoint_url=self.config.checkpoint.endpoint_url, region=self.config.checkpoint.region
+        )
+
+    def execute(self) -> None:
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        config, ranks = self.config, self.ranks
+        job_store = self._open(config.checkpoint.job_uri)
+        model_source = local_source(config.model.source, self.scratch / "models", ranks, self.device)
+        tokenizer_source = (
+            local_source(config.model.tokenizer, self.scratch / "models", ranks, self.device)
+            if config.model.tokenizer
+            else model_source
+        )
+        tokenizer = load_tokenizer(config, tokenizer_source)
+        data = prepare(config, tokenizer, job_store, self.scratch, ranks, self.device)
+        steps = plan(config, len(data.train))
+        ds_config = deepspeed_config(config, cpu=dist.on_cpu())
+        model, keep_alive = load_model(config, model_source, ds_config)
+        warmup = warmup_steps(config, steps.total_steps)
+
+        def schedule(optimizer: Any) -> Any:
+            return LambdaLR(
+                optimizer,
+                lambda s: lr_at(
+                    s, total_steps=steps.total_steps, warmup=warmup, schedule=config.training.lr_schedule
+                ),
+            )
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=parameter_groups(model.named_parameters(), config.training.weight_decay),
+            config=ds_config,
+            lr_scheduler=schedule,
+        )
+        reporter = Reporter(
+            enabled=ranks.is_main,
+            total_steps=steps.total_steps,
+            start_step=0,
+            tensorboard_dir=self.scratch
+            / "tensorboard"
+            / f"attempt-{os.environ.get(contract.ENV_ATTEMPT, '0')}",
+        )
+        checkpointer = Checkpointer(
+            engine,
+            CheckpointStore(job_store),
+            ranks,
+            nnodes=config.world.nnodes,
+            local_root=self.scratch / "checkpoints",
+            job_uri=config.checkpoint.job_uri,
+            keep_last=config.checkpoint.keep_last,
+            on_commit=reporter.committed,
+            after_commit=lambda: self._upload_tensorboard(reporter, job_store),
+            device=self.device,
+        )
+        position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(self._open(uri)))
+        start = int(position["globalStep"]) if position else 0
+        if position and position.get("dataKey") not in (None, data.key):
+            log.warning("the data changed since step %d was saved; continuing at the same position", start)
+        log.info(
+            "%s at step %d of %d | %d train / %d validation examples | world %d",
+            "resuming" if position else "starting", start, steps.total_steps,
+            len(data.train), len(data.validation), ranks.world_size,
+        )  # fmt: skip
+        reporter.start_step = self.step = start
+        self._train(engine, data, steps, checkpointer, reporter, start)
+        if checkpointer.last_saved != steps.total_steps:
+            checkpointer.save(steps.total_steps, self._position(steps, steps.total_steps, data), block=True)
+        checkpointer.wait()
+        output = self._open(config.output_uri)
+        if exported_step(output) != steps.total_steps:
+            export(config, engine, step=steps.total_steps, base_source=model_source, tokenizer=tokenizer,
+                   store=output, scratch=self.scratch)  # fmt: skip
+        reporter.close()
+        self._upload_tensorboard(reporter, job_store)
+        del keep_alive
+
+    def _position(self, steps: StepPlan, step: int, data: PreparedData) -> dict[str, Any]:
+        return {**steps.position(step), "dataKey": data.key}
+
+    def _batch(self, examples: list[Example]) -> dict[str, Any]:
+        import torch
+
+        pad_id = 0  # masked out of attention and loss, so any id serves
+        columns = collate(examples, pad_id, self.config.dataset.max_seq_length)
+        return {k: torch.tensor(v, device=self.device) for k, v in columns.items()}
+
+    def _train(self, engine: Any, data: PreparedData, steps: StepPlan, checkpointer: Checkpointer,
+               reporter: Reporter, start: int) -> None:  # fmt: skip
+        import torch
+
+        config, ranks = self.config, self.ranks
+        if self.stop.requested:
+            raise Terminated("terminated before the first step; nothing to save")
+        trace = SampleTrace.from_env(ranks)
+        micro, every_steps = config.training.micro_batch_size, config.checkpoint.every_steps
+        every_seconds = config.checkpoint.every_minutes * 60
+        eval_every = config.training.eval_every_steps
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens = steps_in_window = 0
+        window_start = last_checkpoint = time.monotonic()
+        engine.train()
+        for step in range(start, steps.total_steps):
+            indices = steps.rank_indices(step, ranks.rank)
+            for at in range(0, len(indices), micro):
+                batch = self._batch([data.train[i] for i in indices[at : at + micro]])
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().to(torch.float64) / (len(indices) // micro)
+                tokens += int(batch["attention_mask"].sum())
+            done = self.step = step + 1
+            steps_in_window += 1
+            trace.record(done, [data.train[i].id for i in indices])
+            time_due = every_seconds > 0 and time.monotonic() - last_checkpoint >= every_seconds
+            stop, due = dist.all_reduce([float(self.stop.requested), float(time_due)], "max", self.device)
+            if done % config.training.log_every_steps == 0 or done == steps.total_steps:
+                total_loss, total_tokens = dist.all_reduce(
+                    [float(loss_sum), float(tokens)], "sum", self.device
+                )
+                elapsed = time.monotonic() - window_start
+                reporter.step(
+                    done,
+                    loss=total_loss / ranks.world_size / steps_in_window,
+                    tokens_per_second=total_tokens / max(elapsed, 1e-9),
+                    learning_rate=float(engine.get_lr()[0]),
+                )
+                loss_sum.zero_()
+                tokens = steps_in_window = 0
+                window_start = time.monotonic()
+            checkpoint_now = bool(stop or due) or (every_steps > 0 and done % every_steps == 0)
+            if data.validation and (
+                (eval_every and done % eval_every == 0) or (not eval_every and checkpoint_now)
+            ):
+                eval_loss = self._evaluate(engine, data.validation)
+                if eval_loss is not None:
+                    reporter.evaluation(done, eval_loss)
+            if stop:
+                checkpointer.save(done, self._position(steps, done, data), block=True)
+                raise Terminated(f"terminated: emergency checkpoint at step {done} committed")
+            if checkpoint_now and done != steps.total_steps:
+                checkpointer.save(done, self._position(steps, done, data), block=False)
+                last_checkpoint = time.monotonic()
+
+    def _evaluate(self, engine: Any, examples: list[Example]) -> float | None:
+        """Mean loss per target token over the validation set; equal shares per rank, since ZeRO-3
+        gathers parameters collectively on every forward."""
+        import torch
+
+        per_rank = len(examples) // self.ranks.world_size
+        if per_rank == 0:
+            return None
+        mine = examples[self.ranks.rank * per_rank : (self.ranks.rank + 1) * per_rank]
+        micro = self.config.training.micro_batch_size
+        loss_sum, counted = 0.0, 0.0
+        engine.eval()
+        with torch.no_grad():
+            for at in range(0, per_rank, micro):
+                batch = self._batch(mine[at : at + micro])
+                targets = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                loss_sum += float(engine(**batch).loss) * targets
+                counted += targets
+        engine.train()
+        total, count = dist.all_reduce([loss_sum, counted], "sum", self.device)
+        return total / count if count else None
+
+    def _upload_tensorboard(self, reporter: Reporter, store: Any) -> None:
+        if not self.ranks.is_main:
+            return
+        reporter.flush_tensorboard()
+        root = self.scratch / "tensorboard"
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            store.put_file(path, f"tensorboard/{path.relative_to(root).as_posix()}")
