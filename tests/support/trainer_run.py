@@ -47,7 +47,7 @@ def tiny_job_manifest(ws: Workspace, store_uri: str, changes: dict[str, Any] | N
         "spec.training.maxSteps": 12,
         "spec.training.microBatchSize": 4,
         "spec.training.globalBatchSize": 16,
-        "spec.training.learningRate": 0.003,
+        "spec.training.learningRate": 0.01,
         "spec.training.warmupSteps": 1,
         "spec.training.precision": "fp32",
         "spec.training.gradientCheckpointing": False,
@@ -156,3 +156,13 @@ def sample_trace(directory: Path) -> list[dict[str, Any]]:
         rank = int(path.stem.split("-")[1])
         rows += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines() if line]
     return rows
+
+
+def reports(output: str) -> list[ProgressReport]:
+    """Every progress report rank 0 printed, in order."""
+    found = (parse_last(line) for line in output.splitlines() if "FTJOB_PROGRESS " in line)
+    return [r for r in found if r is not None]
+
+
+def losses(output: str) -> list[float]:
+    return [r.progress.loss for r in reports(output) if r.progress.loss is not None]

@@ -30,7 +30,8 @@ def tiny_tokenizer(corpus: list[str]) -> Any:
 
 # A learnable task for demos and tests: continue a counting sequence. A model that learns it drives
 # the loss well below its starting value within a few dozen steps, on CPU.
-NUMBER_WORDS = [f"n{i}" for i in range(128)]
+NUMBER_WORDS = [f"n{i}" for i in range(48)]
+VERBS = ["count", "continue", "list", "go"]
 
 
 def counting_records(count: int, seed: int = 0) -> list[dict[str, str]]:
@@ -53,7 +54,7 @@ def write_tiny_model(dest: Path, *, hidden: int = 64, layers: int = 2, seed: int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    corpus = ["count after :", " ".join(NUMBER_WORDS), "hello world"]
+    corpus = [" ".join(VERBS) + " after :", " ".join(NUMBER_WORDS), "hello world"]
     tokenizer = tiny_tokenizer(corpus)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
