@@ -166,3 +166,26 @@ def reports(output: str) -> list[ProgressReport]:
 
 def losses(output: str) -> list[float]:
     return [r.progress.loss for r in reports(output) if r.progress.loss is not None]
+
+
+def worker_pid(process: TrainerProcess, rank: int, timeout: float = 60.0) -> int:
+    """The pid of the worker with global rank `rank` (read from its environment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in process.worker_pids():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with rank {rank} in {timeout}s")
+
+
+def last_trained(trace: list[dict[str, Any]]) -> dict[tuple[int, int], list[str]]:
+    """(step, rank) -> ids of the run that trained that step last: what the final model learned from."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for row in trace:  # appended in time order, so a retrained step overrides the lost one
+        out[(row["step"], row["rank"])] = row["ids"]
+    return out

@@ -63,6 +63,25 @@ def test_no_manifest_is_written_until_every_node_reported(store: ObjectStore, tm
     assert cs.committed_steps() == []
 
 
+def test_reports_left_by_an_earlier_run_of_the_same_step_do_not_count(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    cs = CheckpointStore(store, poll_seconds=0.01)
+    cs.upload_node(100, 1, _saved(tmp_path, 1, 100, {"b.pt": b"old"}), run_id="earlier")
+    cs.upload_node(100, 0, _saved(tmp_path, 0, 100, {"a.pt": b"a"}), run_id="now")
+    with pytest.raises(TimeoutError, match="1 of 2 nodes"):
+        cs.wait_for_nodes(100, 2, timeout=0.1, run_id="now")
+
+
+def test_retraining_a_committed_step_uncommits_it_before_replacing_files(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    cs = CheckpointStore(store)
+    _checkpoint(cs, tmp_path, 100)
+    cs.upload_node(100, 0, _saved(tmp_path / "again", 0, 100, {"a.pt": b"retrained"}), run_id="again")
+    assert cs.committed_steps() == []
+
+
 def test_a_checkpoint_without_manifest_is_not_resumable(store: ObjectStore, tmp_path: Path) -> None:
     cs = CheckpointStore(store)
     _checkpoint(cs, tmp_path, 100)

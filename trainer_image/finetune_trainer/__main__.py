@@ -30,7 +30,7 @@ def _quiet_libraries(is_main: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers"):
+    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "transformers", "botocore", "boto3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # DeepSpeed's ZeRO calls torch's older collective names once per step; the notice is not ours.

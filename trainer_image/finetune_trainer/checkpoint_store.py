@@ -40,6 +40,9 @@ class FileEntry(BaseModel):
 class NodeReport(BaseModel):
     node_rank: int
     files: list[FileEntry]
+    # Which run wrote it: a step retrained after a resume reuses its directory, and a report left
+    # there by the earlier run must not count as this run's upload being done.
+    run_id: str = ""
 
 
 class CheckpointManifest(BaseModel):
@@ -85,31 +88,39 @@ class CheckpointStore:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def upload_node(self, step: int, node_rank: int, local_dir: Path) -> NodeReport:
-        """Upload every file this node saved for `step`, then its report (the node's 'done')."""
+    def upload_node(self, step: int, node_rank: int, local_dir: Path, run_id: str = "") -> NodeReport:
+        """Upload every file this node saved for `step`, then its report (the node's 'done').
+        A manifest left by an earlier run of the same step is removed first: from the first
+        replaced file on, that old commit would describe files that are no longer its own."""
+        self.store.delete([f"{step_dir(step)}/{MANIFEST}"])
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         entries = []
         for path in files:
             rel = path.relative_to(local_dir).as_posix()
             entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_of(path)))
             self.store.put_file(path, f"{step_dir(step)}/{rel}")
-        report = NodeReport(node_rank=node_rank, files=entries)
+        report = NodeReport(node_rank=node_rank, files=entries, run_id=run_id)
         self.store.put_bytes(
             f"{step_dir(step)}/nodes/node-{node_rank:05d}.json", report.model_dump_json().encode()
         )
         return report
 
-    def wait_for_nodes(self, step: int, nnodes: int, timeout: float) -> list[NodeReport]:
-        """Rank 0 waits (bounded) until every node reported its upload done."""
+    def wait_for_nodes(self, step: int, nnodes: int, timeout: float, run_id: str = "") -> list[NodeReport]:
+        """Rank 0 waits (bounded) until every node of this run reported its upload done."""
         deadline = time.monotonic() + timeout
         prefix = f"{step_dir(step)}/nodes/"
+        reports: dict[str, NodeReport] = {}
         while True:
-            keys = [o.key for o in self.store.list(prefix)]
-            if len(keys) >= nnodes:
-                return [NodeReport.model_validate_json(self.store.get_bytes(k)) for k in sorted(keys)]
+            for key in [o.key for o in self.store.list(prefix)]:
+                if key not in reports:
+                    report = NodeReport.model_validate_json(self.store.get_bytes(key))
+                    if report.run_id == run_id:
+                        reports[key] = report
+            if len(reports) >= nnodes:
+                return [reports[k] for k in sorted(reports)]
             if time.monotonic() >= deadline:
                 raise TimeoutError(
-                    f"step {step}: {len(keys)} of {nnodes} nodes finished uploading in {timeout:.0f}s"
+                    f"step {step}: {len(reports)} of {nnodes} nodes finished uploading in {timeout:.0f}s"
                 )
             time.sleep(self.poll_seconds)
 

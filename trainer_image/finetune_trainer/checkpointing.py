@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +63,7 @@ class Checkpointer:
         self.after_commit = after_commit
         self.device = device
         self.resumed_from: int | None = None
+        self.run_id: str = dist.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -88,14 +90,17 @@ class Checkpointer:
     def _upload(self, step: int, position: dict[str, Any]) -> None:
         local = self.local_root / tag(step)
         try:
-            self.store.upload_node(step, self.ranks.node_rank, local)
+            self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
             if self.ranks.is_main:
-                reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT)
+                reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT, self.run_id)
                 manifest = self.store.commit(
                     step, reports, world_size=self.ranks.world_size, data_position=position
                 )
                 self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
                 deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
+                # From this commit on the run can resume from its own newer checkpoint, so the one
+                # it started from falls under keepLast like any other.
+                self.resumed_from = None
                 if deleted:
                     log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
                 self.after_commit()

@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun.run(torchrun.parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as failed:
-        _, failure = failed.get_first_failure()
+        rank, failure = failed.get_first_failure()
         code = exit_code_of(failure.exitcode)
         reason = rank_reason(reason_dir, failure.local_rank) or (
-            f"rank {failure.rank} exited with {code}"
+            f"rank {rank} exited with {code}"
             + (f" ({signal.Signals(code - 128).name})" if 128 < code < 160 else "")
         )
         write_termination_message(reason)

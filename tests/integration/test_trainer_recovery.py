@@ -1,0 +1,190 @@
+"""Killed, preempted and corrupted: a run that is interrupted every way a cluster interrupts it
+trains on exactly the samples an uninterrupted run trains on, and ends at the same loss.
+
+One scenario, four launches of two CPU ranks each:
+  reference: uninterrupted, one epoch;
+  killed:    SIGKILL to rank 0 (the node's uploader) while a checkpoint is half uploaded over a slow link;
+  preempted: relaunched, resumes, then SIGTERM to the launcher as the kubelet sends it -> exit 143;
+  finished:  the newest checkpoint corrupted first; relaunched, skips it, resumes and finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from finetune_operator import contract
+from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
+from finetune_trainer.storage import open_store
+
+from tests.support.s3 import S3Endpoint
+from tests.support.slow_link import slow_link
+from tests.support.trainer_run import (
+    Finished,
+    Workspace,
+    last_trained,
+    losses,
+    sample_trace,
+    start,
+    trainer_config,
+    worker_pid,
+)
+
+pytestmark = pytest.mark.slow
+
+EVERY = 3
+CHANGES = {
+    "spec.training.maxSteps": None,  # one epoch
+    "spec.training.epochs": 1,
+    "spec.checkpoint.everySteps": EVERY,
+    "spec.training.logEverySteps": 1,
+}
+
+
+@dataclass
+class Scenario:
+    reference: Finished
+    reference_trace: list[dict[str, Any]]
+    killed: Finished
+    killed_during_upload_of: int
+    committed_at_kill: list[int]
+    preempted: Finished
+    committed_at_preemption: list[int]
+    corrupted: int
+    finished: Finished
+    trace: list[dict[str, Any]]
+    store: CheckpointStore
+
+
+def _uncommitted_with_files(store: CheckpointStore) -> int | None:
+    committed = set(store.committed_steps())
+    for obj in store.store.list("checkpoints/"):
+        step = int(obj.key.split("/")[1][5:])
+        if step not in committed and obj.key.split("/")[2] != "nodes":
+            return step
+    return None
+
+
+def _corrupt_one_file(store: CheckpointStore, step: int, scratch: Path) -> None:
+    """Same size, different bytes: only the checksum can tell."""
+    entry = store.manifest(step).files[0]
+    key = f"{step_dir(step)}/{entry.path}"
+    local = scratch / "corrupt.bin"
+    store.store.get_file(key, local)
+    data = bytearray(local.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    local.write_bytes(bytes(data))
+    store.store.put_file(local, key)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory, s3_module_env: S3Endpoint) -> Scenario:
+    s3 = s3_module_env
+    root = tmp_path_factory.mktemp("recovery")
+    ws = Workspace.create(root / "inputs", records=400)
+    reference_store = f"file://{root}/reference-store"
+    reference = start(
+        trainer_config(ws, reference_store, CHANGES),
+        root / "reference",
+        env={"FTJOB_SAMPLE_TRACE": str(root / "ref-trace")},
+    ).finish()
+    assert reference.code == 0, reference.output[-3000:]
+
+    bucket = s3.new_bucket()
+    store = CheckpointStore(open_store(f"s3://{bucket}/runs/team-a/tiny"), poll_seconds=0.02)
+    trace_env = {**s3.env(), "FTJOB_SAMPLE_TRACE": str(root / "trace")}
+    upstream = urlparse(s3.url)
+    with slow_link(upstream.hostname or "", upstream.port or 0, upload_delay=0.02) as slow_url:
+        config = trainer_config(
+            ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": slow_url}
+        )
+        run = start(config, root / "killed", env={**trace_env, contract.ENV_ATTEMPT: "1"})
+        run.wait_for(lambda _: bool(store.committed_steps()))
+        in_flight: list[int] = []
+
+        def uploading(_: str) -> bool:
+            step = _uncommitted_with_files(store)
+            if step is not None:
+                in_flight.append(step)
+            return step is not None
+
+        run.wait_for(uploading, 120)
+        os.kill(worker_pid(run, 0), signal.SIGKILL)
+        killed = run.finish()
+        committed_at_kill = store.committed_steps()
+
+    config = trainer_config(ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": s3.url})
+    run = start(config, root / "preempted", env={**trace_env, contract.ENV_ATTEMPT: "2"})
+    run.wait_for(lambda _: max(store.committed_steps(), default=0) > max(committed_at_kill))
+    run.signal(signal.SIGTERM)
+    preempted = run.finish()
+    committed_at_preemption = store.committed_steps()
+
+    corrupted = committed_at_preemption[-1]
+    _corrupt_one_file(store, corrupted, root)
+    finished = start(config, root / "finished", env={**trace_env, contract.ENV_ATTEMPT: "3"}).finish()
+    return Scenario(
+        reference=reference,
+        reference_trace=sample_trace(root / "ref-trace"),
+        killed=killed,
+        killed_during_upload_of=in_flight[0],
+        committed_at_kill=committed_at_kill,
+        preempted=preempted,
+        committed_at_preemption=committed_at_preemption,
+        corrupted=corrupted,
+        finished=finished,
+        trace=sample_trace(root / "trace"),
+        store=store,
+    )
+
+
+def test_sigkill_during_an_upload_leaves_that_step_uncommitted(scenario: Scenario) -> None:
+    assert scenario.killed.code == 128 + signal.SIGKILL
+    assert scenario.killed_during_upload_of not in scenario.committed_at_kill
+    assert "SIGKILL" in scenario.killed.termination
+
+
+def test_the_relaunch_resumes_from_the_newest_committed_checkpoint(scenario: Scenario) -> None:
+    assert f"resuming at step {max(scenario.committed_at_kill)} of" in scenario.preempted.output
+
+
+def test_sigterm_leaves_an_emergency_checkpoint_and_exits_143(scenario: Scenario) -> None:
+    assert scenario.preempted.code == contract.ExitCode.TERMINATED
+    assert scenario.preempted.termination.startswith("terminated: emergency checkpoint at step")
+    step = int(scenario.preempted.termination.split("step ")[1].split()[0])
+    assert step == scenario.committed_at_preemption[-1]
+
+
+def test_a_corrupted_checkpoint_is_skipped_with_a_warning(scenario: Scenario) -> None:
+    assert f"skipping checkpoint step {scenario.corrupted}" in scenario.finished.output
+    assert f"resuming at step {scenario.committed_at_preemption[-2]} of" in scenario.finished.output
+    assert scenario.finished.code == 0, scenario.finished.output[-3000:]
+
+
+def test_keep_last_holds_across_restarts(scenario: Scenario) -> None:
+    assert len(scenario.store.committed_steps()) <= 2
+    assert len(scenario.committed_at_preemption) <= 2
+
+
+def test_every_step_trained_on_the_same_samples_as_the_uninterrupted_run(scenario: Scenario) -> None:
+    reference, interrupted = last_trained(scenario.reference_trace), last_trained(scenario.trace)
+    assert interrupted == reference
+    epoch = Counter(i for ids in interrupted.values() for i in ids)
+    assert max(epoch.values()) == 1  # one epoch: no sample twice
+
+
+def test_the_final_loss_matches_the_uninterrupted_run(scenario: Scenario) -> None:
+    assert losses(scenario.finished.output)[-1] == pytest.approx(
+        losses(scenario.reference.output)[-1], rel=0.02
+    )
+
+
+def test_a_relaunch_does_not_tokenize_again(scenario: Scenario) -> None:
+    assert "not tokenizing again" in scenario.preempted.output
+    assert "not tokenizing again" not in scenario.killed.output
