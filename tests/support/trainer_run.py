@@ -118,11 +118,12 @@ def _free_port() -> int:
         return port
 
 
-def start(config: TrainerConfig, workdir: Path, *, nproc: int = 2, env: dict[str, str] | None = None,
+def start(config: TrainerConfig | str, workdir: Path, *, nproc: int = 2, env: dict[str, str] | None = None,
           name: str = "run") -> TrainerProcess:  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / f"{name}-config.json"
-    config_path.write_text(config.model_dump_json(by_alias=True, exclude_none=True))
+    text = config if isinstance(config, str) else config.model_dump_json(by_alias=True, exclude_none=True)
+    config_path.write_text(text)
     log_path, termination = workdir / f"{name}.log", workdir / f"{name}-termination.log"
     termination.unlink(missing_ok=True)
     full_env = {
@@ -146,7 +147,7 @@ def start(config: TrainerConfig, workdir: Path, *, nproc: int = 2, env: dict[str
     return TrainerProcess(proc=proc, log_path=log_path, termination_path=termination)
 
 
-def run(config: TrainerConfig, workdir: Path, **kwargs: Any) -> Finished:
+def run(config: TrainerConfig | str, workdir: Path, **kwargs: Any) -> Finished:
     return start(config, workdir, **kwargs).finish()
 
 

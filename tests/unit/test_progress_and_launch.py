@@ -1,0 +1,59 @@
+"""The progress line rank 0 prints is the one the operator parses; the launcher keeps exit classes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from finetune_operator.api.status import CheckpointRef, Progress
+from finetune_operator.progress import MARKER, ProgressReport, format_line, parse_last
+from finetune_trainer.launch import exit_code_of, rank_reason
+
+
+def _report(step: int) -> ProgressReport:
+    return ProgressReport(
+        progress=Progress(step=step, total_steps=100, loss=1.5, updated_at=datetime(2026, 1, 1, tzinfo=UTC)),
+        latest_checkpoint=CheckpointRef(step=step, uri="s3://bucket/runs/ns/job/checkpoints/step-00000010"),
+    )
+
+
+def test_a_formatted_report_parses_back_unchanged() -> None:
+    assert parse_last(format_line(_report(10))) == _report(10)
+
+
+def test_the_newest_report_in_a_log_tail_wins() -> None:
+    log = "\n".join([format_line(_report(10)), "some warning", format_line(_report(20)), "more output"])
+    report = parse_last(log)
+    assert report is not None and report.progress.step == 20
+
+
+def test_a_torn_last_line_falls_back_to_the_previous_report() -> None:
+    log = format_line(_report(10)) + "\n" + format_line(_report(20))[:40]
+    report = parse_last(log)
+    assert report is not None and report.progress.step == 10
+
+
+def test_a_prefixed_line_still_parses() -> None:
+    assert parse_last("[rank0]: " + format_line(_report(5))) == _report(5)
+
+
+def test_a_log_without_reports_gives_none() -> None:
+    assert parse_last("starting\n" + MARKER + "{not json") is None
+
+
+def test_the_line_uses_the_status_field_names() -> None:
+    assert '"totalSteps":100' in format_line(_report(1)) and '"latestCheckpoint"' in format_line(_report(1))
+
+
+@pytest.mark.parametrize(
+    ("worker", "pod"), [(0, 0), (2, 2), (3, 3), (75, 75), (143, 143), (-9, 137), (-15, 143)]
+)
+def test_the_pod_exits_with_the_failed_rank_class(worker: int, pod: int) -> None:
+    assert exit_code_of(worker) == pod
+
+
+def test_the_failed_rank_reason_is_read_from_its_own_file(tmp_path: Path) -> None:
+    (tmp_path / "rank-1").write_text("out of memory at step 12\n")
+    assert rank_reason(tmp_path, 1) == "out of memory at step 12"
+    assert rank_reason(tmp_path, 0) is None
