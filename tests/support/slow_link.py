@@ -67,3 +67,13 @@ def slow_link(upstream_host: str, upstream_port: int, *, upload_delay: float) ->
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+if __name__ == "__main__":
+    # `python -m tests.support.slow_link HOST PORT DELAY`: serve in a process of its own (benchmarks
+    # keep the relay from competing with the code they measure); prints the url, runs until killed.
+    import sys
+
+    with slow_link(sys.argv[1], int(sys.argv[2]), upload_delay=float(sys.argv[3])) as relay_url:
+        print(relay_url, flush=True)
+        threading.Event().wait()

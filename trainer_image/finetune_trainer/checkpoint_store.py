@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
+UPLOAD_WORKERS = 8  # files in flight at once; each also uploads its parts concurrently
 
 
 class FileEntry(BaseModel):
@@ -94,11 +96,24 @@ class CheckpointStore:
         replaced file on, that old commit would describe files that are no longer its own."""
         self.store.delete([f"{step_dir(step)}/{MANIFEST}"])
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        entries = []
-        for path in files:
-            rel = path.relative_to(local_dir).as_posix()
-            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_of(path)))
-            self.store.put_file(path, f"{step_dir(step)}/{rel}")
+        # Files upload side by side (each in concurrent parts) while their checksums are computed:
+        # hashing and the network both release the interpreter lock.
+        with ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_WORKERS, 2 * len(files)))) as pool:
+            digests = [pool.submit(sha256_of, path) for path in files]
+            uploads = [
+                pool.submit(
+                    self.store.put_file, path, f"{step_dir(step)}/{path.relative_to(local_dir).as_posix()}"
+                )
+                for path in files
+            ]
+            for upload in uploads:
+                upload.result()
+            entries = [
+                FileEntry(
+                    path=path.relative_to(local_dir).as_posix(), size=path.stat().st_size, sha256=d.result()
+                )
+                for path, d in zip(files, digests, strict=True)
+            ]
         report = NodeReport(node_rank=node_rank, files=entries, run_id=run_id)
         self.store.put_bytes(
             f"{step_dir(step)}/nodes/node-{node_rank:05d}.json", report.model_dump_json().encode()

@@ -211,7 +211,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any
     )
 
 
-def transfer_config(concurrency: int = 16, chunk_mib: int = 64) -> Any:
+def transfer_config(concurrency: int = 16, chunk_mib: int = 16) -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(
