@@ -31,8 +31,10 @@ class Workspace:
     data_uri: str
 
     @classmethod
-    def create(cls, root: Path, *, records: int = 192, seed: int = 0) -> Workspace:
-        model = write_tiny_model(root / "model", seed=seed)
+    def create(
+        cls, root: Path, *, records: int = 192, seed: int = 0, hidden: int = 64, layers: int = 2
+    ) -> Workspace:
+        model = write_tiny_model(root / "model", seed=seed, hidden=hidden, layers=layers)
         data = write_jsonl(root / "data" / "train.jsonl", counting_records(records, seed=seed))
         return cls(root=root, model_uri=f"file://{model}", data_uri=f"file://{data}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -71,7 +72,9 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------------
 
     def save(self, step: int, position: dict[str, Any], *, block: bool) -> None:
+        started = time.perf_counter()
         self.wait()
+        waited = time.perf_counter() - started
         self.local_root.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(
             str(self.local_root), tag=tag(step), client_state={"data_position": position}, save_latest=False
@@ -86,6 +89,12 @@ class Checkpointer:
         if block:
             self.wait()
             dist.barrier()
+        if self.ranks.is_main:
+            blocked = time.perf_counter() - started
+            log.info(
+                "checkpoint step %d: training blocked %.3fs (previous upload %.3fs, local save %.3fs)%s",
+                step, blocked, waited, blocked - waited, " until committed" if block else "",
+            )  # fmt: skip
 
     def _upload(self, step: int, position: dict[str, Any]) -> None:
         local = self.local_root / tag(step)
