@@ -45,8 +45,8 @@ demo: $(INSTALLED)
 	@$(VENV)/bin/ftjob validate examples/tiny-cpu.yaml
 	@$(VENV)/bin/ftjob render examples/tiny-cpu.yaml > /dev/null && echo "examples/tiny-cpu.yaml renders to a Service, a ConfigMap and 2 rank pods (ftjob render examples/tiny-cpu.yaml)"
 	@echo
-	@echo "Not built yet: running the job on this machine (ftjob run, the local backend) and the trainer"
-	@echo "itself. Until they land, make demo stops at validating and rendering the example."
+	@echo "Not built yet: running the job on this machine (ftjob run, the local backend). The trainer is"
+	@echo "built and tested (tests/integration); until ftjob run lands, make demo stops at rendering."
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -43,12 +43,19 @@ def zero2(workspace: Workspace, s3_module_env: S3Endpoint, tmp_path_factory: pyt
 
 @pytest.fixture(scope="module")
 def zero3(workspace: Workspace, s3_module_env: S3Endpoint, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    return _train(workspace, s3_module_env, tmp_path_factory.mktemp("zero3"), {"spec.deepspeed.zeroStage": 3})
+    changes = {"spec.deepspeed.zeroStage": 3, "spec.training.gradientCheckpointing": True}
+    return _train(workspace, s3_module_env, tmp_path_factory.mktemp("zero3"), changes)
 
 
 @pytest.fixture(scope="module")
 def lora(workspace: Workspace, s3_module_env: S3Endpoint, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    # The base model comes from S3 here: one download per node into the node's cache.
+    bucket = s3_module_env.new_bucket()
+    model_store = open_store(f"s3://{bucket}/models/tiny")
+    for path in Path(workspace.model_uri.removeprefix("file://")).iterdir():
+        model_store.put_file(path, path.name)
     changes = {
+        "spec.model.source": f"s3://{bucket}/models/tiny",
         "spec.training.method": "lora",
         "spec.training.learningRate": 0.01,
         "spec.training.lora": {
@@ -92,6 +99,10 @@ class TestZero2:
     def test_checkpoints_commit_to_s3_and_keep_last_holds(self, zero2: tuple[Finished, str]) -> None:
         store = CheckpointStore(open_store(_job_uri(zero2[1])))
         assert store.committed_steps() == [12, 16]  # every 4 steps, keepLast 2
+
+    def test_evaluation_loss_is_reported(self, zero2: tuple[Finished, str]) -> None:
+        report = zero2[0].progress
+        assert report is not None and report.progress.eval_loss is not None
 
     def test_rank0_reports_the_latest_commit(self, zero2: tuple[Finished, str]) -> None:
         report = zero2[0].progress
