@@ -142,7 +142,10 @@ class Run:
             checkpointer.save(steps.total_steps, self._position(steps, steps.total_steps, data), block=True)
         checkpointer.wait()
         output = self._open(config.output_uri)
-        if exported_step(output) != steps.total_steps:
+        # Rank 0 decides for all: a rank that looked later could see the new export's manifest and
+        # skip the gather (a collective under ZeRO-3) and the barrier the others are waiting in.
+        exported = dist.broadcast(exported_step(output) == steps.total_steps if ranks.is_main else None)
+        if not exported:
             export(config, engine, step=steps.total_steps, base_source=model_source, tokenizer=tokenizer,
                    store=output, scratch=self.scratch)  # fmt: skip
         reporter.close()
