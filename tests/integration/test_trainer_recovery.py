@@ -11,7 +11,9 @@ One scenario, four launches of two CPU ranks each:
 from __future__ import annotations
 
 import os
+import random
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,18 +85,34 @@ def _corrupt_one_file(store: CheckpointStore, step: int, scratch: Path) -> None:
     store.store.put_file(local, key)
 
 
+@dataclass
+class Reference:
+    workspace: Workspace
+    finished: Finished
+    trace: list[dict[str, Any]]
+
+
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory, s3_module_env: S3Endpoint) -> Scenario:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """One uninterrupted epoch: what every interrupted run is compared with."""
+    root = tmp_path_factory.mktemp("reference")
+    ws = Workspace.create(root / "inputs", records=400)
+    finished = start(
+        trainer_config(ws, f"file://{root}/store", CHANGES),
+        root / "run",
+        env={"FTJOB_SAMPLE_TRACE": str(root / "trace")},
+    ).finish()
+    assert finished.code == 0, finished.output[-3000:]
+    return Reference(workspace=ws, finished=finished, trace=sample_trace(root / "trace"))
+
+
+@pytest.fixture(scope="module")
+def scenario(
+    tmp_path_factory: pytest.TempPathFactory, s3_module_env: S3Endpoint, reference: Reference
+) -> Scenario:
     s3 = s3_module_env
     root = tmp_path_factory.mktemp("recovery")
-    ws = Workspace.create(root / "inputs", records=400)
-    reference_store = f"file://{root}/reference-store"
-    reference = start(
-        trainer_config(ws, reference_store, CHANGES),
-        root / "reference",
-        env={"FTJOB_SAMPLE_TRACE": str(root / "ref-trace")},
-    ).finish()
-    assert reference.code == 0, reference.output[-3000:]
+    ws = reference.workspace
 
     bucket = s3.new_bucket()
     store = CheckpointStore(open_store(f"s3://{bucket}/runs/team-a/tiny"), poll_seconds=0.02)
@@ -130,8 +148,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, s3_module_env: S3Endpoint
     _corrupt_one_file(store, corrupted, root)
     finished = start(config, root / "finished", env={**trace_env, contract.ENV_ATTEMPT: "3"}).finish()
     return Scenario(
-        reference=reference,
-        reference_trace=sample_trace(root / "ref-trace"),
+        reference=reference.finished,
+        reference_trace=reference.trace,
         killed=killed,
         killed_during_upload_of=in_flight[0],
         committed_at_kill=committed_at_kill,
@@ -188,3 +206,45 @@ def test_the_final_loss_matches_the_uninterrupted_run(scenario: Scenario) -> Non
 def test_a_relaunch_does_not_tokenize_again(scenario: Scenario) -> None:
     assert "not tokenizing again" in scenario.preempted.output
     assert "not tokenizing again" not in scenario.killed.output
+
+
+@dataclass
+class RandomKill:
+    seed: int
+    committed_at_kill: list[int]
+    killed: Finished
+    relaunched: Finished
+    trace: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def random_kill(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -> RandomKill:
+    """SIGKILL to rank 1 at a random moment of training (the seed is in every failure message)."""
+    seed = random.SystemRandom().randrange(2**32)
+    delay = random.Random(seed).uniform(0.0, 2.0)
+    root = tmp_path_factory.mktemp("random-kill")
+    config = trainer_config(reference.workspace, f"file://{root}/store", CHANGES)
+    env = {"FTJOB_SAMPLE_TRACE": str(root / "trace")}
+    store = CheckpointStore(open_store(f"file://{root}/store/team-a/tiny"))
+    run = start(config, root / "killed", env={**env, contract.ENV_ATTEMPT: "1"})
+    run.wait_for(lambda out: "FTJOB_PROGRESS" in out)
+    time.sleep(delay)  # the random moment itself, not a wait for a condition
+    if run.proc.poll() is None:
+        os.kill(worker_pid(run, 1), signal.SIGKILL)
+    killed = run.finish()
+    committed = store.committed_steps()
+    relaunched = start(config, root / "relaunched", env={**env, contract.ENV_ATTEMPT: "2"}).finish()
+    return RandomKill(seed, committed, killed, relaunched, sample_trace(root / "trace"))
+
+
+def test_after_a_random_sigkill_the_relaunch_resumes_from_the_newest_commit(random_kill: RandomKill) -> None:
+    newest = max(random_kill.committed_at_kill, default=0)
+    expected = f"resuming at step {newest} of" if newest else "starting at step 0 of"
+    assert random_kill.relaunched.code == 0, f"seed {random_kill.seed}"
+    assert expected in random_kill.relaunched.output, f"seed {random_kill.seed}"
+
+
+def test_after_a_random_sigkill_every_step_trained_on_the_reference_samples(
+    random_kill: RandomKill, reference: Reference
+) -> None:
+    assert last_trained(random_kill.trace) == last_trained(reference.trace), f"seed {random_kill.seed}"
