@@ -21,6 +21,7 @@ class ObservedPod:
     phase: str  # Pending | Running | Succeeded | Failed | Unknown
     created_at: datetime | None = None
     deleting: bool = False
+    deletion_deadline: datetime | None = None  # metadata.deletionTimestamp: when it should be gone
     reason: str | None = None  # pod-level: Evicted, NodeLost, ...
     disruption: str | None = None  # reason of a True DisruptionTarget condition
     unschedulable: str | None = None  # message of PodScheduled=False/Unschedulable
@@ -60,6 +61,7 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod:
         phase=status.get("phase") or "Pending",
         created_at=_time(meta.get("creationTimestamp")),
         deleting=bool(meta.get("deletionTimestamp")),
+        deletion_deadline=_time(meta.get("deletionTimestamp")),
         reason=status.get("reason"),
         disruption=disruption.get("reason") or "DisruptionTarget"
         if disruption and disruption.get("status") == "True"

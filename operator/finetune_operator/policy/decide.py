@@ -1,0 +1,310 @@
+"""The decide step: observed state in, actions, the new status and events out. Pure: the clock is
+an input, randomness is derived from the job, and everything remembered lives in the status.
+
+Phases: Pending -> Starting -> Running -> Succeeded | Failed, with Restarting (a rank failed: the
+attempt's pods are deleted, the backoff runs, then attempt N+1 starts) and Suspended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from finetune_operator.api import FineTuneJob
+from finetune_operator.api.status import Condition, FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.policy.actions import (
+    Action,
+    CreateAttempt,
+    CreateService,
+    DeleteAttemptConfig,
+    DeleteJob,
+    DeletePods,
+    Event,
+)
+from finetune_operator.policy.backoff import backoff_seconds
+from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict
+from finetune_operator.policy.observed import ObservedPod
+from finetune_operator.progress import ProgressReport
+
+FORCE_DELETE_AFTER = timedelta(seconds=60)  # past a pod's deletion deadline: its node is gone
+RESTARTING, SUSPENDED = "Restarting", "Suspended"
+
+
+@dataclass(frozen=True)
+class Observed:
+    job: FineTuneJob
+    pods: tuple[ObservedPod, ...]
+    service_exists: bool
+    now: datetime
+    progress: ProgressReport | None = None
+
+
+@dataclass
+class Decision:
+    status: FineTuneJobStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def wake(self, seconds: float) -> None:
+        seconds = max(1.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+def set_condition(
+    status: FineTuneJobStatus, kind: str, value: bool, reason: str, message: str, now: datetime
+) -> None:
+    text: Literal["True", "False"] = "True" if value else "False"
+    for i, condition in enumerate(status.conditions):
+        if condition.type == kind:
+            changed = condition.status != text
+            status.conditions[i] = condition.model_copy(
+                update={
+                    "status": text,
+                    "reason": reason,
+                    "message": message,
+                    "last_transition_time": now if changed else condition.last_transition_time,
+                }
+            )
+            return
+    status.conditions.append(
+        Condition(type=kind, status=text, reason=reason, message=message, last_transition_time=now)
+    )
+
+
+def condition(status: FineTuneJobStatus, kind: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == kind), None)
+
+
+def _delete(pods: list[ObservedPod], now: datetime) -> list[Action]:
+    """Delete what is not yet going; force what has outstayed its deletion deadline."""
+    fresh = tuple(p.name for p in pods if not p.deleting)
+    stuck = tuple(
+        p.name
+        for p in pods
+        if p.deleting and p.deletion_deadline is not None and now - p.deletion_deadline > FORCE_DELETE_AFTER
+    )
+    out: list[Action] = []
+    if fresh:
+        out.append(DeletePods(fresh))
+    if stuck:
+        out.append(DeletePods(stuck, force=True))
+    return out
+
+
+def _counts(pods: list[ObservedPod], verdicts: list[Verdict]) -> RankCounts:
+    outcomes = [v.outcome for v in verdicts]
+    return RankCounts(
+        total=len(pods),
+        pending=outcomes.count(Outcome.PENDING),
+        running=outcomes.count(Outcome.RUNNING),
+        succeeded=outcomes.count(Outcome.SUCCEEDED),
+        failed=sum(o in (Outcome.RESTART, Outcome.INFRA_RESTART, Outcome.FAIL) for o in outcomes),
+    )
+
+
+def decide(obs: Observed) -> Decision:
+    job, now = obs.job, obs.now
+    old = job.status or FineTuneJobStatus()
+    d = Decision(status=old.model_copy(deep=True))
+    st = d.status
+    st.observed_generation = job.metadata.generation
+    if obs.progress is not None:
+        st.progress = obs.progress.progress
+        st.latest_checkpoint = obs.progress.latest_checkpoint or st.latest_checkpoint
+    current = [p for p in obs.pods if p.attempt == st.attempt]
+    stale = [p for p in obs.pods if p.attempt != st.attempt]
+    d.actions += _delete(stale, now)
+    if st.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        _finished(obs, d, current)
+    elif job.spec.run_policy.suspend:
+        _suspend(obs, d, current)
+    elif st.attempt == 0 or st.phase == Phase.SUSPENDED:
+        _start_attempt(obs, d, resumed=st.phase == Phase.SUSPENDED)
+    elif _past_deadline(obs, st):
+        _fail(
+            obs,
+            d,
+            current,
+            "DeadlineExceeded",
+            f"activeDeadlineSeconds {job.spec.run_policy.active_deadline_seconds} passed",
+        )
+    elif st.phase == Phase.RESTARTING:
+        _restarting(obs, d, current)
+    else:
+        _attempt(obs, d, current)
+    if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
+        d.actions.insert(0, CreateService())
+    return d
+
+
+def _past_deadline(obs: Observed, st: FineTuneJobStatus) -> bool:
+    deadline = obs.job.spec.run_policy.active_deadline_seconds
+    return bool(deadline and st.start_time and (obs.now - st.start_time).total_seconds() >= deadline)
+
+
+def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None:
+    st, nodes = d.status, obs.job.spec.resources.nodes
+    if st.attempt:
+        d.actions.append(DeleteAttemptConfig(st.attempt))
+    st.attempt += 1
+    st.start_time = st.start_time or obs.now
+    st.phase = Phase.STARTING
+    st.ranks = RankCounts()
+    d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
+    if resumed:
+        set_condition(
+            st, SUSPENDED, False, "Resumed", "unsuspended: resuming from the latest checkpoint", obs.now
+        )
+        d.events.append(
+            Event("Normal", "Resumed", f"attempt {st.attempt}: resuming from the latest checkpoint")
+        )
+    elif st.attempt == 1:
+        d.events.append(Event("Normal", "Created", f"attempt 1: {nodes} rank pod(s)"))
+    d.wake(obs.job.spec.run_policy.startup_timeout_seconds)
+
+
+def _suspend(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
+    st = d.status
+    d.actions += _delete(current, obs.now)
+    st.ranks = RankCounts(total=len(current))
+    if st.phase != Phase.SUSPENDED:
+        st.phase = Phase.SUSPENDED
+        set_condition(
+            st, SUSPENDED, True, "Suspended", "runPolicy.suspend is true: pods deleted, status kept", obs.now
+        )
+        set_condition(st, "Running", False, "Suspended", "", obs.now)
+        d.events.append(Event("Normal", "Suspended", f"attempt {st.attempt} stopped; unsuspend to resume"))
+
+
+def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
+    job, st, now = obs.job, d.status, obs.now
+    policy, nodes = job.spec.run_policy, job.spec.resources.nodes
+    verdicts = [classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds) for p in current]
+    missing = sorted(set(range(nodes)) - {p.rank for p in current})
+    if missing and st.phase == Phase.RUNNING:
+        verdicts.append(Verdict(Outcome.INFRA_RESTART, "PodMissing", f"rank pod(s) {missing} disappeared"))
+    elif missing:
+        d.actions.append(CreateAttempt(st.attempt, tuple(missing)))  # e.g. the operator stopped mid-create
+    st.ranks = _counts(current, verdicts)
+    gang = gang_verdict(verdicts)
+    if gang.outcome is Outcome.SUCCEEDED and not missing:
+        st.phase, st.completion_time = Phase.SUCCEEDED, now
+        set_condition(st, "Running", False, "Completed", "", now)
+        set_condition(st, "Succeeded", True, "Completed", f"every rank of attempt {st.attempt} finished", now)
+        d.events.append(Event("Normal", "Succeeded", f"attempt {st.attempt}: every rank finished"))
+        _finished(obs, d, current)
+    elif gang.outcome is Outcome.FAIL:
+        _fail(obs, d, current, gang.reason, gang.message)
+    elif gang.outcome in (Outcome.RESTART, Outcome.INFRA_RESTART):
+        _begin_restart(obs, d, current, gang)
+    elif (
+        gang.outcome is Outcome.RUNNING
+        and not missing
+        and all(v.outcome is Outcome.RUNNING for v in verdicts)
+    ):
+        if _stalled(obs, st):
+            seconds = policy.progress_timeout_seconds
+            _begin_restart(
+                obs, d, current, Verdict(Outcome.RESTART, "Stalled", f"no progress for {seconds}s")
+            )
+            return
+        if st.phase != Phase.RUNNING:
+            st.phase = Phase.RUNNING
+            set_condition(
+                st, "Running", True, "AllRanksRunning", f"attempt {st.attempt}: {nodes} rank(s)", now
+            )
+            d.events.append(Event("Normal", "Running", f"attempt {st.attempt}: all {nodes} rank(s) running"))
+        if policy.progress_timeout_seconds:
+            d.wake(policy.progress_timeout_seconds)
+    else:
+        st.phase = Phase.STARTING
+        d.wake(policy.startup_timeout_seconds)
+
+
+def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:
+    timeout = obs.job.spec.run_policy.progress_timeout_seconds
+    if not timeout or st.phase != Phase.RUNNING:
+        return False
+    running = condition(st, "Running")
+    since = [
+        t
+        for t in (st.progress.updated_at if st.progress else None, running and running.last_transition_time)
+        if t
+    ]
+    return bool(since) and (obs.now - max(since)).total_seconds() > timeout
+
+
+def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause: Verdict) -> None:
+    st, policy = d.status, obs.job.spec.run_policy
+    counted = cause.outcome is Outcome.RESTART
+    if counted and st.restarts >= policy.max_restarts:
+        message = f"{cause.reason}: {cause.message}; maxRestarts {policy.max_restarts} reached"
+        _fail(obs, d, current, "BackoffLimitExceeded", message)
+        return
+    if counted:
+        st.restarts += 1
+    else:
+        st.infra_restarts += 1
+    st.phase = Phase.RESTARTING
+    set_condition(st, RESTARTING, True, cause.reason, cause.message, obs.now)
+    set_condition(st, "Running", False, cause.reason, "", obs.now)
+    delay = _backoff(obs, st)
+    d.events.append(Event("Warning", "RankFailed", cause.message or cause.reason))
+    note = "" if counted else ", not counted toward maxRestarts"
+    message = f"attempt {st.attempt} failed ({cause.reason}); attempt {st.attempt + 1} in {delay:.0f}s{note}"
+    d.events.append(Event("Normal", "Restarting", message))
+    d.actions += _delete(current, obs.now)
+    d.wake(delay)
+
+
+def _backoff(obs: Observed, st: FineTuneJobStatus) -> float:
+    policy = obs.job.spec.run_policy
+    return backoff_seconds(
+        restarts=max(0, st.restarts - 1),
+        base=policy.backoff_base_seconds,
+        cap=policy.backoff_cap_seconds,
+        uid=obs.job.metadata.uid or obs.job.metadata.name,
+        attempt=st.attempt,
+    )
+
+
+def _restarting(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
+    st = d.status
+    restarting = condition(st, RESTARTING)
+    began = restarting.last_transition_time if restarting and restarting.last_transition_time else obs.now
+    ready_at = began + timedelta(seconds=_backoff(obs, st))
+    if current:
+        d.actions += _delete(current, obs.now)  # the gang must be gone before the next one rendezvous
+        d.wake(max(5.0, (ready_at - obs.now).total_seconds()))
+    elif obs.now < ready_at:
+        d.wake((ready_at - obs.now).total_seconds())
+    else:
+        set_condition(st, RESTARTING, False, "Restarted", f"attempt {st.attempt + 1} started", obs.now)
+        _start_attempt(obs, d)
+
+
+def _fail(obs: Observed, d: Decision, current: list[ObservedPod], reason: str, message: str) -> None:
+    st = d.status
+    st.phase, st.completion_time = Phase.FAILED, obs.now
+    set_condition(st, "Running", False, reason, "", obs.now)
+    set_condition(st, "Failed", True, reason, message, obs.now)
+    d.events.append(Event("Warning", "Failed", f"{reason}: {message}"))
+    _finished(obs, d, current)
+
+
+def _finished(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
+    policy, st = obs.job.spec.run_policy, d.status
+    if policy.clean_pod_policy == "All":
+        d.actions += _delete(current, obs.now)
+    elif policy.clean_pod_policy == "Running":
+        d.actions += _delete([p for p in current if p.phase in ("Pending", "Running", "Unknown")], obs.now)
+    if policy.ttl_seconds_after_finished is not None and st.completion_time is not None:
+        left = (
+            st.completion_time + timedelta(seconds=policy.ttl_seconds_after_finished) - obs.now
+        ).total_seconds()
+        if left <= 0:
+            d.actions.append(DeleteJob())
+        else:
+            d.wake(left)

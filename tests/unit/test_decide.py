@@ -1,0 +1,246 @@
+"""The decide step, table by table, with an injected clock: observed state in, actions, status and
+events out."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from finetune_operator.api import parse_manifest
+from finetune_operator.api.status import Phase
+from finetune_operator.policy.actions import (
+    CreateAttempt,
+    CreateService,
+    DeleteAttemptConfig,
+    DeleteJob,
+    DeletePods,
+)
+from finetune_operator.policy.decide import Decision, Observed, decide
+from finetune_operator.policy.observed import observe_pod
+from finetune_operator.progress import ProgressReport
+
+from tests.support.factories import manifest
+from tests.support.pods import CREATED, after, disrupted, pod
+
+UID = "3f1c2d4e-0000-4000-8000-000000000001"
+POLICY = {
+    "spec.resources.nodes": 2,
+    "spec.runPolicy.maxRestarts": 2,
+    "spec.runPolicy.backoffBaseSeconds": 10,
+    "spec.runPolicy.backoffCapSeconds": 60,
+    "spec.runPolicy.startupTimeoutSeconds": 600,
+}
+
+
+def _job(status: dict[str, Any] | None = None, **changes: Any) -> Any:
+    data = manifest({**POLICY, **{k.replace("__", "."): v for k, v in changes.items()}})
+    data["metadata"].update(uid=UID, generation=3)
+    if status is not None:
+        data["status"] = status
+    return parse_manifest(data)
+
+
+def _decide(
+    job: Any, pods: list[dict[str, Any]], now: datetime, *, progress: ProgressReport | None = None
+) -> Decision:
+    observed = tuple(observe_pod(p) for p in pods)
+    return decide(Observed(job=job, pods=observed, service_exists=True, now=now, progress=progress))
+
+
+def _gang(attempt: int = 1, **kw: Any) -> list[dict[str, Any]]:
+    return [pod(rank=r, attempt=attempt, **kw) for r in range(2)]
+
+
+def _running(attempt: int = 1, restarts: int = 0, **extra: Any) -> dict[str, Any]:
+    return {
+        "phase": "Running",
+        "attempt": attempt,
+        "restarts": restarts,
+        "startTime": CREATED.isoformat(),
+        "conditions": [{"type": "Running", "status": "True", "lastTransitionTime": CREATED.isoformat()}],
+        **extra,
+    }
+
+
+def _reasons(d: Decision) -> list[str]:
+    return [e.reason for e in d.events]
+
+
+def test_a_new_job_gets_its_service_and_attempt_1() -> None:
+    d = decide(Observed(job=_job(), pods=(), service_exists=False, now=CREATED))
+    assert d.actions == [CreateService(), CreateAttempt(1, (0, 1))]
+    assert (d.status.phase, d.status.attempt, d.status.observed_generation) == (Phase.STARTING, 1, 3)
+    assert _reasons(d) == ["Created"]
+
+
+def test_ranks_missing_while_starting_are_created_again() -> None:
+    d = _decide(_job({"phase": "Starting", "attempt": 1}), [pod(rank=0)], after(5))
+    assert CreateAttempt(1, (1,)) in d.actions
+
+
+def test_all_ranks_running_is_running_with_one_event() -> None:
+    d = _decide(_job({"phase": "Starting", "attempt": 1}), _gang(), after(30))
+    assert d.status.phase == Phase.RUNNING and _reasons(d) == ["Running"]
+    again = _decide(
+        _job(d.status.model_dump(mode="json", by_alias=True, exclude_none=True)), _gang(), after(60)
+    )
+    assert again.events == [] and again.actions == []
+
+
+def test_every_rank_succeeding_is_success() -> None:
+    d = _decide(_job(_running()), _gang(phase="Succeeded", exit_code=0), after(100))
+    assert d.status.phase == Phase.SUCCEEDED and d.status.completion_time == after(100)
+    assert _reasons(d) == ["Succeeded"]
+
+
+@pytest.mark.parametrize(
+    ("failed", "counted", "reason"),
+    [
+        (pod(rank=1, phase="Failed", exit_code=1, message="boom"), True, "RankFailed"),
+        (pod(rank=1, phase="Failed", exit_code=75), True, "Transient"),
+        (pod(rank=1, phase="Failed", exit_code=137, terminated_reason="OOMKilled"), True, "OOMKilled"),
+        (pod(rank=1, phase="Failed", reason="Evicted"), False, "Evicted"),
+        (disrupted("PreemptionByScheduler", rank=1, phase="Failed", exit_code=143), False, "Preempted"),
+        (pod(rank=1, phase="Failed", exit_code=143), False, "Terminated"),
+    ],
+)
+def test_a_failed_rank_restarts_the_gang(failed: dict[str, Any], counted: bool, reason: str) -> None:
+    d = _decide(_job(_running()), [pod(rank=0), failed], after(100))
+    assert d.status.phase == Phase.RESTARTING
+    assert (d.status.restarts, d.status.infra_restarts) == ((1, 0) if counted else (0, 1))
+    assert _reasons(d) == ["RankFailed", "Restarting"]
+    assert DeletePods(("demo-a1-n0", "demo-a1-n1")) in d.actions
+    restarting = next(c for c in d.status.conditions if c.type == "Restarting")
+    assert restarting.reason == reason and restarting.status == "True"
+
+
+@pytest.mark.parametrize(("code", "reason"), [(2, "InvalidConfig"), (3, "InputNotFound")])
+def test_configuration_and_input_failures_fail_at_once(code: int, reason: str) -> None:
+    failed = pod(rank=0, phase="Failed", exit_code=code, message="dataset s3://d/x: not found")
+    d = _decide(_job(_running()), [failed, pod(rank=1)], after(100))
+    assert d.status.phase == Phase.FAILED and d.status.restarts == 0
+    failed_condition = next(c for c in d.status.conditions if c.type == "Failed")
+    assert failed_condition.reason == reason and "dataset s3://d/x" in (failed_condition.message or "")
+    assert DeletePods(("demo-a1-n1",)) in d.actions  # cleanPodPolicy Running
+
+
+def test_restarts_beyond_max_restarts_fail_with_backoff_limit_exceeded() -> None:
+    failed = pod(rank=1, phase="Failed", exit_code=1)
+    d = _decide(_job(_running(restarts=2)), [pod(rank=0), failed], after(100))
+    assert d.status.phase == Phase.FAILED
+    assert next(c for c in d.status.conditions if c.type == "Failed").reason == "BackoffLimitExceeded"
+
+
+def _restarting(began: datetime, restarts: int = 1) -> dict[str, Any]:
+    return {
+        "phase": "Restarting",
+        "attempt": 1,
+        "restarts": restarts,
+        "startTime": CREATED.isoformat(),
+        "conditions": [
+            {
+                "type": "Restarting",
+                "status": "True",
+                "reason": "RankFailed",
+                "lastTransitionTime": began.isoformat(),
+            }
+        ],
+    }
+
+
+def test_the_next_attempt_waits_for_the_old_pods_to_go() -> None:
+    d = _decide(_job(_restarting(after(0))), _gang(deleting=True), after(3600))
+    assert not any(isinstance(a, CreateAttempt) for a in d.actions)
+
+
+def test_pods_stuck_terminating_past_their_deadline_are_force_deleted() -> None:
+    d = _decide(_job(_restarting(after(0))), _gang(deleting=True), after(600))
+    assert DeletePods(("demo-a1-n0", "demo-a1-n1"), force=True) in d.actions
+
+
+def test_the_next_attempt_waits_for_the_backoff_then_starts() -> None:
+    early = _decide(_job(_restarting(after(0))), [], after(4))  # backoff 10 s, jittered into [5, 10]
+    assert early.actions == [] and early.requeue_after is not None and 1 <= early.requeue_after <= 6
+    late = _decide(_job(_restarting(after(0))), [], after(11))
+    assert late.actions == [DeleteAttemptConfig(1), CreateAttempt(2, (0, 1))]
+    assert late.status.attempt == 2 and late.status.phase == Phase.STARTING
+
+
+@pytest.mark.parametrize(("restarts", "low", "high"), [(1, 5, 10), (2, 10, 20), (3, 20, 40), (6, 30, 60)])
+def test_backoff_doubles_with_each_counted_restart(restarts: int, low: float, high: float) -> None:
+    d = _decide(_job(_restarting(after(0), restarts=restarts)), [], after(0))
+    assert d.requeue_after is not None and low <= d.requeue_after <= high
+
+
+def test_an_image_pull_error_past_the_startup_timeout_fails_the_job() -> None:
+    pulling = _gang(phase="Pending", waiting=("ImagePullBackOff", "not found"))
+    assert (
+        _decide(_job({"phase": "Starting", "attempt": 1}), pulling, after(599)).status.phase == Phase.STARTING
+    )
+    d = _decide(_job({"phase": "Starting", "attempt": 1}), pulling, after(601))
+    assert d.status.phase == Phase.FAILED
+    assert next(c for c in d.status.conditions if c.type == "Failed").reason == "ImagePullBackOff"
+
+
+def test_the_active_deadline_fails_the_job() -> None:
+    d = _decide(_job(_running(), spec__runPolicy__activeDeadlineSeconds=3600), _gang(), after(3601))
+    assert d.status.phase == Phase.FAILED
+    assert next(c for c in d.status.conditions if c.type == "Failed").reason == "DeadlineExceeded"
+
+
+def test_no_progress_for_the_progress_timeout_restarts_the_gang_as_stalled() -> None:
+    d = _decide(_job(_running(), spec__runPolicy__progressTimeoutSeconds=300), _gang(), after(301))
+    assert d.status.phase == Phase.RESTARTING and d.status.restarts == 1
+    assert next(c for c in d.status.conditions if c.type == "Restarting").reason == "Stalled"
+
+
+def test_reported_progress_keeps_a_job_from_stalling() -> None:
+    report = ProgressReport.model_validate({"progress": {"step": 10, "updatedAt": after(250).isoformat()}})
+    d = _decide(
+        _job(_running(), spec__runPolicy__progressTimeoutSeconds=300), _gang(), after(301), progress=report
+    )
+    assert d.status.phase == Phase.RUNNING and d.status.progress is not None and d.status.progress.step == 10
+
+
+def test_suspend_deletes_the_pods_and_keeps_the_status() -> None:
+    d = _decide(_job(_running(restarts=1), spec__runPolicy__suspend=True), _gang(), after(100))
+    assert d.status.phase == Phase.SUSPENDED and d.status.restarts == 1
+    assert DeletePods(("demo-a1-n0", "demo-a1-n1")) in d.actions and _reasons(d) == ["Suspended"]
+
+
+def test_unsuspend_starts_a_new_attempt() -> None:
+    status = {**_running(), "phase": "Suspended"}
+    d = _decide(_job(status), [], after(200))
+    assert CreateAttempt(2, (0, 1)) in d.actions and _reasons(d) == ["Resumed"]
+
+
+def test_ttl_after_finishing_deletes_the_job() -> None:
+    done = {"phase": "Succeeded", "attempt": 1, "completionTime": after(0).isoformat()}
+    waiting = _decide(_job(done, spec__runPolicy__ttlSecondsAfterFinished=60), [], after(30))
+    assert DeleteJob() not in waiting.actions and waiting.requeue_after == pytest.approx(30)
+    assert (
+        DeleteJob() in _decide(_job(done, spec__runPolicy__ttlSecondsAfterFinished=60), [], after(61)).actions
+    )
+
+
+def test_pods_of_an_older_attempt_are_deleted() -> None:
+    d = _decide(
+        _job({"phase": "Starting", "attempt": 2}), [pod(rank=0, attempt=1), *_gang(attempt=2)], after(10)
+    )
+    assert DeletePods(("demo-a1-n0",)) in d.actions
+
+
+def test_a_rank_pod_vanishing_mid_run_is_an_infrastructure_restart() -> None:
+    d = _decide(_job(_running()), [pod(rank=0)], after(100))
+    assert d.status.phase == Phase.RESTARTING and d.status.infra_restarts == 1 and d.status.restarts == 0
+
+
+def test_the_same_observation_gives_the_same_decision() -> None:
+    first = _decide(_job(_restarting(after(0))), [], after(4))
+    assert first == _decide(_job(_restarting(after(0))), [], after(4))
+
+
+def test_timestamps_are_the_injected_clock() -> None:
+    d = decide(Observed(job=_job(), pods=(), service_exists=True, now=CREATED + timedelta(hours=1)))
+    assert d.status.start_time == CREATED + timedelta(hours=1)
