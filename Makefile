@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed JIT-builds the few ops it needs on first use; nothing is compiled at install time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test unit lint typecheck crds docs demo clean
+.PHONY: install test unit lint typecheck crds docs demo bench clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ demo: $(INSTALLED)
 	@echo
 	@echo "Not built yet: running the job on this machine (ftjob run, the local backend). The trainer is"
 	@echo "built and tested (tests/integration); until ftjob run lands, make demo stops at rendering."
+
+# Not part of `make test`: each prints a ratio against a baseline measured in the same run.
+bench: $(INSTALLED)
+	$(PY) benchmarks/checkpoint_stall.py
+	$(PY) benchmarks/upload_throughput.py
+	$(PY) benchmarks/trainer_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
