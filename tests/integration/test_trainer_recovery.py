@@ -137,12 +137,19 @@ def scenario(
         killed = run.finish()
         committed_at_kill = store.committed_steps()
 
-    config = trainer_config(ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": s3.url})
-    run = start(config, root / "preempted", env={**trace_env, contract.ENV_ATTEMPT: "2"})
-    run.wait_for(lambda _: max(store.committed_steps(), default=0) > max(committed_at_kill))
-    run.signal(signal.SIGTERM)
-    preempted = run.finish()
+    # Preempted during its first step after resuming; the slow link keeps the rest of the run (its
+    # checkpoints wait for the previous upload) from finishing before the signal lands.
+    first_new_step = f"INFO step {max(committed_at_kill) + 1}/"
+    with slow_link(upstream.hostname or "", upstream.port or 0, upload_delay=0.03) as slow_url:
+        config = trainer_config(
+            ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": slow_url}
+        )
+        run = start(config, root / "preempted", env={**trace_env, contract.ENV_ATTEMPT: "2"})
+        run.wait_for(lambda out: first_new_step in out)
+        run.signal(signal.SIGTERM)
+        preempted = run.finish()
     committed_at_preemption = store.committed_steps()
+    config = trainer_config(ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": s3.url})
 
     corrupted = committed_at_preemption[-1]
     _corrupt_one_file(store, corrupted, root)
