@@ -3,6 +3,7 @@ the code under test for this process's interpreter lock, and a results table."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -12,8 +13,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import boto3
+from finetune_trainer.ranks import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -21,17 +24,10 @@ sys.path.insert(0, str(REPO))
 ACCESS_KEY, SECRET_KEY = "AKIABENCHMARK0000001", "benchmark-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def s3_server() -> Iterator[str]:
     """moto's S3 server as a separate process; sets the credentials/endpoint env for boto3."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -76,3 +72,15 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model the trainer benchmarks train: bigger than the tests' so a step is not all overhead."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+
+
+def benchmark_workspace(root: Path, args: argparse.Namespace) -> Any:
+    from tests.support.trainer_run import Workspace
+
+    return Workspace.create(root / "inputs", records=800, hidden=args.hidden, layers=args.layers)

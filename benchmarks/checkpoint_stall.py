@@ -15,9 +15,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from _common import new_bucket, print_table, s3_server
+from _common import add_model_arguments, benchmark_workspace, new_bucket, print_table, s3_server
 
-from tests.support.trainer_run import Workspace, run, trainer_config
+from tests.support.trainer_run import run, trainer_config
 
 LINE = re.compile(
     r"checkpoint step (\d+): training blocked ([\d.]+)s \(previous upload ([\d.]+)s, local save ([\d.]+)s\)$"
@@ -28,12 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, s3_server() as url:
         root = Path(tmp)
-        ws = Workspace.create(root / "inputs", records=800, hidden=args.hidden, layers=args.layers)
+        ws = benchmark_workspace(root, args)
         bucket = new_bucket(url)
         config = trainer_config(
             ws,

@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, print_table
+from _common import REPO, add_model_arguments, benchmark_workspace, print_table
 from finetune_trainer.ds_config import deepspeed_config
+from finetune_trainer.ranks import free_port
 
 from tests.support.trainer_run import Workspace, reports, run, trainer_config
 
@@ -29,16 +29,13 @@ SEQ = 64
 def _bare(ws: Workspace, ds_config: dict[str, object], steps: int, warmup: int, root: Path) -> float:
     path = root / "ds_config.json"
     path.write_text(json.dumps(ds_config))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc-per-node=2",
-            f"--master-port={port}",
+            f"--master-port={free_port()}",
             str(REPO / "benchmarks" / "bare_deepspeed_loop.py"),
             ws.model_uri.removeprefix("file://"),
             str(path),
@@ -59,12 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ws = Workspace.create(root / "inputs", records=800, hidden=args.hidden, layers=args.layers)
+        ws = benchmark_workspace(root, args)
         config = trainer_config(
             ws,
             f"file://{root}/store",

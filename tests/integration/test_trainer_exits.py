@@ -4,25 +4,18 @@ reason in the termination log, and without the storage secret anywhere in what i
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_operator import contract
 from finetune_operator.api.trainer_config import TrainerConfig
+from finetune_trainer.ranks import free_port
 
 from tests.support.s3 import SECRET_KEY, S3Endpoint
 from tests.support.trainer_run import Finished, Workspace, run, trainer_config
 
 pytestmark = pytest.mark.slow
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port  # nothing listens there once the socket is closed
 
 
 def _run(config: TrainerConfig | str, workdir: Path, env: dict[str, str] | None = None) -> Finished:
@@ -74,7 +67,7 @@ def test_too_little_data_for_one_batch_exits_2_with_the_fix(
 def test_unreachable_storage_exits_75_without_leaking_the_secret(
     workspace: Workspace, s3: S3Endpoint, tmp_path: Path, workdir: Path
 ) -> None:
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     config = _config(
         workspace,
         tmp_path,

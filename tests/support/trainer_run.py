@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 from finetune_operator.api import parse_manifest
 from finetune_operator.api.trainer_config import TrainerConfig, resolve_trainer_config
 from finetune_operator.progress import ProgressReport, parse_last
+from finetune_trainer.ranks import free_port
 from finetune_trainer.tiny import counting_records, write_jsonl, write_tiny_model
 
 from tests.support.factories import manifest
@@ -113,13 +113,6 @@ class TrainerProcess:
         return Finished(code=code, output=self.output(), termination=text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start(config: TrainerConfig | str, workdir: Path, *, nproc: int = 2, env: dict[str, str] | None = None,
           name: str = "run") -> TrainerProcess:  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +133,7 @@ def start(config: TrainerConfig | str, workdir: Path, *, nproc: int = 2, env: di
     }
     command = [
         sys.executable, "-m", "finetune_trainer.launch", "--nnodes=1", f"--nproc-per-node={nproc}",
-        "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "--max-restarts=0",
+        "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "--max-restarts=0",
         "-m", "finetune_trainer", "--config", str(config_path),
     ]  # fmt: skip
     with log_path.open("w") as log:

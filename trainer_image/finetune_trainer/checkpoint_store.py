@@ -83,6 +83,25 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def upload_tree(store: ObjectStore, local_dir: Path, prefix: str) -> list[FileEntry]:
+    """Upload every file under `local_dir` to `<prefix>/<relative path>`; their entries, sorted.
+
+    Files upload side by side (each in concurrent parts) while their checksums are computed:
+    hashing and the network both release the interpreter lock."""
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    relative = [p.relative_to(local_dir).as_posix() for p in files]
+    with ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_WORKERS, 2 * len(files)))) as pool:
+        digests = [pool.submit(sha256_of, path) for path in files]
+        uploads = [pool.submit(store.put_file, path, f"{prefix}/{rel}" if prefix else rel)
+                   for path, rel in zip(files, relative, strict=True)]  # fmt: skip
+        for upload in uploads:
+            upload.result()
+        return [
+            FileEntry(path=rel, size=path.stat().st_size, sha256=digest.result())
+            for path, rel, digest in zip(files, relative, digests, strict=True)
+        ]
+
+
 class CheckpointStore:
     def __init__(self, store: ObjectStore, *, poll_seconds: float = 0.2) -> None:
         self.store = store
@@ -95,25 +114,7 @@ class CheckpointStore:
         A manifest left by an earlier run of the same step is removed first: from the first
         replaced file on, that old commit would describe files that are no longer its own."""
         self.store.delete([f"{step_dir(step)}/{MANIFEST}"])
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        # Files upload side by side (each in concurrent parts) while their checksums are computed:
-        # hashing and the network both release the interpreter lock.
-        with ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_WORKERS, 2 * len(files)))) as pool:
-            digests = [pool.submit(sha256_of, path) for path in files]
-            uploads = [
-                pool.submit(
-                    self.store.put_file, path, f"{step_dir(step)}/{path.relative_to(local_dir).as_posix()}"
-                )
-                for path in files
-            ]
-            for upload in uploads:
-                upload.result()
-            entries = [
-                FileEntry(
-                    path=path.relative_to(local_dir).as_posix(), size=path.stat().st_size, sha256=d.result()
-                )
-                for path, d in zip(files, digests, strict=True)
-            ]
+        entries = upload_tree(self.store, local_dir, step_dir(step))
         report = NodeReport(node_rank=node_rank, files=entries, run_id=run_id)
         self.store.put_bytes(
             f"{step_dir(step)}/nodes/node-{node_rank:05d}.json", report.model_dump_json().encode()

@@ -20,7 +20,7 @@ from finetune_operator.api.spec import LoraSpec
 from pydantic import BaseModel
 
 from finetune_trainer import ranks as dist
-from finetune_trainer.checkpoint_store import MANIFEST, FileEntry, sha256_of
+from finetune_trainer.checkpoint_store import MANIFEST, FileEntry, upload_tree
 from finetune_trainer.model import load_base, lora_config
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
 
@@ -83,11 +83,7 @@ def export(config: TrainerConfig, engine: Any, *, step: int, base_source: str, t
         out = scratch / "export"
         shutil.rmtree(out, ignore_errors=True)
         _write(config, engine, state, base_source, tokenizer, out)
-        entries = []
-        for path in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = path.relative_to(out).as_posix()
-            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_of(path)))
-            store.put_file(path, rel)
+        entries = upload_tree(store, out, "")
         manifest = ExportManifest(
             step=step, kind=export_kind(config), files=entries, created_at=datetime.now(UTC)
         )

@@ -26,10 +26,9 @@ class ModelNotFound(Exception):
     """The model or tokenizer is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 
-def _fetch_s3(uri: str, cache: Path) -> Path:
-    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+def _fetch_s3(uri: str, dest: Path) -> None:
     if (dest / COMPLETE_MARKER).exists():
-        return dest
+        return
     store = open_store(uri)
     objects = store.list("")
     if not any(o.key == "config.json" or o.key == "tokenizer_config.json" for o in objects):
@@ -40,7 +39,6 @@ def _fetch_s3(uri: str, cache: Path) -> Path:
         except ObjectNotFound:
             raise ModelNotFound(f"model {uri}: {obj.key} vanished while downloading") from None
     (dest / COMPLETE_MARKER).touch()
-    return dest
 
 
 def local_source(uri: str, cache: Path, ranks: dist.Ranks, device: Any) -> str:
@@ -51,17 +49,18 @@ def local_source(uri: str, cache: Path, ranks: dist.Ranks, device: Any) -> str:
             raise ModelNotFound(f"model {uri}: no such directory")
         return str(path)
     if uri.startswith("s3://"):
+        dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
         error: str | None = None
         if ranks.is_node_main:
             try:
-                _fetch_s3(uri, cache)
+                _fetch_s3(uri, dest)
             except ModelNotFound as exc:
                 error = str(exc)
         # Every rank learns of a failed download instead of waiting for files that never come.
         errors = dist.all_reduce([1.0 if error else 0.0], "max", device)
         if errors[0]:
             raise ModelNotFound(error or f"model {uri}: the download failed on another node")
-        return str(_fetch_s3(uri, cache))
+        return str(dest)
     return uri
 
 

@@ -109,19 +109,12 @@ def _commit(store: ObjectStore, key: str, payload: dict[str, Any], workdir: Path
     store.put_bytes(f"{_prefix(key)}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
 
 
-def _is_committed(store: ObjectStore, key: str) -> bool:
-    try:
-        store.get_bytes(f"{_prefix(key)}/{MANIFEST}")
-    except ObjectNotFound:
-        return False
-    return True
-
-
 def _read(store: ObjectStore, key: str, workdir: Path) -> dict[str, Any] | None:
-    """The cached examples, or None when the cache is torn (a rebuild then replaces it)."""
-    manifest = json.loads(store.get_bytes(f"{_prefix(key)}/{MANIFEST}"))
+    """The cached examples, or None when the cache is not committed or torn (a rebuild then
+    replaces it)."""
     local = workdir / EXAMPLES_FILE
     try:
+        manifest = json.loads(store.get_bytes(f"{_prefix(key)}/{MANIFEST}"))
         store.get_file(f"{_prefix(key)}/{EXAMPLES_FILE}", local)
     except ObjectNotFound:
         return None
@@ -141,7 +134,7 @@ def prepare(
         try:
             files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
             key = cache_key(config, files, tokenizer)
-            if _is_committed(store, key) and _read(store, key, scratch / "cache" / key) is not None:
+            if _read(store, key, scratch / "cache" / key) is not None:
                 log.info("tokenized cache %s found: not tokenizing again", key)
             else:
                 train, validation, report = build(config, files, tokenizer)

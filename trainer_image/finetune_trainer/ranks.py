@@ -32,7 +32,8 @@ class Ranks:
         return self.local_rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on right now (also used by the tests and benchmarks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -44,7 +45,7 @@ def from_env() -> Ranks:
     if "RANK" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     return Ranks(
         rank=int(env["RANK"]),
         local_rank=int(env["LOCAL_RANK"]),
