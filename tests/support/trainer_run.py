@@ -100,9 +100,17 @@ class TrainerProcess:
             time.sleep(0.2)
 
     def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-f", "-P", str(self.proc.pid), "finetune_trainer --config"],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-        return [int(p) for p in out.stdout.split()]
+        """The launcher's rank processes, read from /proc (a bare machine may have no pgrep)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+            if parent == self.proc.pid and b"finetune_trainer --config" in cmdline:
+                pids.append(int(stat.parent.name))
+        return pids
 
     def signal(self, sig: signal.Signals) -> None:
         os.kill(self.proc.pid, sig)
