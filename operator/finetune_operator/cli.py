@@ -16,8 +16,9 @@ from finetune_operator.api.crd import render_crd_yaml, write_crd
 from finetune_operator.api.docs import render_api_docs
 from finetune_operator.builders import BuildContext, build_attempt
 
+from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
+
 EXIT_INVALID = 2
-DEFAULT_TRAINER_IMAGE = "finetune-operator/trainer:0.1.0"
 
 
 def _documents(path: Path) -> Iterator[dict[str, Any]]:

@@ -111,7 +111,7 @@ class TestRankPods:
         resources = _container(build_rank_pod(job({"spec.resources.gpusPerNode": gpus}), 1, 0, CTX))[
             "resources"
         ]
-        assert resources["requests"]["nvidia.com/gpu"] == gpus == resources["limits"]["nvidia.com/gpu"]
+        assert resources["requests"]["nvidia.com/gpu"] == str(gpus) == resources["limits"]["nvidia.com/gpu"]
 
     def test_cpu_jobs_request_no_gpu_and_run_one_process_per_node(self) -> None:
         pod = build_rank_pod(job({"spec.resources.gpusPerNode": 0}), 1, 0, CTX)

@@ -78,11 +78,12 @@ def _container_resources(job: FineTuneJob) -> dict[str, Any]:
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
     if res.gpus_per_node:
-        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = res.gpus_per_node
+        # Quantities are strings on the wire (the API also takes numbers, its clients do not).
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpus_per_node)
     if res.cpu is not None:
-        requests["cpu"] = res.cpu  # no CPU limit: throttling a data loader stalls every GPU of the gang
+        requests["cpu"] = str(res.cpu)  # no CPU limit: throttling a data loader stalls every GPU of the gang
     if res.memory is not None:
-        requests["memory"] = limits["memory"] = res.memory
+        requests["memory"] = limits["memory"] = str(res.memory)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests

@@ -136,7 +136,18 @@ def decide(obs: Observed) -> Decision:
         _attempt(obs, d, current)
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         d.actions.insert(0, CreateService())
+    _watch_terminating(obs, d)
     return d
+
+
+def _watch_terminating(obs: Observed, d: Decision) -> None:
+    """Look again when a terminating pod outstays its deadline, to force-delete it then: a pod on a
+    lost node sends no further events."""
+    for p in obs.pods:
+        if p.deleting and p.deletion_deadline is not None:
+            left = (p.deletion_deadline + FORCE_DELETE_AFTER - obs.now).total_seconds()
+            if left > 0:
+                d.wake(left + 1)
 
 
 def _past_deadline(obs: Observed, st: FineTuneJobStatus) -> bool:

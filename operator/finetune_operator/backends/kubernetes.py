@@ -1,0 +1,287 @@
+"""The cluster backend: the official kubernetes client, called from worker threads.
+
+Every call has a timeout. "Already exists" on create and "not found" on delete are success (names are
+deterministic, so a repeated action finds its own earlier work). A status write carries the observed
+resourceVersion, so the API server refuses it (409) when the job changed in between. Other failures
+raise: the work queue retries the pass with backoff, and the metrics count them by operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator import contract
+from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, parse_manifest
+from finetune_operator.backends.base import JobKey
+from finetune_operator.builders import build_config_map, build_rank_pod, build_service, naming
+from finetune_operator.metrics import Metrics
+from finetune_operator.policy import actions as act
+from finetune_operator.policy.decide import Observed
+from finetune_operator.policy.observed import observe_pod
+from finetune_operator.progress import ProgressReport, parse_last
+from finetune_operator.settings import OperatorSettings
+
+log = logging.getLogger("finetune_operator.kubernetes")
+MERGE_PATCH = "application/merge-patch+json"
+LOG_TAIL_LINES = 200  # progress lines are written every few steps; warnings in between are few
+EVENT_MESSAGE_LIMIT = 1024
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: removed keys become null."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value)
+    return patch
+
+
+def _status_dict(status: FineTuneJobStatus | None) -> dict[str, Any]:
+    if status is None:
+        return {}
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class KubernetesBackend:
+    def __init__(self, api: client.ApiClient, settings: OperatorSettings, metrics: Metrics) -> None:
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.settings, self.metrics = settings, metrics
+        self._threads = ThreadPoolExecutor(
+            max_workers=max(4, settings.workers + settings.create_concurrency),
+            thread_name_prefix="k8s-api",
+        )
+        self._instance = socket.gethostname()
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, operation: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One API call; the response is left raw: the client's model classes would validate (and
+        reject) objects other controllers wrote, and cost more CPU than the whole pass."""
+        kwargs["_request_timeout"] = self.settings.request_timeout_seconds
+        kwargs["_preload_content"] = False
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._threads, partial(fn, *args, **kwargs))
+        except ApiException as exc:
+            self.metrics.api_errors.labels(operation, str(exc.status)).inc()
+            raise
+        except (urllib3.exceptions.TimeoutError, TimeoutError):
+            self.metrics.api_errors.labels(operation, "timeout").inc()
+            raise
+        except (urllib3.exceptions.HTTPError, OSError):
+            self.metrics.api_errors.labels(operation, "connection").inc()
+            raise
+
+    async def _json(self, operation: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read returned as plain JSON: the client's model classes cost more CPU than the pass."""
+        response = await self._call(operation, fn, *args, **kwargs)
+        return json.loads(response.data)
+
+    async def _tolerate(self, status: int, call: Awaitable[Any]) -> None:
+        try:
+            await call
+        except ApiException as exc:
+            if exc.status != status:
+                raise
+
+    # -- observe ---------------------------------------------------------------------------------
+
+    async def observe(self, key: JobKey, now: datetime) -> Observed | None:
+        namespace, name = key
+        try:
+            body = await self._json(
+                "get finetunejobs",
+                self.custom.get_namespaced_custom_object,
+                contract.API_GROUP,
+                contract.API_VERSION,
+                namespace,
+                contract.PLURAL,
+                name,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        job = parse_manifest(body)
+        pods_list = await self._json(
+            "list pods",
+            self.core.list_namespaced_pod,
+            namespace,
+            label_selector=f"{contract.LABEL_JOB}={name}",
+        )
+        pods = tuple(observe_pod(p) for p in pods_list.get("items") or [])
+        return Observed(
+            job=job,
+            pods=pods,
+            service_exists=await self._service_exists(namespace, name),
+            now=now,
+            progress=await self._progress(job, pods),
+        )
+
+    async def _service_exists(self, namespace: str, job: str) -> bool:
+        try:
+            await self._call(
+                "get services", self.core.read_namespaced_service, naming.service_name(job), namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def _progress(self, job: FineTuneJob, pods: tuple[Any, ...]) -> ProgressReport | None:
+        """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report."""
+        attempt = job.status.attempt if job.status else 0
+        rank0 = next((p for p in pods if p.attempt == attempt and p.rank == 0), None)
+        if rank0 is None or rank0.phase not in ("Running", "Succeeded", "Failed"):
+            return None
+        try:
+            response = await self._call(
+                "get pods/log",
+                self.core.read_namespaced_pod_log,
+                rank0.name,
+                job.metadata.namespace,
+                container=contract.CONTAINER_NAME,
+                tail_lines=LOG_TAIL_LINES,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.debug("log of %s unreadable: %s", rank0.name, type(exc).__name__)
+            return None
+        return parse_last(response.data.decode("utf-8", errors="replace"))
+
+    # -- write -----------------------------------------------------------------------------------
+
+    async def write_status(self, job: FineTuneJob, status: FineTuneJobStatus) -> bool:
+        body = {
+            "metadata": {"resourceVersion": (job.metadata.model_extra or {}).get("resourceVersion")},
+            "status": merge_patch(_status_dict(job.status), _status_dict(status)),
+        }
+        try:
+            await self._call(
+                "patch finetunejobs/status",
+                self.custom.patch_namespaced_custom_object_status,
+                contract.API_GROUP,
+                contract.API_VERSION,
+                job.metadata.namespace,
+                contract.PLURAL,
+                job.metadata.name,
+                body,
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    async def apply(self, job: FineTuneJob, action: act.Action) -> None:
+        ns, name = job.metadata.namespace, job.metadata.name
+        match action:
+            case act.CreateService():
+                await self._create("create services", self.core.create_namespaced_service, build_service(job))
+            case act.CreateAttempt(attempt=attempt, ranks=ranks):
+                config = build_config_map(job, attempt)
+                await self._create("create configmaps", self.core.create_namespaced_config_map, config)
+                await self._bounded(
+                    self._create(
+                        "create pods",
+                        self.core.create_namespaced_pod,
+                        build_rank_pod(job, attempt, rank, self.settings.build_context),
+                    )
+                    for rank in ranks
+                )
+            case act.DeletePods(names=names, force=force):
+                options = {"grace_period_seconds": 0} if force else {}
+                await self._bounded(
+                    self._tolerate(
+                        404, self._call("delete pods", self.core.delete_namespaced_pod, pod, ns, **options)
+                    )
+                    for pod in names
+                )
+            case act.DeleteAttemptConfig(attempt=attempt):
+                await self._tolerate(
+                    404,
+                    self._call(
+                        "delete configmaps",
+                        self.core.delete_namespaced_config_map,
+                        naming.config_map_name(name, attempt),
+                        ns,
+                    ),
+                )
+            case act.DeleteJob():
+                await self._tolerate(
+                    404,
+                    self._call(
+                        "delete finetunejobs",
+                        self.custom.delete_namespaced_custom_object,
+                        contract.API_GROUP,
+                        contract.API_VERSION,
+                        ns,
+                        contract.PLURAL,
+                        name,
+                        propagation_policy="Background",
+                    ),
+                )
+
+    async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> None:
+        await self._tolerate(409, self._call(operation, fn, body["metadata"]["namespace"], body))
+
+    async def _bounded(self, calls: Any) -> None:
+        gate = asyncio.Semaphore(self.settings.create_concurrency)
+
+        async def one(call: Awaitable[None]) -> None:
+            async with gate:
+                await call
+
+        pending = [one(c) for c in calls]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def emit(self, job: FineTuneJob, event: act.Event) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{job.metadata.name}.{uuid.uuid4().hex[:16]}", "namespace": job.metadata.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": contract.KIND,
+                "name": job.metadata.name,
+                "namespace": job.metadata.namespace,
+                "uid": job.metadata.uid,
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:EVENT_MESSAGE_LIMIT],
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "source": {"component": "finetune-operator"},
+            "reportingComponent": "finetune.dev/operator",
+            "reportingInstance": self._instance,
+        }
+        try:
+            await self._call("create events", self.core.create_namespaced_event, job.metadata.namespace, body)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("event %s for %s not recorded: %s", event.reason, job.metadata.name, type(exc).__name__)

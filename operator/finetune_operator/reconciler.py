@@ -1,0 +1,84 @@
+"""One reconcile pass: observe -> decide -> write status -> emit events -> act.
+
+The status is written BEFORE the actions. It is the record of intent: a pass that dies after writing
+"attempt 2 starting" but before creating the pods is finished by the next pass (the pods are missing,
+so they are created), whereas pods created before a status that never got written would be taken for
+strangers and deleted. The write is conditional on the job being unchanged since it was observed, so
+two passes that decided from the same state (a retry, a second replica) cannot both count a restart:
+the loser observes again and finds the restart already recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from finetune_operator.api import FineTuneJobStatus
+from finetune_operator.api.status import ACTIVE_PHASES
+from finetune_operator.backends.base import Backend, JobKey
+from finetune_operator.clock import Clock
+from finetune_operator.metrics import Metrics
+from finetune_operator.policy.decide import decide
+from finetune_operator.settings import OperatorSettings
+
+log = logging.getLogger("finetune_operator.reconcile")
+
+
+def status_changed(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> bool:
+    before = (old or FineTuneJobStatus()).model_dump(mode="json", by_alias=True, exclude_none=True)
+    return before != new.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Reconciler:
+    def __init__(
+        self, backend: Backend, clock: Clock, settings: OperatorSettings, metrics: Metrics | None = None
+    ) -> None:
+        self.backend, self.clock, self.settings = backend, clock, settings
+        self.metrics = metrics or Metrics()
+
+    async def reconcile(self, key: JobKey) -> float | None:
+        """One pass; returns when the job wants looking at again (seconds), None for never."""
+        started = time.perf_counter()
+        try:
+            return await self._pass(key)
+        finally:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    async def _pass(self, key: JobKey) -> float | None:
+        observed = await self.backend.observe(key, self.clock.now())
+        if observed is None:
+            self.metrics.forget(key)
+            return None
+        job = observed.job
+        decision = decide(observed)
+        old, new = job.status, decision.status
+        if status_changed(old, new):
+            if not await self.backend.write_status(job, new):
+                log.info("%s/%s changed while it was reconciled; observing it again", *key)
+                return 0.0
+            self.metrics.count_restarts(old, new)
+        # Events describe the transitions just recorded, so they go out before the actions: an
+        # action that fails is retried by the next pass, which has no transition to tell again.
+        for event in decision.events:
+            await self.backend.emit(job, event)
+            log.info(
+                "%s/%s %s: %s",
+                *key,
+                event.reason,
+                event.message,
+                extra={"job": f"{key[0]}/{key[1]}", "reason": event.reason},
+            )
+        for action in decision.actions:
+            await self.backend.apply(job, action)
+        self.metrics.set_phase(key, new.phase)
+        return self._next_look(decision.requeue_after, new)
+
+    def _next_look(self, requeue_after: float | None, status: FineTuneJobStatus) -> float | None:
+        if status.phase not in ACTIVE_PHASES:
+            return requeue_after  # finished or suspended: only a TTL or a cleanup brings it back
+        polls = [self.settings.resync_seconds]
+        if requeue_after is not None:
+            polls.append(requeue_after)
+        if status.phase == "Running":
+            polls.append(self.settings.progress_poll_seconds)
+        return min(polls)

@@ -1,0 +1,81 @@
+"""The running operator behind the kopf handlers: the work queue, its workers and timers, the
+reconciler with its backend, and the metrics endpoint. It remembers nothing the cluster does not:
+a fresh Runtime carries on where a killed one stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from kubernetes import client, config
+
+from finetune_operator.backends.base import JobKey
+from finetune_operator.backends.kubernetes import KubernetesBackend
+from finetune_operator.clock import Clock, SystemClock
+from finetune_operator.metrics import Metrics
+from finetune_operator.reconciler import Reconciler
+from finetune_operator.settings import OperatorSettings
+from finetune_operator.workqueue import WorkQueue
+
+log = logging.getLogger("finetune_operator")
+EVENT_BATCH_SECONDS = 0.05  # a burst of pod events for one job becomes one pass
+
+
+def load_api_client(settings: OperatorSettings) -> client.ApiClient:
+    """In a pod: its service account; elsewhere: the kubeconfig, as kubectl would use it."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = settings.workers + settings.create_concurrency
+    return client.ApiClient(configuration)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        api: client.ApiClient,
+        *,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.backend = KubernetesBackend(api, settings, self.metrics)
+        self.reconciler = Reconciler(self.backend, self.clock, settings, self.metrics)
+        self.queue: WorkQueue[JobKey] = WorkQueue(self.clock, batch_seconds=EVENT_BATCH_SECONDS)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: Any = None
+
+    def start(self) -> None:
+        if self.settings.metrics_port:
+            self._metrics_server = self.metrics.serve(self.settings.metrics_port)
+        self._tasks.append(asyncio.create_task(self.queue.run_timers(), name="ftjob-timers"))
+        self._tasks += [
+            asyncio.create_task(self.queue.run_worker(self.reconciler.reconcile), name=f"ftjob-worker-{i}")
+            for i in range(self.settings.workers)
+        ]
+        log.info(
+            "reconciling with %d worker(s); metrics on port %s",
+            self.settings.workers,
+            self.settings.metrics_port or "(off)",
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        self.backend.close()
+
+    def healthy(self) -> bool:
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)

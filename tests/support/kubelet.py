@@ -1,0 +1,158 @@
+"""A test kubelet: moves the emulator's rank pods through their lives as the test scripts them.
+
+Each pod's behaviour is chosen by (attempt, rank) when it is created: run and exit with a code and a
+termination message, be OOMKilled or evicted, hang in ImagePullBackOff or unschedulable, run until
+deleted, or lose its node. Rank 0 of a running pod prints FTJOB_PROGRESS lines into its log as the
+trainer does. A deleted pod is terminated (exit 143) and then removed, unless its node is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator import contract
+from finetune_operator.api.status import CheckpointRef, Progress
+from finetune_operator.progress import ProgressReport, format_line
+
+from tests.support.clock import JumpingClock
+from tests.support.cluster import PODS, ClusterEmulator, _iso
+
+
+@dataclass(frozen=True)
+class Rank:
+    exit_code: int | None = 0  # None: runs until deleted
+    after: float = 0.3  # seconds of running before it exits (or is evicted, or loses its node)
+    message: str = ""  # termination message
+    reason: str | None = None  # container's terminated reason (OOMKilled); default Completed/Error
+    waiting: str | None = None  # never starts: ImagePullBackOff, CreateContainerConfigError...
+    unschedulable: bool = False
+    evicted: bool = False
+    node_lost: bool = False
+    progress: bool = True  # rank 0 reports progress while it runs
+
+
+Script = Callable[[int, int], Rank]
+
+
+def script(default: Rank | None = None, **by_pod: Rank) -> Script:
+    """Behaviours by "a<attempt>" or "a<attempt>n<rank>" keys, the default for the rest."""
+    fallback = default or Rank()
+
+    def choose(attempt: int, rank: int) -> Rank:
+        return by_pod.get(f"a{attempt}n{rank}") or by_pod.get(f"a{attempt}") or fallback
+
+    return choose
+
+
+class Kubelet:
+    def __init__(self, cluster: ClusterEmulator, clock: JumpingClock, behaviour: Script) -> None:
+        self.cluster, self.clock, self.behaviour = cluster, clock, behaviour
+        self._pods: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._deleting: dict[tuple[str, str], asyncio.Event] = {}
+        self.started: list[str] = []  # pod names in the order they started running
+
+    async def run(self) -> None:
+        try:
+            async for event in self.cluster._buses[PODS]:
+                self._on(event["type"], event["object"])
+        finally:
+            for task in self._pods.values():
+                task.cancel()
+
+    def _on(self, kind: str, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        key = (meta.get("namespace", ""), meta["name"])
+        if kind == "ADDED" and key not in self._pods:
+            self._deleting[key] = asyncio.Event()
+            self._pods[key] = asyncio.create_task(self._live(key, meta.get("labels") or {}))
+        elif kind == "MODIFIED" and meta.get("deletionTimestamp") and key in self._deleting:
+            self._deleting[key].set()
+        elif kind == "DELETED" and key in self._pods:
+            self._pods.pop(key).cancel()
+            self._deleting.pop(key, None)
+
+    async def _write(self, key: tuple[str, str], patch: dict[str, Any]) -> None:
+        await self.cluster.write(PODS, key[0], key[1], patch)
+
+    async def _live(self, key: tuple[str, str], labels: dict[str, str]) -> None:
+        attempt, rank = int(labels[contract.LABEL_ATTEMPT]), int(labels[contract.LABEL_RANK])
+        b = self.behaviour(attempt, rank)
+        deleting = self._deleting[key]
+        if b.unschedulable:
+            condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}
+            await self._write(key, {"status": {"conditions": [condition]}})
+            await deleting.wait()
+            return await self.cluster.remove(PODS, *key)
+        scheduled = {"type": "PodScheduled", "status": "True"}
+        await self._write(key, {"spec": {"nodeName": f"node-{rank}"}, "status": {"conditions": [scheduled]}})
+        if b.waiting:
+            state = {"waiting": {"reason": b.waiting, "message": f"{b.waiting} for the trainer image"}}
+            await self._write(key, {"status": {"containerStatuses": [self._container(state)]}})
+            await deleting.wait()
+            return await self.cluster.remove(PODS, *key)
+        running = {"running": {"startedAt": _iso(self.clock)}}
+        await self._write(key, {"status": {"phase": "Running", "containerStatuses": [self._container(running)]}})
+        self.started.append(key[1])
+        reporter = asyncio.create_task(self._report(key)) if rank == 0 and b.progress else None
+        try:
+            ended = b.exit_code is not None or b.evicted or b.node_lost
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(deleting.wait(), timeout=b.after if ended else None)
+        finally:
+            if reporter:
+                reporter.cancel()
+        if deleting.is_set():
+            await self._terminate(key, 143, "Error", "")
+        elif b.node_lost:
+            await self._write(key, {"status": {"phase": "Unknown", "reason": "NodeLost"}})
+            return  # its kubelet is gone: nothing will ever finish a deletion
+        elif b.evicted:
+            disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
+            await self._write(key, {"status": {"phase": "Failed", "reason": "Evicted", "conditions": [scheduled, disruption]}})
+        else:
+            assert b.exit_code is not None
+            reason = b.reason or ("Completed" if b.exit_code == 0 else "Error")
+            await self._terminate(key, b.exit_code, reason, b.message)
+        await deleting.wait()
+        await self.cluster.remove(PODS, *key)
+
+    async def _terminate(self, key: tuple[str, str], code: int, reason: str, message: str) -> None:
+        terminated: dict[str, Any] = {"exitCode": code, "reason": reason, "finishedAt": _iso(self.clock)}
+        if message:
+            terminated["message"] = message + "\n"
+        phase = "Succeeded" if code == 0 else "Failed"
+        await self._write(key, {"status": {"phase": phase, "containerStatuses": [self._container({"terminated": terminated})]}})
+
+    @staticmethod
+    def _container(state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": contract.CONTAINER_NAME,
+            "image": "registry.example/finetune-trainer:test",
+            "imageID": "" if "waiting" in state else "registry.example/finetune-trainer@sha256:0123abcd",
+            "restartCount": 0,
+            "started": "running" in state,
+            "ready": "running" in state,
+            "state": state,
+        }
+
+    async def _report(self, key: tuple[str, str]) -> None:
+        """Rank 0's progress lines, one every 50 ms, a checkpoint every 10 steps."""
+        step = 0
+        while True:
+            step += 1
+            checkpoint = None
+            if step >= 10:
+                done = step - step % 10
+                checkpoint = CheckpointRef(step=done, uri=f"s3://ckpt/{key[0]}/{key[1]}/step-{done:08d}")
+            report = ProgressReport(
+                progress=Progress(step=step, total_steps=1000, loss=2.0 - step / 1000, updated_at=self.clock.now()),
+                latest_checkpoint=checkpoint,
+            )
+            logs = self.cluster.pod_logs
+            logs[key] = logs.get(key, "") + "some trainer output\n" + format_line(report) + "\n"
+            await asyncio.sleep(0.05)

@@ -1,0 +1,187 @@
+"""The real kopf operator (finetune_operator.handlers) run in-process against the emulator, as a
+test would run it: started, stopped gracefully, or killed at any moment and started again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+from finetune_operator import contract
+from finetune_operator import handlers  # noqa: F401  (registers the operator's handlers)
+from finetune_operator.runtime import Runtime
+from finetune_operator.settings import OperatorSettings
+from kubernetes import client
+
+from tests.support.clock import JumpingClock
+from tests.support.cluster import EVENTS, JOBS, PODS, ClusterEmulator
+from tests.support.kubelet import Kubelet, Script
+
+TEST_SETTINGS = OperatorSettings(
+    default_image="registry.example/finetune-trainer:test",
+    workers=4,
+    metrics_port=None,
+    request_timeout_seconds=2.0,
+    progress_poll_seconds=1.0,
+)
+
+
+@kopf.on.login()
+def _login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server=memo["server_url"], insecure=True)
+
+
+class OperatorProcess:
+    """One operator "process": its own memo, runtime and kopf tasks."""
+
+    def __init__(self, url: str, clock: JumpingClock, settings: OperatorSettings = TEST_SETTINGS) -> None:
+        self.url, self.clock, self.settings = url, clock, settings
+        self.task: asyncio.Task[None] | None = None
+        self.memo: kopf.Memo | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.memo is not None
+        return self.memo["runtime"]  # type: ignore[no-any-return]
+
+    async def start(self) -> None:
+        api = client.ApiClient(client.Configuration(host=self.url))
+        self.memo = kopf.Memo(server_url=self.url, settings=self.settings, api_client=api, clock=self.clock)
+        self._stop = asyncio.Event()
+        ready = asyncio.Event()
+        self.task = asyncio.create_task(
+            kopf.operator(
+                clusterwide=True,
+                standalone=True,
+                memo=self.memo,
+                stop_flag=self._stop,
+                ready_flag=ready,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), timeout=20)
+
+    async def kill(self) -> None:
+        """As SIGKILL would: no cleanup handlers, nothing saved; what it sent is sent."""
+        assert self.task is not None and self.memo is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+        if "runtime" in self.memo:
+            await self.runtime.stop()
+
+    async def stop(self) -> None:
+        assert self.task is not None and self._stop is not None
+        self._stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, timeout=20)
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(clock: JumpingClock) -> AsyncIterator[tuple[ClusterEmulator, str]]:
+    async with ClusterEmulator(clock=clock) as cluster, kmock.Server(cluster) as server:
+        cluster.declare()
+        yield cluster, str(server.url).rstrip("/")
+
+
+def with_settings(**changes: Any) -> OperatorSettings:
+    return dataclasses.replace(TEST_SETTINGS, **changes)
+
+
+class OperatorEnv:
+    """A cluster (emulator + test kubelet) and the operator; what a test does to and reads from it."""
+
+    def __init__(self, cluster: ClusterEmulator, url: str, clock: JumpingClock, behaviour: Script) -> None:
+        self.cluster, self.url, self.clock = cluster, url, clock
+        self.kubelet = Kubelet(cluster, clock, behaviour)
+        self._kubelet_task = asyncio.create_task(self.kubelet.run())
+        self.operator: OperatorProcess | None = None
+        self.session = aiohttp.ClientSession(headers={"User-Agent": "kubectl-in-tests"})
+
+    async def start_operator(self, settings: OperatorSettings = TEST_SETTINGS) -> OperatorProcess:
+        self.operator = OperatorProcess(self.url, self.clock, settings)
+        await self.operator.start()
+        return self.operator
+
+    async def close(self) -> None:
+        if self.operator is not None and self.operator.task is not None and not self.operator.task.done():
+            await self.operator.stop()
+        self._kubelet_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._kubelet_task
+        await self.session.close()
+
+    # -- kubectl ---------------------------------------------------------------------------------
+
+    def _path(self, namespace: str, name: str | None = None) -> str:
+        base = f"{self.url}/apis/{contract.API_GROUP}/{contract.API_VERSION}/namespaces/{namespace}/{contract.PLURAL}"
+        return f"{base}/{name}" if name else base
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        async with self.session.post(self._path(manifest["metadata"]["namespace"]), json=manifest) as r:
+            assert r.status in (200, 201), await r.text()
+
+    async def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self.session.patch(self._path(namespace, name), json=patch, headers=headers) as r:
+            assert r.status == 200, await r.text()
+
+    async def delete(self, namespace: str, name: str) -> None:
+        async with self.session.delete(self._path(namespace, name)) as r:
+            assert r.status == 200, await r.text()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.cluster.get(JOBS, namespace, name)
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return (self.job(namespace, name) or {}).get("status") or {}
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        return self.cluster.list(PODS, f"{contract.LABEL_JOB}={name}")
+
+    def _events(self, name: str) -> list[dict[str, Any]]:
+        mine = [e for e in self.cluster.list(EVENTS) if e["involvedObject"]["name"] == name]
+        return sorted(mine, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+    def events(self, name: str) -> list[str]:
+        """Reasons of the job's events, oldest first."""
+        return [e["reason"] for e in self._events(name)]
+
+    def event_messages(self, name: str, reason: str) -> list[str]:
+        return [e["message"] for e in self._events(name) if e["reason"] == reason]
+
+    async def eventually(self, check: Callable[[], Any], *, timeout: float = 20.0, what: str = "") -> Any:
+        """Wait, at most `timeout` seconds, until `check()` is truthy; return its value."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"not within {timeout}s: {what or check}")
+            await asyncio.sleep(0.02)
+
+    async def phase(self, namespace: str, name: str, phase: str, *, timeout: float = 20.0) -> dict[str, Any]:
+        return await self.eventually(  # type: ignore[no-any-return]
+            lambda: (s := self.status(namespace, name)).get("phase") == phase and s,
+            timeout=timeout,
+            what=f"{namespace}/{name} {phase} (it is {self.status(namespace, name).get('phase')})",
+        )
+
+
+@contextlib.asynccontextmanager
+async def operator_env(behaviour: Script) -> AsyncIterator[OperatorEnv]:
+    clock = JumpingClock()
+    async with emulated_cluster(clock) as (cluster, url):
+        env = OperatorEnv(cluster, url, clock, behaviour)
+        try:
+            yield env
+        finally:
+            await env.close()
