@@ -207,7 +207,9 @@ async def test_pods_stuck_terminating_on_a_lost_node_are_force_deleted_and_the_g
         await k8s.apply(job())
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("phase") == "Restarting")
         await k8s.eventually(
-            lambda: [p["metadata"]["name"] for p in k8s.pods("demo")] == ["demo-a1-n1"], what="n1 left terminating"
+            lambda: [(p["metadata"]["name"], "deletionTimestamp" in p["metadata"]) for p in k8s.pods("demo")]
+            == [("demo-a1-n1", True)],
+            what="n1 alone, left terminating",
         )
         k8s.clock.jump(120 + 61)  # past the grace period, then the force-delete margin
         status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,49 +38,57 @@ def _login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 
 class OperatorProcess:
-    """One operator "process": its own memo, runtime and kopf tasks."""
+    """One operator "process": kopf in its own thread and event loop (as in its own pod), with its
+    own memo and runtime. kopf treats every task of its loop as its own when it exits, so it must
+    not share a loop with the emulator and the kubelet."""
 
     def __init__(self, url: str, clock: JumpingClock, settings: OperatorSettings = TEST_SETTINGS) -> None:
         self.url, self.clock, self.settings = url, clock, settings
-        self.task: asyncio.Task[None] | None = None
-        self.memo: kopf.Memo | None = None
-        self._stop: asyncio.Event | None = None
+        self.memo = kopf.Memo(server_url=url, settings=settings, clock=clock)
+        self.memo["api_client"] = client.ApiClient(client.Configuration(host=url))
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._main, name="operator", daemon=True)
 
     @property
     def runtime(self) -> Runtime:
-        assert self.memo is not None
         return self.memo["runtime"]  # type: ignore[no-any-return]
 
-    async def start(self) -> None:
-        api = client.ApiClient(client.Configuration(host=self.url))
-        self.memo = kopf.Memo(server_url=self.url, settings=self.settings, api_client=api, clock=self.clock)
-        self._stop = asyncio.Event()
-        ready = asyncio.Event()
-        self.task = asyncio.create_task(
-            kopf.operator(
-                clusterwide=True,
-                standalone=True,
-                memo=self.memo,
-                stop_flag=self._stop,
-                ready_flag=ready,
+    def _main(self) -> None:
+        async def operate() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()  # type: ignore[assignment]
+            await kopf.operator(
+                clusterwide=True, standalone=True, memo=self.memo, stop_flag=self._stop, ready_flag=self._ready
             )
-        )
-        await asyncio.wait_for(ready.wait(), timeout=20)
+
+        with contextlib.suppress(asyncio.CancelledError):
+            asyncio.run(operate())
+
+    async def start(self) -> None:
+        self._thread.start()
+        if not await asyncio.to_thread(self._ready.wait, 20):
+            raise AssertionError("the operator did not become ready within 20s")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     async def kill(self) -> None:
-        """As SIGKILL would: no cleanup handlers, nothing saved; what it sent is sent."""
-        assert self.task is not None and self.memo is not None
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
-        if "runtime" in self.memo:
-            await self.runtime.stop()
+        """As SIGKILL would: every task of the operator cancelled wherever it is; what it sent is sent."""
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        await asyncio.sleep(0.1)
+        self._stop.set()  # releases the executor thread kopf parks on the flag, or asyncio.run waits for it
+        await asyncio.to_thread(self._thread.join, 20)
+        assert not self._thread.is_alive(), "the operator thread did not end"
 
     async def stop(self) -> None:
-        assert self.task is not None and self._stop is not None
         self._stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self.task, timeout=20)
+        await asyncio.to_thread(self._thread.join, 30)
+        assert not self._thread.is_alive(), "the operator did not stop"
 
 
 @contextlib.asynccontextmanager
@@ -109,8 +118,8 @@ class OperatorEnv:
         return self.operator
 
     async def close(self) -> None:
-        if self.operator is not None and self.operator.task is not None and not self.operator.task.done():
-            await self.operator.stop()
+        if self.operator is not None and self.operator.alive:
+            await self.operator.kill()
         self._kubelet_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._kubelet_task
