@@ -84,11 +84,11 @@ class KubernetesBackend:
         except ApiException as exc:
             self.metrics.api_errors.labels(operation, str(exc.status)).inc()
             raise
-        except (urllib3.exceptions.TimeoutError, TimeoutError):
-            self.metrics.api_errors.labels(operation, "timeout").inc()
-            raise
-        except (urllib3.exceptions.HTTPError, OSError):
-            self.metrics.api_errors.labels(operation, "connection").inc()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # after the client's own retries a timeout arrives wrapped in MaxRetryError
+            cause = getattr(exc, "reason", exc)
+            timed_out = isinstance(cause, (urllib3.exceptions.TimeoutError, TimeoutError))
+            self.metrics.api_errors.labels(operation, "timeout" if timed_out else "connection").inc()
             raise
 
     async def _json(self, operation: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
