@@ -15,7 +15,6 @@ from finetune_operator.api import FineTuneJob, describe, parse_manifest, resolve
 from finetune_operator.api.crd import render_crd_yaml, write_crd
 from finetune_operator.api.docs import render_api_docs
 from finetune_operator.builders import BuildContext, build_attempt
-
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
 
 EXIT_INVALID = 2

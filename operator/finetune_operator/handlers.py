@@ -39,18 +39,19 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
-async def job_changed(event: kopf.RawEvent, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_changed(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     runtime: Runtime = memo["runtime"]
-    if event.get("type") == "DELETED":
-        runtime.queue.forget((namespace, name))
-        runtime.metrics.forget((namespace, name))
+    key = (namespace or "", name)
+    if type == "DELETED":
+        runtime.queue.forget(key)
+        runtime.metrics.forget(key)
     else:
-        runtime.queue.add((namespace, name))
+        runtime.queue.add(key)
 
 
 @kopf.on.event("v1", "pods", labels={contract.LABEL_JOB: kopf.PRESENT})
-async def pod_changed(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo["runtime"].queue.add((namespace, labels[contract.LABEL_JOB]))
+async def pod_changed(labels: kopf.Labels, namespace: str | None, memo: Any, **_: Any) -> None:
+    memo["runtime"].queue.add((namespace or "", labels[contract.LABEL_JOB]))
 
 
 @kopf.on.probe(id="reconcile")

@@ -15,7 +15,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.jobs = Gauge(
-            "ftjob_jobs", "FineTuneJobs by phase, as of their last reconcile", ["phase"], registry=self.registry
+            "ftjob_jobs",
+            "FineTuneJobs by phase, as of their last reconcile",
+            ["phase"],
+            registry=self.registry,
         )
         self.restarts = Counter(
             "ftjob_gang_restarts",

@@ -27,9 +27,9 @@ def load_api_client(settings: OperatorSettings) -> client.ApiClient:
     """In a pod: its service account; elsewhere: the kubeconfig, as kubectl would use it."""
     configuration = client.Configuration()
     try:
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     configuration.connection_pool_maxsize = settings.workers + settings.create_concurrency
     return client.ApiClient(configuration)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from finetune_operator import contract
 
+from tests.support.cluster import CONFIGMAPS, SERVICES
 from tests.support.factories import manifest
 from tests.support.kubelet import Rank, script
-from tests.support.cluster import CONFIGMAPS, EVENTS, SERVICES
 from tests.support.operator import operator_env
 
 NS = "team-a"
@@ -20,7 +20,9 @@ FAST = {
 
 
 def job(name: str = "demo", **changes: object) -> dict:
-    return manifest({**FAST, **{k.replace("__", "."): v for k, v in changes.items()}}, name=name, namespace=NS)
+    return manifest(
+        {**FAST, **{k.replace("__", "."): v for k, v in changes.items()}}, name=name, namespace=NS
+    )
 
 
 def env_of(pod: dict) -> dict[str, str]:
@@ -94,7 +96,9 @@ async def test_an_eviction_restarts_the_gang_without_counting_toward_max_restart
 @pytest.mark.asyncio
 async def test_exit_2_fails_the_job_as_invalid_config_without_a_restart() -> None:
     message = "invalid configuration: world.nnodes 2 but 3 ranks"
-    async with operator_env(script(a1n1=Rank(exit_code=2, message=message), default=Rank(exit_code=None))) as k8s:
+    async with operator_env(
+        script(a1n1=Rank(exit_code=2, message=message), default=Rank(exit_code=None))
+    ) as k8s:
         await k8s.start_operator()
         await k8s.apply(job())
         status = await k8s.phase(NS, "demo", "Failed")
@@ -151,7 +155,9 @@ async def test_suspend_deletes_the_pods_and_unsuspend_starts_a_new_attempt() -> 
 async def test_ttl_after_finished_deletes_the_job_and_every_child() -> None:
     async with operator_env(script()) as k8s:
         await k8s.start_operator()
-        await k8s.apply(job(**{"spec.runPolicy.ttlSecondsAfterFinished": 300, "spec.runPolicy.cleanPodPolicy": "None"}))
+        await k8s.apply(
+            job(**{"spec.runPolicy.ttlSecondsAfterFinished": 300, "spec.runPolicy.cleanPodPolicy": "None"})
+        )
         await k8s.phase(NS, "demo", "Succeeded")
         assert len(k8s.pods("demo")) == 2
         k8s.clock.jump(301)
@@ -207,8 +213,10 @@ async def test_pods_stuck_terminating_on_a_lost_node_are_force_deleted_and_the_g
         await k8s.apply(job())
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("phase") == "Restarting")
         await k8s.eventually(
-            lambda: [(p["metadata"]["name"], "deletionTimestamp" in p["metadata"]) for p in k8s.pods("demo")]
-            == [("demo-a1-n1", True)],
+            lambda: (
+                [(p["metadata"]["name"], "deletionTimestamp" in p["metadata"]) for p in k8s.pods("demo")]
+                == [("demo-a1-n1", True)]
+            ),
             what="n1 alone, left terminating",
         )
         k8s.clock.jump(120 + 61)  # past the grace period, then the force-delete margin

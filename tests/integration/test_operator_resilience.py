@@ -9,8 +9,8 @@ import random
 import pytest
 
 from tests.support.cluster import CONFIGMAPS, Call
-from tests.support.kubelet import Rank, script
 from tests.support.factories import manifest
+from tests.support.kubelet import Rank, script
 from tests.support.operator import OperatorEnv, operator_env, with_settings
 
 NS = "team-a"
@@ -18,7 +18,11 @@ WRITES = {"create", "patch", "delete"}
 
 
 def job() -> dict:
-    changes = {"spec.resources.nodes": 2, "spec.runPolicy.backoffBaseSeconds": 1, "spec.runPolicy.backoffCapSeconds": 2}
+    changes = {
+        "spec.resources.nodes": 2,
+        "spec.runPolicy.backoffBaseSeconds": 1,
+        "spec.runPolicy.backoffCapSeconds": 2,
+    }
     return manifest(changes, name="demo", namespace=NS)
 
 
@@ -65,7 +69,9 @@ async def test_an_operator_killed_and_restarted_at_random_points_of_a_restart_le
         k8s.cluster.on_call = count
         await k8s.start_operator()
         await k8s.apply(job())
-        await k8s.eventually(lambda: len(kills) == 2 and all(t.done() for t in kills), timeout=60, what=context)
+        await k8s.eventually(
+            lambda: len(kills) == 2 and all(t.done() for t in kills), timeout=60, what=context
+        )
         for task in kills:
             task.result()
         await assert_one_clean_restart(k8s, context)
@@ -80,7 +86,9 @@ async def test_conflicts_server_errors_timeouts_and_dropped_watches_do_not_stop_
         cluster.inject(lambda c: c.verb == "create" and c.resource == "pods", status=500, times=3)
         cluster.inject(lambda c: c.verb == "get" and c.resource == "finetunejobs", status=503, times=2)
         # past the client's 1 s timeout, for the first call and the client's own three retries
-        cluster.inject(lambda c: c.verb == "list" and c.resource == "pods" and c.from_operator, delay=1.5, times=4)
+        cluster.inject(
+            lambda c: c.verb == "list" and c.resource == "pods" and c.from_operator, delay=1.5, times=4
+        )
         cluster.inject(lambda c: c.verb == "delete" and c.resource == "pods", status=500, times=1)
         operator = await k8s.start_operator(with_settings(request_timeout_seconds=1.0))
         await k8s.apply(job())
@@ -94,4 +102,8 @@ async def test_conflicts_server_errors_timeouts_and_dropped_watches_do_not_stop_
             for s in metric.samples
             if s.name.endswith("_total") and s.value > 0
         }
-        assert {("patch finetunejobs/status", "409"), ("create pods", "500"), ("list pods", "timeout")} <= errors
+        assert {
+            ("patch finetunejobs/status", "409"),
+            ("create pods", "500"),
+            ("list pods", "timeout"),
+        } <= errors

@@ -105,7 +105,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     def declare(self) -> None:
         info = kmock.ResourceInfo
-        self.resources[JOBS] = info(kind=contract.KIND, namespaced=True, verbs={"list", "watch", "get", "patch"})
+        self.resources[JOBS] = info(
+            kind=contract.KIND, namespaced=True, verbs={"list", "watch", "get", "patch"}
+        )
         self.resources["v1/pods"] = info(kind="Pod", namespaced=True, verbs={"list", "watch", "get", "patch"})
         self.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs={"list", "watch"})
         self.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
@@ -154,7 +156,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._dropped.set()
         self._dropped = asyncio.Event()
 
-    def inject(self, match: Callable[[Call], bool], *, status: int | None = None, delay: float = 0.0, times: int = 1) -> Fault:
+    def inject(
+        self, match: Callable[[Call], bool], *, status: int | None = None, delay: float = 0.0, times: int = 1
+    ) -> Fault:
         fault = Fault(match, status=status, delay=delay, times=times)
         self.faults.append(fault)
         return fault
@@ -180,7 +184,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 fault.hits += 1
                 await asyncio.sleep(fault.delay)
                 if fault.status is not None:
-                    raise kmock.KubernetesError(status=fault.status, reason="InjectedFault", message="injected by the test")
+                    raise kmock.KubernetesError(
+                        status=fault.status, reason="InjectedFault", message="injected by the test"
+                    )
         if request.action in (kmock.action.LIST, kmock.action.WATCH, kmock.action.FETCH):
             return await super()._handle(request)
         async with self._writes:
@@ -203,7 +209,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             meta.setdefault("namespace", request.namespace)
-            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_iso(self.clock), resourceVersion=str(next(self._versions)))
+            meta.update(
+                uid=str(uuid.uuid4()),
+                creationTimestamp=_iso(self.clock),
+                resourceVersion=str(next(self._versions)),
+            )
             if resource in WITH_STATUS_SUBRESOURCE:
                 meta["generation"] = 1
                 data.pop("status", None)
@@ -244,12 +254,19 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return None
         if pod["metadata"].get("deletionTimestamp"):
             return pod
-        seconds = int(grace) if grace is not None else int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        seconds = (
+            int(grace) if grace is not None else int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        )
         await self.write(
             PODS,
             request.namespace or "",
             request.name or "",
-            {"metadata": {"deletionTimestamp": _iso(self.clock, seconds), "deletionGracePeriodSeconds": seconds}},
+            {
+                "metadata": {
+                    "deletionTimestamp": _iso(self.clock, seconds),
+                    "deletionGracePeriodSeconds": seconds,
+                }
+            },
         )
         return self.get(PODS, request.namespace or "", request.name or "")
 
@@ -276,7 +293,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         result = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
         assert isinstance(result, dict)
-        result["items"] = [i for i in result["items"] if _matches(i.get("metadata", {}).get("labels") or {}, selector)]
+        result["items"] = [
+            i for i in result["items"] if _matches(i.get("metadata", {}).get("labels") or {}, selector)
+        ]
         return result
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:

@@ -83,8 +83,12 @@ class Kubelet:
         b = self.behaviour(attempt, rank)
         deleting = self._deleting[key]
         if b.unschedulable:
-            condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}
+            condition = {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+            }
             await self._write(key, {"status": {"conditions": [condition]}})
             await deleting.wait()
             return await self.cluster.remove(PODS, *key)
@@ -96,7 +100,9 @@ class Kubelet:
             await deleting.wait()
             return await self.cluster.remove(PODS, *key)
         running = {"running": {"startedAt": _iso(self.clock)}}
-        await self._write(key, {"status": {"phase": "Running", "containerStatuses": [self._container(running)]}})
+        await self._write(
+            key, {"status": {"phase": "Running", "containerStatuses": [self._container(running)]}}
+        )
         self.started.append(key[1])
         reporter = asyncio.create_task(self._report(key)) if rank == 0 and b.progress else None
         try:
@@ -113,7 +119,10 @@ class Kubelet:
             return  # its kubelet is gone: nothing will ever finish a deletion
         elif b.evicted:
             disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
-            await self._write(key, {"status": {"phase": "Failed", "reason": "Evicted", "conditions": [scheduled, disruption]}})
+            await self._write(
+                key,
+                {"status": {"phase": "Failed", "reason": "Evicted", "conditions": [scheduled, disruption]}},
+            )
         else:
             assert b.exit_code is not None
             reason = b.reason or ("Completed" if b.exit_code == 0 else "Error")
@@ -126,7 +135,10 @@ class Kubelet:
         if message:
             terminated["message"] = message + "\n"
         phase = "Succeeded" if code == 0 else "Failed"
-        await self._write(key, {"status": {"phase": phase, "containerStatuses": [self._container({"terminated": terminated})]}})
+        await self._write(
+            key,
+            {"status": {"phase": phase, "containerStatuses": [self._container({"terminated": terminated})]}},
+        )
 
     @staticmethod
     def _container(state: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +162,9 @@ class Kubelet:
                 done = step - step % 10
                 checkpoint = CheckpointRef(step=done, uri=f"s3://ckpt/{key[0]}/{key[1]}/step-{done:08d}")
             report = ProgressReport(
-                progress=Progress(step=step, total_steps=1000, loss=2.0 - step / 1000, updated_at=self.clock.now()),
+                progress=Progress(
+                    step=step, total_steps=1000, loss=2.0 - step / 1000, updated_at=self.clock.now()
+                ),
                 latest_checkpoint=checkpoint,
             )
             logs = self.cluster.pod_logs

@@ -13,8 +13,10 @@ from typing import Any
 import aiohttp
 import kmock
 import kopf
-from finetune_operator import contract
-from finetune_operator import handlers  # noqa: F401  (registers the operator's handlers)
+from finetune_operator import (
+    contract,
+    handlers,  # noqa: F401  (registers the operator's handlers)
+)
 from finetune_operator.runtime import Runtime
 from finetune_operator.settings import OperatorSettings
 from kubernetes import client
@@ -61,7 +63,11 @@ class OperatorProcess:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()  # type: ignore[assignment]
             await kopf.operator(
-                clusterwide=True, standalone=True, memo=self.memo, stop_flag=self._stop, ready_flag=self._ready
+                clusterwide=True,
+                standalone=True,
+                memo=self.memo,
+                stop_flag=self._stop,
+                ready_flag=self._ready,
             )
 
         with contextlib.suppress(asyncio.CancelledError):
@@ -128,7 +134,8 @@ class OperatorEnv:
     # -- kubectl ---------------------------------------------------------------------------------
 
     def _path(self, namespace: str, name: str | None = None) -> str:
-        base = f"{self.url}/apis/{contract.API_GROUP}/{contract.API_VERSION}/namespaces/{namespace}/{contract.PLURAL}"
+        group = f"{self.url}/apis/{contract.API_GROUP}/{contract.API_VERSION}"
+        base = f"{group}/namespaces/{namespace}/{contract.PLURAL}"
         return f"{base}/{name}" if name else base
 
     async def apply(self, manifest: dict[str, Any]) -> None:

@@ -263,7 +263,10 @@ class KubernetesBackend:
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{job.metadata.name}.{uuid.uuid4().hex[:16]}", "namespace": job.metadata.namespace},
+            "metadata": {
+                "name": f"{job.metadata.name}.{uuid.uuid4().hex[:16]}",
+                "namespace": job.metadata.namespace,
+            },
             "involvedObject": {
                 "apiVersion": API_VERSION,
                 "kind": contract.KIND,
@@ -284,4 +287,6 @@ class KubernetesBackend:
         try:
             await self._call("create events", self.core.create_namespaced_event, job.metadata.namespace, body)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.warning("event %s for %s not recorded: %s", event.reason, job.metadata.name, type(exc).__name__)
+            log.warning(
+                "event %s for %s not recorded: %s", event.reason, job.metadata.name, type(exc).__name__
+            )

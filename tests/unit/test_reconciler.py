@@ -1,0 +1,127 @@
+"""One reconcile pass against a recording backend: status first, then events, then actions; no
+write when nothing changed; nothing done when the status write finds the job changed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from finetune_operator.api import FineTuneJob, FineTuneJobStatus
+from finetune_operator.backends.kubernetes import merge_patch
+from finetune_operator.policy.actions import Action, CreateAttempt, CreateService, Event
+from finetune_operator.policy.decide import Observed
+from finetune_operator.reconciler import Reconciler
+from finetune_operator.settings import OperatorSettings
+
+from tests.support.clock import JumpingClock
+from tests.support.factories import job
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class RecordingBackend:
+    def __init__(self, observed: Observed | None, *, conflict: bool = False) -> None:
+        self.observed, self.conflict = observed, conflict
+        self.log: list[Any] = []
+
+    async def observe(self, key: tuple[str, str], now: datetime) -> Observed | None:
+        return self.observed
+
+    async def write_status(self, job: FineTuneJob, status: FineTuneJobStatus) -> bool:
+        self.log.append(("status", status.phase))
+        return not self.conflict
+
+    async def apply(self, job: FineTuneJob, action: Action) -> None:
+        self.log.append(action)
+
+    async def emit(self, job: FineTuneJob, event: Event) -> None:
+        self.log.append(("event", event.reason))
+
+
+def _reconciler(backend: RecordingBackend) -> Reconciler:
+    return Reconciler(backend, JumpingClock(), OperatorSettings(metrics_port=None))
+
+
+@pytest.mark.asyncio
+async def test_a_new_job_gets_its_status_then_its_event_then_its_children() -> None:
+    backend = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW))
+    await _reconciler(backend).reconcile(("team-a", "demo"))
+    assert backend.log == [
+        ("status", "Starting"),
+        ("event", "Created"),
+        CreateService(),
+        CreateAttempt(1, (0,)),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_a_status_write_refused_as_a_conflict_stops_the_pass_and_asks_for_another() -> None:
+    backend = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW), conflict=True)
+    again = await _reconciler(backend).reconcile(("team-a", "demo"))
+    assert backend.log == [("status", "Starting")] and again == 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_job_that_is_gone_is_left_alone() -> None:
+    backend = RecordingBackend(None)
+    assert await _reconciler(backend).reconcile(("team-a", "demo")) is None
+    assert backend.log == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ({"a": 1}, {"a": 1}, {}),
+        ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+        ({"p": {"x": 1, "y": 2}}, {"p": {"x": 1}}, {"p": {"y": None}}),
+        ({"c": [1, 2]}, {"c": [2]}, {"c": [2]}),
+        ({}, {"phase": "Running"}, {"phase": "Running"}),
+    ],
+)
+def test_status_is_written_as_the_merge_patch_from_old_to_new(old: dict, new: dict, patch: dict) -> None:
+    assert merge_patch(old, new) == patch
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FTJOB_WORKERS": "many"}, "FTJOB_WORKERS='many' is not a number"),
+        ({"FTJOB_WORKERS": "0"}, "FTJOB_WORKERS='0' must be at least 1"),
+        ({"FTJOB_RESYNC_SECONDS": "1"}, "FTJOB_RESYNC_SECONDS='1' must be at least 10"),
+    ],
+)
+def test_bad_operator_settings_are_refused_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        OperatorSettings.from_env(env)
+
+
+def test_operator_settings_come_from_the_environment_the_chart_sets() -> None:
+    settings = OperatorSettings.from_env(
+        {"FTJOB_DEFAULT_IMAGE": "registry.example/trainer:1", "FTJOB_WORKERS": "3", "FTJOB_METRICS_PORT": "0"}
+    )
+    assert (settings.default_image, settings.workers, settings.metrics_port) == (
+        "registry.example/trainer:1",
+        3,
+        None,
+    )
+
+
+def _sample(metrics: Any, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_jobs_by_phase_and_restarts_by_class() -> None:
+    backend = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW))
+    reconciler = _reconciler(backend)
+    await reconciler.reconcile(("team-a", "demo"))
+    metrics = reconciler.metrics
+    assert _sample(metrics, "ftjob_jobs", phase="Starting") == 1
+    metrics.count_restarts(FineTuneJobStatus(restarts=1), FineTuneJobStatus(restarts=2, infra_restarts=1))
+    assert _sample(metrics, "ftjob_gang_restarts_total", **{"class": "application"}) == 1
+    assert _sample(metrics, "ftjob_gang_restarts_total", **{"class": "infrastructure"}) == 1
+    assert _sample(metrics, "ftjob_reconcile_duration_seconds_count") == 1
+    metrics.forget(("team-a", "demo"))
+    assert _sample(metrics, "ftjob_jobs", phase="Starting") == 0
