@@ -53,6 +53,7 @@ bench: $(INSTALLED)
 	$(PY) benchmarks/checkpoint_stall.py
 	$(PY) benchmarks/upload_throughput.py
 	$(PY) benchmarks/trainer_overhead.py
+	$(PY) benchmarks/operator_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
