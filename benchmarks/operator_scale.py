@@ -91,7 +91,7 @@ async def wait_for(check: Any, timeout: float, what: str) -> None:
     while not check():
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
 
 
 async def post(session: Any, url: str, path: str, body: dict[str, Any]) -> None:
@@ -117,7 +117,7 @@ async def bare_create(session: Any, url: str, name: str, nodes: int) -> float:
 
 
 def pods_of(cluster: Any, name: str, attempt: int) -> int:
-    return len(cluster.list(PODS, f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"))
+    return int(cluster.count(PODS, f"finetune.dev/job-name={name},finetune.dev/attempt={attempt}"))
 
 
 async def creation_and_restart(sizes: list[int]) -> None:
@@ -238,8 +238,12 @@ async def many_jobs(count: int, nodes: int) -> None:
             )
 
         def all_running() -> bool:
-            jobs = cluster.list(JOBS)
-            return len(jobs) == count and all((j.get("status") or {}).get("phase") == "Running" for j in jobs)
+            phases = [
+                (obj.last.raw.get("status") or {}).get("phase")
+                for (resource, _, _), obj in list(cluster.objects.items())
+                if resource == JOBS and not obj.deleted
+            ]
+            return len(phases) == count and all(p == "Running" for p in phases)
 
         await wait_for(all_running, 900, f"{count} jobs Running")
         took = time.perf_counter() - started

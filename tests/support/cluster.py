@@ -11,12 +11,14 @@ here (each gap is listed in docs/architecture.md, "Testing against the emulator"
   kubelet is done with it; gracePeriodSeconds=0 removes it at once;
 - garbage collection: deleting an object removes the objects its uid owns;
 - pods/log, from `pod_logs`.
-It also records every request (for request counts and the RBAC check) and injects faults.
+It also records every request (for request counts and the RBAC check) and injects faults, and keeps
+KMock's own request history to the requests in flight (it is scanned on every request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import uuid
@@ -130,6 +132,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if _matches(obj.raw.get("metadata", {}).get("labels") or {}, selector)
         ]
 
+    def count(self, resource: kmock.resource, selector: str | None = None) -> int:
+        """How many objects match, without copying them (cheap enough to poll)."""
+        return sum(
+            1
+            for (res, _, _), obj in list(self.objects.items())
+            if res == resource and not obj.deleted
+            if _matches(obj.last.raw.get("metadata", {}).get("labels") or {}, selector)
+        )
+
     async def write(self, resource: kmock.resource, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Patch as a controller with full rights would (status included); False if it is gone."""
         async with self._lock:
@@ -166,6 +177,16 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # -- the request path ---------------------------------------------------------------------------
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        # KMock matches each request against its reactions by scanning every request it ever
+        # received, so a long run grows quadratically (a second per request after a few thousand).
+        # `calls` is this emulator's record; KMock's own history keeps only requests in flight.
+        try:
+            return await self._serve(request)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._requests.remove(request)
+
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is None or request.action not in VERBS:
             return await super()._handle(request)
         plural = request.resource.plural or ""
