@@ -44,8 +44,14 @@ class OperatorProcess:
     own memo and runtime. kopf treats every task of its loop as its own when it exits, so it must
     not share a loop with the emulator and the kubelet."""
 
-    def __init__(self, url: str, clock: JumpingClock, settings: OperatorSettings = TEST_SETTINGS) -> None:
-        self.url, self.clock, self.settings = url, clock, settings
+    def __init__(
+        self,
+        url: str,
+        clock: JumpingClock,
+        settings: OperatorSettings = TEST_SETTINGS,
+        liveness: str | None = None,
+    ) -> None:
+        self.url, self.clock, self.settings, self.liveness = url, clock, settings, liveness
         self.memo = kopf.Memo(server_url=url, settings=settings, clock=clock)
         self.memo["api_client"] = client.ApiClient(client.Configuration(host=url))
         self._stop = threading.Event()
@@ -63,6 +69,7 @@ class OperatorProcess:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()  # type: ignore[assignment]
             await kopf.operator(
+                liveness_endpoint=self.liveness,
                 clusterwide=True,
                 standalone=True,
                 memo=self.memo,
@@ -118,8 +125,10 @@ class OperatorEnv:
         self.operator: OperatorProcess | None = None
         self.session = aiohttp.ClientSession(headers={"User-Agent": "kubectl-in-tests"})
 
-    async def start_operator(self, settings: OperatorSettings = TEST_SETTINGS) -> OperatorProcess:
-        self.operator = OperatorProcess(self.url, self.clock, settings)
+    async def start_operator(
+        self, settings: OperatorSettings = TEST_SETTINGS, liveness: str | None = None
+    ) -> OperatorProcess:
+        self.operator = OperatorProcess(self.url, self.clock, settings, liveness)
         await self.operator.start()
         return self.operator
 
