@@ -3,6 +3,7 @@ reconcile probe, and the Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiohttp
@@ -34,8 +35,19 @@ async def test_liveness_reports_the_reconcile_probe_and_metrics_count_jobs_and_r
             async with session.get(f"http://127.0.0.1:{liveness}/healthz") as response:
                 assert response.status == 200
                 assert "reconcile" in await response.json()
-            async with session.get(f"http://127.0.0.1:{metrics}/metrics") as response:
-                text = await response.text()
-        assert 'ftjob_jobs{phase="Succeeded"} 1.0' in text
-        assert 'ftjob_gang_restarts_total{class="application"} 1.0' in text
-        assert "ftjob_reconcile_duration_seconds_count" in text
+            exposition = ""
+
+            async def scrape() -> str:
+                nonlocal exposition
+                async with session.get(f"http://127.0.0.1:{metrics}/metrics") as response:
+                    exposition = await response.text()
+                return exposition
+
+            # the pass records the phase after its status write, which the test saw first
+            for _ in range(100):
+                if 'ftjob_jobs{phase="Succeeded"} 1.0' in await scrape():
+                    break
+                await asyncio.sleep(0.05)
+        assert 'ftjob_jobs{phase="Succeeded"} 1.0' in exposition
+        assert 'ftjob_gang_restarts_total{class="application"} 1.0' in exposition
+        assert "ftjob_reconcile_duration_seconds_count" in exposition

@@ -120,7 +120,7 @@ class TestRankPods:
 
     def test_another_gpu_resource_name_is_honoured(self) -> None:
         pod = build_rank_pod(job({"spec.resources.gpuResourceName": "amd.com/gpu"}), 1, 0, CTX)
-        assert _container(pod)["resources"]["limits"] == {"amd.com/gpu": 8}
+        assert _container(pod)["resources"]["limits"] == {"amd.com/gpu": "8"}
 
     def test_memory_is_limited_but_cpu_is_not(self) -> None:
         resources = _container(build_rank_pod(job(_everything()), 1, 0, CTX))["resources"]
