@@ -25,8 +25,7 @@ log = logging.getLogger("finetune_operator.reconcile")
 
 
 def status_changed(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> bool:
-    before = (old or FineTuneJobStatus()).model_dump(mode="json", by_alias=True, exclude_none=True)
-    return before != new.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return (old or FineTuneJobStatus()).to_wire() != new.to_wire()
 
 
 class Reconciler:

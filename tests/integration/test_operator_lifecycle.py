@@ -9,7 +9,7 @@ from finetune_operator import contract
 from tests.support.cluster import CONFIGMAPS, SERVICES
 from tests.support.factories import manifest
 from tests.support.kubelet import Rank, script
-from tests.support.operator import operator_env
+from tests.support.operator import running
 
 NS = "team-a"
 FAST = {
@@ -31,9 +31,7 @@ def env_of(pod: dict) -> dict[str, str]:
 
 @pytest.mark.asyncio
 async def test_apply_creates_the_service_config_and_one_pod_per_rank_with_the_contract_env() -> None:
-    async with operator_env(script(Rank(exit_code=None))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(script(Rank(exit_code=None)), job()) as k8s:
         pods = await k8s.eventually(lambda: len(k8s.pods("demo")) == 2 and k8s.pods("demo"), what="2 pods")
         by_name = {p["metadata"]["name"]: p for p in pods}
         assert set(by_name) == {"demo-a1-n0", "demo-a1-n1"}
@@ -58,9 +56,7 @@ async def test_a_rank_exiting_1_twice_then_success_ends_succeeded_with_two_resta
         a1n1=Rank(exit_code=1, message="RuntimeError at step 7: boom"),
         a2n0=Rank(exit_code=1, message="RuntimeError at step 9: boom"),
     )
-    async with operator_env(behaviour) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(behaviour, job()) as k8s:
         status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
         assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (3, 2, 0)
         assert status["ranks"] == {"total": 2, "pending": 0, "running": 0, "succeeded": 2, "failed": 0}
@@ -75,9 +71,7 @@ async def test_a_rank_exiting_1_twice_then_success_ends_succeeded_with_two_resta
 @pytest.mark.asyncio
 async def test_the_failed_ranks_termination_message_is_the_restart_reason() -> None:
     behaviour = script(a1n1=Rank(exit_code=1, message="CUDA out of memory at step 1200"))
-    async with operator_env(behaviour) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(behaviour, job()) as k8s:
         await k8s.phase(NS, "demo", "Succeeded", timeout=30)
         restarting = condition(k8s.status(NS, "demo"), "Restarting")
         assert "CUDA out of memory at step 1200" in k8s.event_messages("demo", "RankFailed")[0]
@@ -86,9 +80,7 @@ async def test_the_failed_ranks_termination_message_is_the_restart_reason() -> N
 
 @pytest.mark.asyncio
 async def test_an_eviction_restarts_the_gang_without_counting_toward_max_restarts() -> None:
-    async with operator_env(script(a1n0=Rank(evicted=True))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job(**{"spec.runPolicy.maxRestarts": 0}))
+    async with running(script(a1n0=Rank(evicted=True)), job(**{"spec.runPolicy.maxRestarts": 0})) as k8s:
         status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
         assert (status["restarts"], status["infraRestarts"], status["attempt"]) == (0, 1, 2)
 
@@ -96,11 +88,9 @@ async def test_an_eviction_restarts_the_gang_without_counting_toward_max_restart
 @pytest.mark.asyncio
 async def test_exit_2_fails_the_job_as_invalid_config_without_a_restart() -> None:
     message = "invalid configuration: world.nnodes 2 but 3 ranks"
-    async with operator_env(
-        script(a1n1=Rank(exit_code=2, message=message), default=Rank(exit_code=None))
+    async with running(
+        script(a1n1=Rank(exit_code=2, message=message), default=Rank(exit_code=None)), job()
     ) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
         status = await k8s.phase(NS, "demo", "Failed")
         failed = condition(status, "Failed")
         assert failed["reason"] == "InvalidConfig" and message in failed["message"]
@@ -112,9 +102,7 @@ async def test_exit_2_fails_the_job_as_invalid_config_without_a_restart() -> Non
 @pytest.mark.asyncio
 async def test_image_pull_backoff_past_the_startup_timeout_fails_the_job_with_that_reason() -> None:
     behaviour = script(a1n1=Rank(waiting="ImagePullBackOff"), default=Rank(exit_code=None))
-    async with operator_env(behaviour) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job(**{"spec.runPolicy.startupTimeoutSeconds": 600}))
+    async with running(behaviour, job(**{"spec.runPolicy.startupTimeoutSeconds": 600})) as k8s:
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("ranks", {}).get("pending") == 1)
         assert k8s.status(NS, "demo")["phase"] == "Starting"
         k8s.clock.jump(601)
@@ -125,9 +113,10 @@ async def test_image_pull_backoff_past_the_startup_timeout_fails_the_job_with_th
 
 @pytest.mark.asyncio
 async def test_max_restarts_exceeded_fails_the_job_as_backoff_limit_exceeded() -> None:
-    async with operator_env(script(Rank(exit_code=1, message="ValueError at step 3: nan loss"))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job(**{"spec.runPolicy.maxRestarts": 1}))
+    async with running(
+        script(Rank(exit_code=1, message="ValueError at step 3: nan loss")),
+        job(**{"spec.runPolicy.maxRestarts": 1}),
+    ) as k8s:
         status = await k8s.phase(NS, "demo", "Failed", timeout=30)
         failed = condition(status, "Failed")
         assert failed["reason"] == "BackoffLimitExceeded" and "nan loss" in failed["message"]
@@ -136,9 +125,7 @@ async def test_max_restarts_exceeded_fails_the_job_as_backoff_limit_exceeded() -
 
 @pytest.mark.asyncio
 async def test_suspend_deletes_the_pods_and_unsuspend_starts_a_new_attempt() -> None:
-    async with operator_env(script(Rank(exit_code=None))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(script(Rank(exit_code=None)), job()) as k8s:
         await k8s.phase(NS, "demo", "Running")
         await k8s.patch(NS, "demo", {"spec": {"runPolicy": {"suspend": True}}})
         status = await k8s.phase(NS, "demo", "Suspended")
@@ -153,11 +140,10 @@ async def test_suspend_deletes_the_pods_and_unsuspend_starts_a_new_attempt() -> 
 
 @pytest.mark.asyncio
 async def test_ttl_after_finished_deletes_the_job_and_every_child() -> None:
-    async with operator_env(script()) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(
-            job(**{"spec.runPolicy.ttlSecondsAfterFinished": 300, "spec.runPolicy.cleanPodPolicy": "None"})
-        )
+    async with running(
+        script(),
+        job(**{"spec.runPolicy.ttlSecondsAfterFinished": 300, "spec.runPolicy.cleanPodPolicy": "None"}),
+    ) as k8s:
         await k8s.phase(NS, "demo", "Succeeded")
         assert len(k8s.pods("demo")) == 2
         k8s.clock.jump(301)
@@ -170,9 +156,7 @@ async def test_ttl_after_finished_deletes_the_job_and_every_child() -> None:
 @pytest.mark.asyncio
 async def test_a_job_without_progress_for_progress_timeout_is_restarted_as_stalled() -> None:
     behaviour = script(a1=Rank(exit_code=None, progress=False), default=Rank(exit_code=None))
-    async with operator_env(behaviour) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job(**{"spec.runPolicy.progressTimeoutSeconds": 600}))
+    async with running(behaviour, job(**{"spec.runPolicy.progressTimeoutSeconds": 600})) as k8s:
         await k8s.phase(NS, "demo", "Running")
         k8s.clock.jump(601)
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("attempt") == 2, what="attempt 2")
@@ -183,9 +167,7 @@ async def test_a_job_without_progress_for_progress_timeout_is_restarted_as_stall
 
 @pytest.mark.asyncio
 async def test_progress_and_the_latest_checkpoint_reach_the_status_while_running() -> None:
-    async with operator_env(script(Rank(exit_code=None))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(script(Rank(exit_code=None)), job()) as k8s:
         status = await k8s.eventually(
             lambda: (s := k8s.status(NS, "demo")).get("latestCheckpoint") and s, what="a checkpoint in status"
         )
@@ -195,9 +177,7 @@ async def test_progress_and_the_latest_checkpoint_reach_the_status_while_running
 
 @pytest.mark.asyncio
 async def test_an_active_deadline_set_on_a_running_job_takes_effect() -> None:
-    async with operator_env(script(Rank(exit_code=None))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(script(Rank(exit_code=None)), job()) as k8s:
         await k8s.phase(NS, "demo", "Running")
         await k8s.patch(NS, "demo", {"spec": {"runPolicy": {"activeDeadlineSeconds": 3600}}})
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("observedGeneration") == 2)
@@ -208,9 +188,7 @@ async def test_an_active_deadline_set_on_a_running_job_takes_effect() -> None:
 
 @pytest.mark.asyncio
 async def test_pods_stuck_terminating_on_a_lost_node_are_force_deleted_and_the_gang_restarts() -> None:
-    async with operator_env(script(a1n1=Rank(node_lost=True), a1n0=Rank(exit_code=None))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(script(a1n1=Rank(node_lost=True), a1n0=Rank(exit_code=None)), job()) as k8s:
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("phase") == "Restarting")
         await k8s.eventually(
             lambda: (
@@ -228,9 +206,7 @@ async def test_pods_stuck_terminating_on_a_lost_node_are_force_deleted_and_the_g
 
 @pytest.mark.asyncio
 async def test_deleting_a_job_takes_its_children_and_needs_no_finalizer() -> None:
-    async with operator_env(script(Rank(exit_code=None))) as k8s:
-        await k8s.start_operator()
-        await k8s.apply(job())
+    async with running(script(Rank(exit_code=None)), job()) as k8s:
         await k8s.phase(NS, "demo", "Running")
         assert not k8s.job(NS, "demo")["metadata"].get("finalizers")
         await k8s.delete(NS, "demo")

@@ -72,7 +72,7 @@ class Fault:
     hits: int = 0
 
 
-def _iso(clock: Clock, plus: float = 0.0) -> str:
+def timestamp(clock: Clock, plus: float = 0.0) -> str:
     return (clock.now() + timedelta(seconds=plus)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -124,22 +124,20 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return None
         return copy.deepcopy(self.objects[key].raw)
 
-    def list(self, resource: kmock.resource, selector: str | None = None) -> list[dict[str, Any]]:
+    def _live(self, resource: kmock.resource, selector: str | None) -> list[dict[str, Any]]:
         return [
-            copy.deepcopy(obj.raw)
-            for (res, _, _), obj in list(self.objects.items())
-            if res == resource and not obj.deleted
-            if _matches(obj.raw.get("metadata", {}).get("labels") or {}, selector)
-        ]
-
-    def count(self, resource: kmock.resource, selector: str | None = None) -> int:
-        """How many objects match, without copying them (cheap enough to poll)."""
-        return sum(
-            1
+            obj.last.raw
             for (res, _, _), obj in list(self.objects.items())
             if res == resource and not obj.deleted
             if _matches(obj.last.raw.get("metadata", {}).get("labels") or {}, selector)
-        )
+        ]
+
+    def list(self, resource: kmock.resource, selector: str | None = None) -> list[dict[str, Any]]:
+        return [copy.deepcopy(raw) for raw in self._live(resource, selector)]
+
+    def count(self, resource: kmock.resource, selector: str | None = None) -> int:
+        """How many objects match, without copying them (cheap enough to poll)."""
+        return len(self._live(resource, selector))
 
     async def write(self, resource: kmock.resource, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Patch as a controller with full rights would (status included); False if it is gone."""
@@ -232,7 +230,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             meta.setdefault("namespace", request.namespace)
             meta.update(
                 uid=str(uuid.uuid4()),
-                creationTimestamp=_iso(self.clock),
+                creationTimestamp=timestamp(self.clock),
                 resourceVersion=str(next(self._versions)),
             )
             if resource in WITH_STATUS_SUBRESOURCE:
@@ -284,7 +282,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             request.name or "",
             {
                 "metadata": {
-                    "deletionTimestamp": _iso(self.clock, seconds),
+                    "deletionTimestamp": timestamp(self.clock, seconds),
                     "deletionGracePeriodSeconds": seconds,
                 }
             },

@@ -19,7 +19,7 @@ from finetune_operator.api.status import CheckpointRef, Progress
 from finetune_operator.progress import ProgressReport, format_line
 
 from tests.support.clock import JumpingClock
-from tests.support.cluster import PODS, ClusterEmulator, _iso
+from tests.support.cluster import PODS, ClusterEmulator, timestamp
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Kubelet:
             await self._write(key, {"status": {"containerStatuses": [self._container(state)]}})
             await deleting.wait()
             return await self.cluster.remove(PODS, *key)
-        running = {"running": {"startedAt": _iso(self.clock)}}
+        running = {"running": {"startedAt": timestamp(self.clock)}}
         await self._write(
             key, {"status": {"phase": "Running", "containerStatuses": [self._container(running)]}}
         )
@@ -131,7 +131,7 @@ class Kubelet:
         await self.cluster.remove(PODS, *key)
 
     async def _terminate(self, key: tuple[str, str], code: int, reason: str, message: str) -> None:
-        terminated: dict[str, Any] = {"exitCode": code, "reason": reason, "finishedAt": _iso(self.clock)}
+        terminated: dict[str, Any] = {"exitCode": code, "reason": reason, "finishedAt": timestamp(self.clock)}
         if message:
             terminated["message"] = message + "\n"
         phase = "Succeeded" if code == 0 else "Failed"

@@ -210,3 +210,12 @@ async def operator_env(behaviour: Script) -> AsyncIterator[OperatorEnv]:
             yield env
         finally:
             await env.close()
+
+
+@contextlib.asynccontextmanager
+async def running(behaviour: Script, job: dict[str, Any]) -> AsyncIterator[OperatorEnv]:
+    """The usual opening of a test: the operator started and the job applied."""
+    async with operator_env(behaviour) as env:
+        await env.start_operator()
+        await env.apply(job)
+        yield env

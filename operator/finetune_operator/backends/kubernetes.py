@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -51,12 +51,6 @@ def merge_patch(old: Any, new: Any) -> Any:
         elif old[key] != value:
             patch[key] = merge_patch(old[key], value)
     return patch
-
-
-def _status_dict(status: FineTuneJobStatus | None) -> dict[str, Any]:
-    if status is None:
-        return {}
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class KubernetesBackend:
@@ -173,7 +167,7 @@ class KubernetesBackend:
     async def write_status(self, job: FineTuneJob, status: FineTuneJobStatus) -> bool:
         body = {
             "metadata": {"resourceVersion": (job.metadata.model_extra or {}).get("resourceVersion")},
-            "status": merge_patch(_status_dict(job.status), _status_dict(status)),
+            "status": merge_patch(job.status.to_wire() if job.status else {}, status.to_wire()),
         }
         try:
             await self._call(
@@ -245,7 +239,7 @@ class KubernetesBackend:
     async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> None:
         await self._tolerate(409, self._call(operation, fn, body["metadata"]["namespace"], body))
 
-    async def _bounded(self, calls: Any) -> None:
+    async def _bounded(self, calls: Iterable[Awaitable[None]]) -> None:
         gate = asyncio.Semaphore(self.settings.create_concurrency)
 
         async def one(call: Awaitable[None]) -> None:
