@@ -30,6 +30,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         operator_settings = memo.get("settings") or OperatorSettings.from_env()
         api = memo.get("api_client") or load_api_client(operator_settings)
         memo["runtime"] = Runtime(operator_settings, api, clock=memo.get("clock"))
+    settings.peering.priority = memo["runtime"].settings.peering_priority
     memo["runtime"].start()
 
 

@@ -115,6 +115,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
             kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
         )
+        self.resources["kopf.dev/v1/clusterkopfpeerings"] = info(
+            kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "get", "patch"}
+        )
 
     # -- what tests and the kubelet use directly --------------------------------------------------
 

@@ -50,8 +50,10 @@ class OperatorProcess:
         clock: JumpingClock,
         settings: OperatorSettings = TEST_SETTINGS,
         liveness: str | None = None,
+        peering: str | None = None,
     ) -> None:
         self.url, self.clock, self.settings, self.liveness = url, clock, settings, liveness
+        self.peering = peering  # a ClusterKopfPeering's name; None runs standalone
         self.memo = kopf.Memo(server_url=url, settings=settings, clock=clock)
         self.memo["api_client"] = client.ApiClient(client.Configuration(host=url))
         self._stop = threading.Event()
@@ -71,7 +73,8 @@ class OperatorProcess:
             await kopf.operator(
                 liveness_endpoint=self.liveness,
                 clusterwide=True,
-                standalone=True,
+                standalone=self.peering is None,
+                peering_name=self.peering,
                 memo=self.memo,
                 stop_flag=self._stop,
                 ready_flag=self._ready,
@@ -126,9 +129,12 @@ class OperatorEnv:
         self.session = aiohttp.ClientSession(headers={"User-Agent": "kubectl-in-tests"})
 
     async def start_operator(
-        self, settings: OperatorSettings = TEST_SETTINGS, liveness: str | None = None
+        self,
+        settings: OperatorSettings = TEST_SETTINGS,
+        liveness: str | None = None,
+        peering: str | None = None,
     ) -> OperatorProcess:
-        self.operator = OperatorProcess(self.url, self.clock, settings, liveness)
+        self.operator = OperatorProcess(self.url, self.clock, settings, liveness, peering)
         await self.operator.start()
         return self.operator
 

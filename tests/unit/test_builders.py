@@ -13,6 +13,7 @@ from finetune_operator.builders import (
     BuildContext,
     build_attempt,
     build_config_map,
+    build_network_policy,
     build_rank_pod,
     build_service,
 )
@@ -117,6 +118,21 @@ class TestRankPods:
         pod = build_rank_pod(job({"spec.resources.gpusPerNode": 0}), 1, 0, CTX)
         assert "nvidia.com/gpu" not in str(_container(pod).get("resources"))
         assert _env(pod)["NPROC_PER_NODE"] == "1"
+
+    def test_cpu_jobs_tell_deepspeed_to_use_the_cpu_unless_the_user_chose(self) -> None:
+        assert (
+            _env(build_rank_pod(job({"spec.resources.gpusPerNode": 0}), 1, 0, CTX))["DS_ACCELERATOR"] == "cpu"
+        )
+        assert "DS_ACCELERATOR" not in _env(build_rank_pod(job(), 1, 0, CTX))
+        chosen = job(
+            {
+                "spec.resources.gpusPerNode": 0,
+                "spec.resources.env": [{"name": "DS_ACCELERATOR", "value": "xpu"}],
+            }
+        )
+        assert [
+            e for e in _container(build_rank_pod(chosen, 1, 0, CTX))["env"] if e["name"] == "DS_ACCELERATOR"
+        ] == [{"name": "DS_ACCELERATOR", "value": "xpu"}]
 
     def test_another_gpu_resource_name_is_honoured(self) -> None:
         pod = build_rank_pod(job({"spec.resources.gpuResourceName": "amd.com/gpu"}), 1, 0, CTX)
@@ -228,6 +244,16 @@ def test_every_built_object_passes_kubernetes_validate_strict(version: str, vari
     changes = {"minimal": {}, "everything": _everything(), "cpu": {"spec.resources.gpusPerNode": 0}}[variant]
     for obj in build_attempt(job(changes), 1, CTX):
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_network_policy_admits_only_the_jobs_own_pods_on_every_port(version: str) -> None:
+    policy = build_network_policy(job(name="demo"))
+    kubernetes_validate.validate(policy, version, strict=True)
+    own = {"matchLabels": {contract.LABEL_JOB: "demo"}}
+    assert policy["spec"]["podSelector"] == own
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: DNS, storage, model source
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": own}]}]  # no ports: NCCL's are ephemeral
 
 
 def test_kubernetes_validate_refuses_an_unknown_pod_field() -> None:

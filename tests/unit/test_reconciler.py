@@ -89,6 +89,8 @@ def test_status_is_written_as_the_merge_patch_from_old_to_new(old: dict, new: di
         ({"FTJOB_WORKERS": "many"}, "FTJOB_WORKERS='many' is not a number"),
         ({"FTJOB_WORKERS": "0"}, "FTJOB_WORKERS='0' must be at least 1"),
         ({"FTJOB_RESYNC_SECONDS": "1"}, "FTJOB_RESYNC_SECONDS='1' must be at least 10"),
+        ({"FTJOB_NETWORK_POLICY": "yes"}, "FTJOB_NETWORK_POLICY='yes' must be true or false"),
+        ({"FTJOB_PEERING_PRIORITY": "high"}, "FTJOB_PEERING_PRIORITY='high' is not a number"),
     ],
 )
 def test_bad_operator_settings_are_refused_naming_the_variable(env: dict[str, str], message: str) -> None:
@@ -105,6 +107,18 @@ def test_operator_settings_come_from_the_environment_the_chart_sets() -> None:
         3,
         None,
     )
+
+
+def test_network_policies_are_made_only_when_the_installation_enables_them() -> None:
+    assert OperatorSettings.from_env({}).network_policy is False
+    assert OperatorSettings.from_env({"FTJOB_NETWORK_POLICY": "true"}).network_policy is True
+
+
+def test_each_replica_draws_its_own_peering_priority_unless_one_is_given() -> None:
+    """kopf pauses every replica when two live ones share a priority; drawn ones practically never do."""
+    drawn = {OperatorSettings.from_env({}).peering_priority for _ in range(50)}
+    assert len(drawn) == 50 and min(drawn) >= 1
+    assert OperatorSettings.from_env({"FTJOB_PEERING_PRIORITY": "7"}).peering_priority == 7
 
 
 def _sample(metrics: Any, name: str, **labels: str) -> float:

@@ -26,11 +26,17 @@ from kubernetes.client.exceptions import ApiException
 from finetune_operator import contract
 from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, parse_manifest
 from finetune_operator.backends.base import JobKey
-from finetune_operator.builders import build_config_map, build_rank_pod, build_service, naming
+from finetune_operator.builders import (
+    build_config_map,
+    build_network_policy,
+    build_rank_pod,
+    build_service,
+    naming,
+)
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy import actions as act
 from finetune_operator.policy.decide import Observed
-from finetune_operator.policy.observed import observe_pod
+from finetune_operator.policy.observed import format_time, observe_pod, rank0_of_current_attempt
 from finetune_operator.progress import ProgressReport, parse_last
 from finetune_operator.settings import OperatorSettings
 
@@ -56,6 +62,7 @@ def merge_patch(old: Any, new: Any) -> Any:
 class KubernetesBackend:
     def __init__(self, api: client.ApiClient, settings: OperatorSettings, metrics: Metrics) -> None:
         self.core = client.CoreV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.settings, self.metrics = settings, metrics
         self._threads = ThreadPoolExecutor(
@@ -144,8 +151,7 @@ class KubernetesBackend:
 
     async def _progress(self, job: FineTuneJob, pods: tuple[Any, ...]) -> ProgressReport | None:
         """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report."""
-        attempt = job.status.attempt if job.status else 0
-        rank0 = next((p for p in pods if p.attempt == attempt and p.rank == 0), None)
+        rank0 = rank0_of_current_attempt(job, pods)
         if rank0 is None or rank0.phase not in ("Running", "Succeeded", "Failed"):
             return None
         try:
@@ -192,6 +198,12 @@ class KubernetesBackend:
         match action:
             case act.CreateService():
                 await self._create("create services", self.core.create_namespaced_service, build_service(job))
+                if self.settings.network_policy:
+                    await self._create(
+                        "create networkpolicies",
+                        self.networking.create_namespaced_network_policy,
+                        build_network_policy(job),
+                    )
             case act.CreateAttempt(attempt=attempt, ranks=ranks):
                 config = build_config_map(job, attempt)
                 await self._create("create configmaps", self.core.create_namespaced_config_map, config)
@@ -253,7 +265,7 @@ class KubernetesBackend:
             raise errors[0]
 
     async def emit(self, job: FineTuneJob, event: act.Event) -> None:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_time(datetime.now(UTC))
         body = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from finetune_operator.api import FineTuneJob
 from finetune_operator.builders import naming
-from finetune_operator.builders.objects import Manifest, build_config_map, build_service, owner_references
+from finetune_operator.builders.objects import (
+    Manifest,
+    build_config_map,
+    build_network_policy,
+    build_service,
+    owner_references,
+)
 from finetune_operator.builders.pod import BuildContext, build_rank_pod, rank_env
 
 
@@ -23,6 +29,7 @@ __all__ = [
     "Manifest",
     "build_attempt",
     "build_config_map",
+    "build_network_policy",
     "build_rank_pod",
     "build_service",
     "naming",

@@ -15,6 +15,11 @@ def service_name(job: str) -> str:
     return f"{job}-ranks"
 
 
+def network_policy_name(job: str) -> str:
+    """The job's ingress policy (one per job, all attempts), when the installation enables them."""
+    return f"{job}-ranks"
+
+
 def config_map_name(job: str, attempt: int) -> str:
     """One immutable ConfigMap per attempt, so an attempt never reads another's config."""
     return f"{job}-a{attempt}-config"

@@ -1,5 +1,6 @@
-"""Pure builders for the objects an attempt needs besides its pods: the headless Service and the
-attempt's trainer ConfigMap. Plain dicts, exactly what is sent to the API server."""
+"""Pure builders for the objects an attempt needs besides its pods: the headless Service, the
+attempt's trainer ConfigMap and, when the installation asks for it, the job's NetworkPolicy. Plain
+dicts, exactly what is sent to the API server."""
 
 from __future__ import annotations
 
@@ -57,6 +58,25 @@ def build_service(job: FineTuneJob) -> Manifest:
                     "protocol": "TCP",
                 }
             ],
+        },
+    }
+
+
+def build_network_policy(job: FineTuneJob) -> Manifest:
+    """Ingress to a job's pods only from the same job's pods. All ports, not just the rendezvous
+    port: NCCL and gloo open their data connections on ephemeral ports. Egress is left alone (the
+    ranks must reach DNS, the checkpoint store and the model source). A static policy in the chart
+    cannot say "the same job as me", hence one per job, owned by it."""
+    name = job.metadata.name
+    own_pods = {"matchLabels": {contract.LABEL_JOB: name}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": child_metadata(job, naming.network_policy_name(name), naming.job_labels(name)),
+        "spec": {
+            "podSelector": own_pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": own_pods}]}],
         },
     }
 

@@ -69,8 +69,12 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
             _secret_ref(k, checkpoint.credentials_secret, optional=True)
             for k in contract.OPTIONAL_SECRET_KEYS
         ]
-    env += [e.to_wire() for e in resources.env]
-    return env
+    user_env = [e.to_wire() for e in resources.env]
+    if not resources.gpus_per_node and all(e["name"] != "DS_ACCELERATOR" for e in user_env):
+        # DeepSpeed picks its accelerator from the machine; a CPU job says so rather than rely on
+        # the image finding no GPU (a CUDA build of torch on a GPU-less node still probes for one).
+        env.append(_value("DS_ACCELERATOR", "cpu"))
+    return env + user_env
 
 
 def _container_resources(job: FineTuneJob) -> dict[str, Any]:
