@@ -79,6 +79,12 @@ def test_ranks_missing_while_starting_are_created_again() -> None:
     assert CreateAttempt(1, (1,)) in d.actions
 
 
+def test_an_interrupted_start_of_attempt_2_also_finishes_deleting_attempt_1s_config() -> None:
+    """The status said attempt 2 before the pass that wrote it could act (status-first ordering)."""
+    d = _decide(_job({"phase": "Starting", "attempt": 2, "restarts": 1}), [], after(5))
+    assert d.actions == [DeleteAttemptConfig(1), CreateAttempt(2, (0, 1))]
+
+
 def test_all_ranks_running_is_running_with_one_event() -> None:
     d = _decide(_job({"phase": "Starting", "attempt": 1}), _gang(), after(30))
     assert d.status.phase == Phase.RUNNING and _reasons(d) == ["Running"]

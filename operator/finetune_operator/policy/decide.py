@@ -78,12 +78,17 @@ def condition(status: FineTuneJobStatus, kind: str) -> Condition | None:
 
 
 def _delete(pods: list[ObservedPod], now: datetime) -> list[Action]:
-    """Delete what is not yet going; force what has outstayed its deletion deadline."""
-    fresh = tuple(p.name for p in pods if not p.deleting)
+    """Delete what is not yet going; force what has outstayed its deletion deadline. Names sorted:
+    the same observation gives the same actions whatever order a backend listed the pods in."""
+    fresh = tuple(sorted(p.name for p in pods if not p.deleting))
     stuck = tuple(
-        p.name
-        for p in pods
-        if p.deleting and p.deletion_deadline is not None and now - p.deletion_deadline > FORCE_DELETE_AFTER
+        sorted(
+            p.name
+            for p in pods
+            if p.deleting
+            and p.deletion_deadline is not None
+            and now - p.deletion_deadline > FORCE_DELETE_AFTER
+        )
     )
     out: list[Action] = []
     if fresh:
@@ -197,7 +202,11 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     if missing and st.phase == Phase.RUNNING:
         verdicts.append(Verdict(Outcome.INFRA_RESTART, "PodMissing", f"rank pod(s) {missing} disappeared"))
     elif missing:
-        d.actions.append(CreateAttempt(st.attempt, tuple(missing)))  # e.g. the operator stopped mid-create
+        # The pass that started this attempt wrote its status first and may have died before its
+        # actions: finish them all, the previous attempt's config included (deleting a gone one is a no-op).
+        if st.attempt > 1:
+            d.actions.append(DeleteAttemptConfig(st.attempt - 1))
+        d.actions.append(CreateAttempt(st.attempt, tuple(missing)))
     st.ranks = _counts(current, verdicts)
     gang = gang_verdict(verdicts)
     if gang.outcome is Outcome.SUCCEEDED and not missing:

@@ -6,11 +6,13 @@ same code serves the Kubernetes and the local backend (which writes the same sha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_operator import contract
+from finetune_operator.api import FineTuneJob
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,22 @@ class ObservedPod:
     termination_message: str | None = None
 
 
-def _time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """A Kubernetes timestamp ("2026-11-23T12:00:00Z") as a datetime; None for none."""
     if not value:
         return None
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def format_time(moment: datetime) -> str:
+    """The API server's timestamp format (seconds, UTC, "Z")."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rank0_of_current_attempt(job: FineTuneJob, pods: Iterable[ObservedPod]) -> ObservedPod | None:
+    """The pod whose log carries the job's progress reports (both backends read it)."""
+    attempt = job.status.attempt if job.status else 0
+    return next((p for p in pods if p.attempt == attempt and p.rank == 0), None)
 
 
 def _trainer_status(status: dict[str, Any]) -> dict[str, Any]:
@@ -59,9 +73,9 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod:
         attempt=int(labels.get(contract.LABEL_ATTEMPT, 0)),
         rank=int(labels.get(contract.LABEL_RANK, 0)),
         phase=status.get("phase") or "Pending",
-        created_at=_time(meta.get("creationTimestamp")),
+        created_at=parse_time(meta.get("creationTimestamp")),
         deleting=bool(meta.get("deletionTimestamp")),
-        deletion_deadline=_time(meta.get("deletionTimestamp")),
+        deletion_deadline=parse_time(meta.get("deletionTimestamp")),
         reason=status.get("reason"),
         disruption=disruption.get("reason") or "DisruptionTarget"
         if disruption and disruption.get("status") == "True"
