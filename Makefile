@@ -9,15 +9,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed JIT-builds the few ops it needs on first use; nothing is compiled at install time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test unit lint typecheck crds docs demo bench clean
+.PHONY: install test unit e2e lint typecheck crds docs chart-docs demo bench clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	@echo "installing torch $(TORCH_VERSION) (CPU build) before anything can pull another one"
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
-	@echo "installing finetune-operator with its operator, trainer and dev extras"
-	$(PY) -m pip install --quiet -e ".[operator,trainer,dev]"
+	@echo "installing finetune-operator with its operator, trainer, local and dev extras"
+	$(PY) -m pip install --quiet -e ".[operator,trainer,local,dev]"
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('$(TORCH_VERSION)') else f'torch was replaced: {v}')"
 	touch $@
 
@@ -25,12 +25,16 @@ install: $(INSTALLED)
 
 crds: $(INSTALLED)
 	$(VENV)/bin/ftjob crd --write crds
+	$(VENV)/bin/ftjob crd --write charts/finetune-operator/crds
 
 docs: $(INSTALLED)
 	$(VENV)/bin/ftjob docs --write docs/api.md
 
+chart-docs: $(INSTALLED)
+	$(PY) -m tools.chart_values --write
+
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check operator trainer_image tests benchmarks
+	$(VENV)/bin/ruff check operator trainer_image tests benchmarks tools
 
 typecheck: $(INSTALLED)
 	$(VENV)/bin/mypy
@@ -41,12 +45,19 @@ test: $(INSTALLED) lint typecheck
 unit: $(INSTALLED)
 	$(PY) -m pytest tests/unit -q
 
+# A real cluster (kind works): see tests/e2e/test_real_cluster.py for the FTJOB_E2E_* variables.
+e2e: $(INSTALLED)
+	$(PY) -m pytest tests/e2e -v -rs
+
+# The tiny example on this machine: 2 node ranks as local process groups, CPU, to Succeeded with a
+# committed checkpoint and an exported model. Run it again to see it resume (or find it done).
+DEMO_DIR ?= /tmp/finetune-demo
 demo: $(INSTALLED)
 	@$(VENV)/bin/ftjob validate examples/tiny-cpu.yaml
-	@$(VENV)/bin/ftjob render examples/tiny-cpu.yaml > /dev/null && echo "examples/tiny-cpu.yaml renders to a Service, a ConfigMap and 2 rank pods (ftjob render examples/tiny-cpu.yaml)"
-	@echo
-	@echo "Not built yet: running the job on this machine (ftjob run, the local backend). The trainer is"
-	@echo "built and tested (tests/integration); until ftjob run lands, make demo stops at rendering."
+	@$(PY) -m finetune_trainer.tiny $(DEMO_DIR)
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/ftjob run examples/tiny-cpu.yaml --workdir $(DEMO_DIR)/run
+	@echo "exported model: $$(ls -d $(DEMO_DIR)/store/default/tiny-cpu/final 2>/dev/null || echo missing)"
+	@echo "look again: $(VENV)/bin/ftjob describe tiny-cpu --workdir $(DEMO_DIR)/run"
 
 # Not part of `make test`: each prints a ratio against a baseline measured in the same run.
 bench: $(INSTALLED)
@@ -54,6 +65,7 @@ bench: $(INSTALLED)
 	$(PY) benchmarks/upload_throughput.py
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/operator_scale.py
+	$(PY) benchmarks/local_recovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""`ftjob`: validate and render FineTuneJob manifests, and generate the CRD and API docs."""
+"""`ftjob`: run a FineTuneJob on this machine, look at a job (local or on a cluster), validate and
+render manifests, and generate the CRD and API docs."""
 
 from __future__ import annotations
 
@@ -30,18 +31,22 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
             yield doc
 
 
+def _parse(path: Path, doc: dict[str, Any], index: int) -> FineTuneJob | None:
+    """The job, or None after printing each problem with its field and the fix."""
+    try:
+        return parse_manifest(doc)
+    except ValidationError as exc:
+        name = (doc.get("metadata") or {}).get("name", f"document {index}")
+        print(f"{path}: FineTuneJob {name} is invalid:", file=sys.stderr)
+        for line in describe(exc):
+            print(f"  {line}", file=sys.stderr)
+        return None
+
+
 def _load_jobs(path: Path) -> list[FineTuneJob] | None:
-    jobs: list[FineTuneJob] = []
-    ok = True
-    for index, doc in enumerate(_documents(path)):
-        try:
-            jobs.append(parse_manifest(doc))
-        except ValidationError as exc:
-            ok = False
-            name = (doc.get("metadata") or {}).get("name", f"document {index}")
-            print(f"{path}: FineTuneJob {name} is invalid:", file=sys.stderr)
-            for line in describe(exc):
-                print(f"  {line}", file=sys.stderr)
+    parsed = [_parse(path, doc, index) for index, doc in enumerate(_documents(path))]
+    jobs = [job for job in parsed if job is not None]
+    ok = len(jobs) == len(parsed)
     if ok and not jobs:
         print(f"{path}: no FineTuneJob in this file", file=sys.stderr)
         return None
@@ -95,14 +100,53 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workdir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.workdir) if args.workdir else Path("ftjob-runs") / name
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    print(
-        "ftjob run is not built yet: the local backend (each node rank a local process group running the\n"
-        "trainer) lands with the local-run work. Today you can check a manifest with `ftjob validate` and\n"
-        "see the exact pods it becomes with `ftjob render`.",
-        file=sys.stderr,
-    )
-    return 1
+    from finetune_operator.local_run import RunOptions, local_manifest, run_manifest
+
+    docs = list(_documents(args.file))
+    if len(docs) != 1:
+        print(f"{args.file}: ftjob run takes exactly one FineTuneJob (found {len(docs)})", file=sys.stderr)
+        return EXIT_INVALID
+    name = str((docs[0].get("metadata") or {}).get("name", "job"))
+    options = RunOptions(workdir=_workdir(args, name), nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    # Validated after the local defaults: a manifest may leave the checkpoint uri to the workdir.
+    manifest = local_manifest(docs[0], options)
+    if _parse(args.file, manifest, 0) is None:
+        return EXIT_INVALID
+    return run_manifest(manifest, options)
+
+
+def _view(args: argparse.Namespace) -> Any:
+    from finetune_operator import jobview
+
+    if args.namespace:
+        view = jobview.load_cluster(args.name, args.namespace, args.kubeconfig)
+        where = f"namespace {args.namespace}"
+    else:
+        workdir = _workdir(args, args.name)
+        view = jobview.load_local(workdir)
+        where = f"{workdir} (a local run; use -n NAMESPACE for a cluster job)"
+    if view is None:
+        raise SystemExit(f"no FineTuneJob {args.name!r} in {where}")
+    return view
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from finetune_operator.jobview import table, wide_row
+
+    print(table([wide_row(_view(args).body)]))
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from finetune_operator.jobview import describe
+
+    print(describe(_view(args)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,9 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", type=Path, metavar="FILE")
     p.set_defaults(func=_cmd_docs)
 
-    p = sub.add_parser("run", help="run a FineTuneJob on this machine (not built yet)")
+    p = sub.add_parser("run", help="run a FineTuneJob on this machine (each node rank a local process group)")
     p.add_argument("file", type=Path)
+    p.add_argument(
+        "--workdir", help="where state, logs and (by default) checkpoints go; default ftjob-runs/<job>"
+    )
+    p.add_argument("--nodes", type=int, help="node ranks (overrides spec.resources.nodes)")
+    p.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node rank (overrides spec.resources.gpusPerNode)"
+    )
     p.set_defaults(func=_cmd_run)
+
+    for command, func, text in (
+        ("status", _cmd_status, "one line per job, as `kubectl get ftj -o wide` prints it"),
+        ("describe", _cmd_describe, "phase, conditions, ranks, progress, checkpoint and recent events"),
+    ):
+        p = sub.add_parser(command, help=text)
+        p.add_argument("name")
+        p.add_argument("--workdir", help="a local run's workdir (default ftjob-runs/<name>)")
+        p.add_argument("-n", "--namespace", help="read the job from the cluster, in this namespace")
+        p.add_argument("--kubeconfig", help="kubeconfig for -n (default: $KUBECONFIG or ~/.kube/config)")
+        p.set_defaults(func=func)
     return parser
 
 

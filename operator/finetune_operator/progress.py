@@ -29,14 +29,25 @@ def format_line(report: ProgressReport) -> str:
     return MARKER + report.model_dump_json(by_alias=True, exclude_none=True)
 
 
+def _parse(line: str) -> ProgressReport | None:
+    at = line.find(MARKER)
+    if at < 0:
+        return None
+    try:
+        return ProgressReport.model_validate_json(line[at + len(MARKER) :])
+    except ValidationError:
+        return None
+
+
 def parse_last(log_text: str) -> ProgressReport | None:
     """The newest well-formed report in a log tail; torn or foreign lines are skipped."""
     for line in reversed(log_text.splitlines()):
-        at = line.find(MARKER)
-        if at < 0:
-            continue
-        try:
-            return ProgressReport.model_validate_json(line[at + len(MARKER) :])
-        except ValidationError:
-            continue
+        report = _parse(line)
+        if report is not None:
+            return report
     return None
+
+
+def parse_all(log_text: str) -> list[ProgressReport]:
+    """Every well-formed report, oldest first (the local run's loss curve)."""
+    return [r for r in map(_parse, log_text.splitlines()) if r is not None]

@@ -3,8 +3,13 @@ Failed, with the test kubelet playing the rank pods."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
+import yaml
 from finetune_operator import contract
+from finetune_operator.cli import main
 
 from tests.support.cluster import CONFIGMAPS, SERVICES
 from tests.support.factories import manifest
@@ -212,3 +217,31 @@ async def test_deleting_a_job_takes_its_children_and_needs_no_finalizer() -> Non
         await k8s.delete(NS, "demo")
         await k8s.eventually(lambda: not k8s.pods("demo"), what="pods collected")
         assert k8s.cluster.get(SERVICES, NS, "demo-ranks") is None
+
+
+@pytest.mark.asyncio
+async def test_ftjob_describe_reads_a_cluster_job_through_the_users_kubeconfig(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running(script(), job()) as k8s:
+        await k8s.phase(NS, "demo", "Succeeded")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "emulated", "cluster": {"server": k8s.url}}],
+                    "users": [{"name": "tester", "user": {"token": "not-a-secret"}}],
+                    "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "tester"}}],
+                    "current-context": "emulated",
+                }
+            )
+        )
+        args = ["-n", NS, "--kubeconfig", str(kubeconfig)]
+        assert await asyncio.to_thread(main, ["describe", "demo", *args]) == 0
+        text = capsys.readouterr().out
+        assert "Phase:        Succeeded" in text and "demo-a1-n0" in text
+        assert "Normal   Created" in text, text  # the job's events, read from the cluster
+        assert await asyncio.to_thread(main, ["status", "demo", *args]) == 0
+        assert "Succeeded" in capsys.readouterr().out

@@ -51,8 +51,10 @@ def test_render_prints_service_config_map_and_pods(
     ]
 
 
-def test_run_says_plainly_that_it_is_not_built_yet(
+def test_run_refuses_an_invalid_manifest_before_starting_anything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["run", str(_file(tmp_path, manifest()))]) == 1
-    assert "not built yet" in capsys.readouterr().err
+    bad = manifest({"spec.training.maxSteps": -1})
+    assert main(["run", str(_file(tmp_path, bad)), "--workdir", str(tmp_path / "run")]) == 2
+    assert "maxSteps" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -81,3 +81,27 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune_trainer.tiny DIR`: the tiny model and dataset examples/tiny-cpu.yaml reads
+    (DIR/tiny-llama, DIR/data/train.jsonl); what exists is kept."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--records", type=int, default=1024)
+    args = parser.parse_args(argv)
+    model, data = args.directory / "tiny-llama", args.directory / "data" / "train.jsonl"
+    if not (model / "config.json").exists():
+        write_tiny_model(model)
+    if not data.exists():
+        write_jsonl(data, counting_records(args.records))
+    print(f"tiny model: {model}\ndataset:    {data} ({args.records} records)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""What a person reads about a job, the same for a local workdir and a cluster: the `kubectl get ftj
+-o wide` row (from the CRD's own printer columns), `describe` text, and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from finetune_operator.api.crd import PRINTER_COLUMNS
+from finetune_operator.policy.observed import parse_time
+from finetune_operator.progress import ProgressReport
+
+
+@dataclass
+class JobView:
+    """A job as stored (manifest with status), its rank pods and its recent events."""
+
+    body: dict[str, Any]
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, str]] = field(default_factory=list)  # time, type, reason, message
+
+
+def _json_path(body: Any, path: str) -> Any:
+    """The subset of kubectl's JSONPath the printer columns use: dotted fields and one
+    [?(@.field=="value")] filter."""
+    for part in re.findall(r"\[\?\(@\.\w+==\"[^\"]*\"\)\]|[^.\[]+", path):
+        if body is None:
+            return None
+        if part.startswith("[?"):
+            key, value = re.findall(r"@\.(\w+)==\"([^\"]*)\"", part)[0]
+            body = next((item for item in body or [] if item.get(key) == value), None)
+        else:
+            body = body.get(part) if isinstance(body, dict) else None
+    return body
+
+
+def age(created: str | None, now: datetime | None = None) -> str:
+    if not created:
+        return ""
+    moment = parse_time(created)
+    assert moment is not None
+    seconds = max(0, int(((now or datetime.now(UTC)) - moment).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def wide_row(body: dict[str, Any], now: datetime | None = None) -> dict[str, str]:
+    """NAME plus every printer column, formatted as kubectl prints them."""
+    row = {"NAME": body["metadata"]["name"]}
+    for column in PRINTER_COLUMNS:
+        value = _json_path(body, column["jsonPath"])
+        if column["type"] == "date":
+            text = age(value, now)
+        elif value is None:
+            text = "<none>" if column["name"] in ("Reason",) else ""
+        elif column["type"] == "number":
+            text = f"{value:.4g}"
+        else:
+            text = str(value)
+        row[column["name"].upper()] = text
+    return row
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return ""
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    lines = ["   ".join(k.ljust(widths[k]) for k in rows[0])]
+    lines += ["   ".join(r[k].ljust(widths[k]) for k in rows[0]) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _pod_state(pod: dict[str, Any]) -> str:
+    status = pod.get("status") or {}
+    terminated: dict[str, Any] = {}
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or terminated
+    if "exitCode" in terminated:
+        message = f": {terminated['message']}" if terminated.get("message") else ""
+        return f"{status.get('phase')} (exit {terminated['exitCode']}{message})"
+    deleting = " (terminating)" if (pod.get("metadata") or {}).get("deletionTimestamp") else ""
+    return f"{status.get('phase', 'Pending')}{deleting}"
+
+
+def describe(view: JobView, now: datetime | None = None) -> str:
+    body = view.body
+    meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+    progress, checkpoint = status.get("progress") or {}, status.get("latestCheckpoint") or {}
+    resources = spec.get("resources") or {}
+    lines = [
+        f"Name:         {meta['name']}",
+        f"Namespace:    {meta.get('namespace', 'default')}",
+        f"Created:      {meta.get('creationTimestamp', '')} ({age(meta.get('creationTimestamp'), now)} ago)",
+        f"Phase:        {status.get('phase', 'Pending')}",
+        f"Attempt:      {status.get('attempt', 0)}   restarts {status.get('restarts', 0)}"
+        f" (max {(spec.get('runPolicy') or {}).get('maxRestarts', '?')}),"
+        f" infrastructure restarts {status.get('infraRestarts', 0)}",
+        f"Ranks:        {resources.get('nodes', '?')} node(s) x {resources.get('gpusPerNode', '?')} GPU(s); "
+        + ", ".join(f"{k} {v}" for k, v in (status.get("ranks") or {}).items()),
+    ]
+    if progress:
+        lines.append(
+            f"Progress:     step {progress.get('step', 0)}/{progress.get('totalSteps', '?')}"
+            f" ({progress.get('percent', 0):.1f}%), loss {progress.get('loss', '-')},"
+            f" eval loss {progress.get('evalLoss', '-')}, {progress.get('tokensPerSecond', 0):.0f} tokens/s,"
+            f" ETA {progress.get('etaSeconds', '-')} s"
+        )
+    lines.append(
+        f"Checkpoint:   step {checkpoint['step']} at {checkpoint.get('uri', '')}"
+        if checkpoint
+        else "Checkpoint:   none yet"
+    )
+    lines.append("Conditions:")
+    for c in status.get("conditions") or []:
+        lines.append(f"  {c['type']:<12} {c['status']:<6} {c.get('reason', ''):<22} {c.get('message', '')}")
+    lines.append("Pods:")
+    for pod in view.pods:
+        lines.append(f"  {pod['metadata']['name']:<24} {_pod_state(pod)}")
+    lines.append("Events:")
+    for e in view.events[-15:]:
+        when, kind, reason = e.get("time", ""), e.get("type", ""), e.get("reason", "")
+        lines.append(f"  {when:<20} {kind:<8} {reason:<18} {e.get('message', '')}")
+    return "\n".join(lines)
+
+
+def load_local(workdir: Path) -> JobView | None:
+    job = workdir / "job.json"
+    if not job.exists():
+        return None
+    pods = [json.loads(p.read_text()) for p in sorted((workdir / "pods").glob("*.json"))]
+    events_file = workdir / "events.jsonl"
+    events = (
+        [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
+    )
+    return JobView(json.loads(job.read_text()), pods, events)
+
+
+def plot_loss(attempts: list[tuple[int, list[ProgressReport]]], path: Path, title: str) -> Path | None:
+    """Training (and evaluation) loss over steps, one colour per attempt, so a restart shows as
+    where the next attempt picks the curve up again."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(a, r) for a, reports in attempts for r in reports if r.progress.loss is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for attempt, reports in attempts:
+        train = [(r.progress.step, r.progress.loss) for r in reports if r.progress.loss is not None]
+        # Every report repeats the latest eval loss; a point is where a new evaluation appeared.
+        evals, previous = [], None
+        for r in reports:
+            if r.progress.eval_loss is not None and r.progress.eval_loss != previous:
+                evals.append((r.progress.step, r.progress.eval_loss))
+                previous = r.progress.eval_loss
+        if train:
+            ax.plot(*zip(*train, strict=True), marker=".", label=f"attempt {attempt} train")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "s--", label=f"attempt {attempt} eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_cluster(name: str, namespace: str, kubeconfig: str | None = None) -> JobView | None:
+    """The same view read from a cluster through the kubernetes client (the user's kubeconfig)."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    from finetune_operator import contract
+
+    api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    try:
+        body = cast(
+            dict[str, Any],
+            custom.get_namespaced_custom_object(
+                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
+            ),
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{contract.LABEL_JOB}={name}")
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return JobView(
+        body,
+        [api.sanitize_for_serialization(p) for p in pods.items],
+        [
+            {
+                "time": str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or "")[:19],
+                "type": e.type or "",
+                "reason": e.reason or "",
+                "message": e.message or "",
+            }
+            for e in sorted(events.items, key=lambda e: str(e.metadata.resource_version))
+        ],
+    )
