@@ -5,9 +5,10 @@ look at the clock every few milliseconds instead of waiting on an event of anoth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from datetime import UTC, datetime, timedelta
+
+from finetune_operator.clock import wait_event
 
 TICK = 0.02
 
@@ -31,5 +32,4 @@ class JumpingClock:
             left = (until - self.now()).total_seconds()
             if left <= 0:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=min(left, TICK))
+            await wait_event(wake, min(left, TICK))

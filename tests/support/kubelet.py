@@ -9,13 +9,13 @@ trainer does. A deleted pod is terminated (exit 143) and then removed, unless it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator import contract
 from finetune_operator.api.status import CheckpointRef, Progress
+from finetune_operator.clock import wait_event
 from finetune_operator.progress import ProgressReport, format_line
 
 from tests.support.clock import JumpingClock
@@ -107,8 +107,7 @@ class Kubelet:
         reporter = asyncio.create_task(self._report(key)) if rank == 0 and b.progress else None
         try:
             ended = b.exit_code is not None or b.evicted or b.node_lost
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(deleting.wait(), timeout=b.after if ended else None)
+            await wait_event(deleting, b.after if ended else None)
         finally:
             if reporter:
                 reporter.cancel()

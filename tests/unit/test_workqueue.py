@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Awaitable, Callable
 
 import pytest
+from finetune_operator.clock import Clock, SystemClock
 from finetune_operator.workqueue import WorkQueue
 
 from tests.support.clock import JumpingClock
@@ -109,3 +110,17 @@ async def test_a_forgotten_key_loses_its_timers() -> None:
     queue.add_after("gone", 10)
     queue.forget("gone")
     assert len(queue) == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("clock", [SystemClock(), JumpingClock()], ids=["system clock", "test clock"])
+async def test_the_timer_loop_stops_when_cancelled_as_a_timer_is_added(clock: Clock) -> None:
+    """The operator's shutdown cancels the timers and waits for them: a cancellation that lands in
+    the same loop iteration as the wake-up must still end the loop, or shutdown waits forever."""
+    queue: WorkQueue[str] = WorkQueue(clock)
+    timers = asyncio.create_task(queue.run_timers())
+    await asyncio.sleep(0.05)
+    queue.add_after("a", 30)  # wakes the sleeping loop...
+    timers.cancel()  # ...in the same iteration as the cancellation
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(timers, timeout=5)
