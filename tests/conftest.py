@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,21 @@ def s3_env(s3, monkeypatch):  # type: ignore[no-untyped-def]
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
     return s3
+
+
+EXIT_GRACE_SECONDS = 120
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A thread left running (an operator, a server) can hold the interpreter's exit for ever, long
+    after the summary: print every thread's stack and exit with failure instead."""
+
+    def stuck() -> None:
+        sys.stderr.write(f"\nthe test process did not exit within {EXIT_GRACE_SECONDS}s; threads:\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(3)
+
+    watchdog = threading.Timer(EXIT_GRACE_SECONDS, stuck)
+    watchdog.daemon = True  # a normal exit does not wait for it
+    watchdog.start()

@@ -99,12 +99,23 @@ class OperatorProcess:
         await asyncio.sleep(0.1)
         self._stop.set()  # releases the executor thread kopf parks on the flag, or asyncio.run waits for it
         await asyncio.to_thread(self._thread.join, 20)
-        assert not self._thread.is_alive(), "the operator thread did not end"
+        assert not self._thread.is_alive(), f"the operator thread did not end; still running: {self._tasks()}"
 
     async def stop(self) -> None:
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 30)
-        assert not self._thread.is_alive(), "the operator did not stop"
+        assert not self._thread.is_alive(), f"the operator did not stop; still running: {self._tasks()}"
+
+    def _tasks(self) -> list[str]:
+        """What keeps a stuck operator's loop alive: each task's name and innermost frame."""
+        if self._loop is None:
+            return []
+        out = []
+        for task in list(asyncio.all_tasks(self._loop)):
+            frames = task.get_stack(limit=1)
+            where = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "?"
+            out.append(f"{task.get_name()} at {where}")
+        return sorted(out)
 
 
 @contextlib.asynccontextmanager
@@ -125,7 +136,7 @@ class OperatorEnv:
         self.cluster, self.url, self.clock = cluster, url, clock
         self.kubelet = Kubelet(cluster, clock, behaviour)
         self._kubelet_task = asyncio.create_task(self.kubelet.run())
-        self.operator: OperatorProcess | None = None
+        self.operators: list[OperatorProcess] = []  # every one started, so none outlives the test
         self.session = aiohttp.ClientSession(headers={"User-Agent": "kubectl-in-tests"})
 
     async def start_operator(
@@ -134,13 +145,24 @@ class OperatorEnv:
         liveness: str | None = None,
         peering: str | None = None,
     ) -> OperatorProcess:
-        self.operator = OperatorProcess(self.url, self.clock, settings, liveness, peering)
-        await self.operator.start()
-        return self.operator
+        if peering is None:
+            # The chart runs one standalone replica (strategy Recreate): two at once is a test's bug.
+            assert not any(o.alive and o.peering is None for o in self.operators), "one is running"
+        operator = OperatorProcess(self.url, self.clock, settings, liveness, peering)
+        self.operators.append(operator)
+        await operator.start()
+        return operator
+
+    @property
+    def operator(self) -> OperatorProcess | None:
+        """The operator started last."""
+        return self.operators[-1] if self.operators else None
 
     async def close(self) -> None:
-        if self.operator is not None and self.operator.alive:
-            await self.operator.kill()
+        # A live operator left behind would retry a closed emulator and hold the interpreter's exit.
+        for operator in self.operators:
+            if operator.alive:
+                await operator.kill()
         self._kubelet_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._kubelet_task
