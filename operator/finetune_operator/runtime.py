@@ -5,7 +5,6 @@ a fresh Runtime carries on where a killed one stopped."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -68,14 +67,15 @@ class Runtime:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server = None
-        self.backend.close()
+        try:
+            # gather, not a suppressed await per task: a cancellation of stop() itself must go on up
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._tasks.clear()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server = None
+            self.backend.close()
 
     def healthy(self) -> bool:
         return bool(self._tasks) and not any(t.done() for t in self._tasks)
