@@ -32,6 +32,7 @@ from tests.support.trainer_run import (
     Workspace,
     last_trained,
     losses,
+    reports,
     sample_trace,
     start,
     trainer_config,
@@ -226,19 +227,24 @@ class RandomKill:
 
 @pytest.fixture(scope="module")
 def random_kill(tmp_path_factory: pytest.TempPathFactory, reference: Reference) -> RandomKill:
-    """SIGKILL to rank 1 at a random moment of training (the seed is in every failure message)."""
-    seed = random.SystemRandom().randrange(2**32)
-    delay = random.Random(seed).uniform(0.0, 2.0)
+    """SIGKILL to rank 1 at a random moment of training (the seed is in every failure message): in the
+    first half of the run, so rank 1 is surely still training whatever the machine's speed."""
+    seed = int(os.environ.get("FTJOB_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    rng = random.Random(seed)
+    total = reports(reference.finished.output)[-1].progress.total_steps
+    assert total is not None and total > 2 * EVERY
+    after_step = rng.randrange(1, total // 2)
+    delay = rng.uniform(0.0, 0.3)  # somewhere inside the steps that follow
     root = tmp_path_factory.mktemp("random-kill")
     config = trainer_config(reference.workspace, f"file://{root}/store", CHANGES)
     env = {"FTJOB_SAMPLE_TRACE": str(root / "trace")}
     store = CheckpointStore(open_store(f"file://{root}/store/team-a/tiny"))
     run = start(config, root / "killed", env={**env, contract.ENV_ATTEMPT: "1"})
-    run.wait_for(lambda out: "FTJOB_PROGRESS" in out)
+    run.wait_for(lambda out: any((r.progress.step or 0) >= after_step for r in reports(out)))
     time.sleep(delay)  # the random moment itself, not a wait for a condition
-    if run.proc.poll() is None:
-        os.kill(worker_pid(run, 1), signal.SIGKILL)
+    os.kill(worker_pid(run, 1, timeout=10), signal.SIGKILL)
     killed = run.finish()
+    assert killed.code != 0, f"seed {seed}: the run ended before the kill at step {after_step}"
     committed = store.committed_steps()
     relaunched = start(config, root / "relaunched", env={**env, contract.ENV_ATTEMPT: "2"}).finish()
     return RandomKill(seed, committed, killed, relaunched, sample_trace(root / "trace"))

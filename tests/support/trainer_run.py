@@ -15,7 +15,7 @@ from typing import Any
 
 from finetune_operator.api import parse_manifest
 from finetune_operator.api.trainer_config import TrainerConfig, resolve_trainer_config
-from finetune_operator.progress import ProgressReport, parse_last
+from finetune_operator.progress import ProgressReport, parse_all, parse_last
 from finetune_trainer.ranks import free_port
 from finetune_trainer.tiny import counting_records, write_jsonl, write_tiny_model
 
@@ -164,8 +164,7 @@ def sample_trace(directory: Path) -> list[dict[str, Any]]:
 
 def reports(output: str) -> list[ProgressReport]:
     """Every progress report rank 0 printed, in order."""
-    found = (parse_last(line) for line in output.splitlines() if "FTJOB_PROGRESS " in line)
-    return [r for r in found if r is not None]
+    return parse_all(output)
 
 
 def losses(output: str) -> list[float]:
