@@ -11,10 +11,10 @@ import yaml
 from finetune_operator import contract
 from finetune_operator.cli import main
 
-from tests.support.cluster import CONFIGMAPS, SERVICES
+from tests.support.cluster import CONFIGMAPS, NETWORK_POLICIES, SERVICES
 from tests.support.factories import manifest
 from tests.support.kubelet import Rank, script
-from tests.support.operator import running
+from tests.support.operator import operator_env, running, with_settings
 
 NS = "team-a"
 FAST = {
@@ -207,6 +207,21 @@ async def test_pods_stuck_terminating_on_a_lost_node_are_force_deleted_and_the_g
         assert (status["infraRestarts"], status["restarts"]) == (1, 0)
         force = [c for c in k8s.cluster.calls if c.verb == "delete" and c.name == "demo-a1-n1"]
         assert len(force) >= 2
+
+
+@pytest.mark.asyncio
+async def test_with_network_policies_on_the_jobs_policy_exists_before_its_service_and_pods() -> None:
+    """The Service's absence is what brings the create back: a pass that fails after the policy and
+    before the Service is finished by the next one, and no rank pod ever runs unprotected."""
+    async with operator_env(script()) as k8s:
+        k8s.cluster.inject(lambda c: c.verb == "create" and c.resource == "services", status=500)
+        await k8s.start_operator(with_settings(network_policy=True))
+        await k8s.apply(job())
+        await k8s.phase(NS, "demo", "Succeeded")
+        creates = [c.resource for c in k8s.cluster.calls if c.from_operator and c.verb == "create"]
+        assert creates.index("networkpolicies") < creates.index("services") < creates.index("pods")
+        assert creates.count("services") == 2  # the failed one, then the next pass's
+        assert k8s.cluster.get(NETWORK_POLICIES, NS, "demo-ranks") is not None
 
 
 @pytest.mark.asyncio

@@ -39,6 +39,7 @@ PODS = kmock.resource("", "v1", "pods")
 SERVICES = kmock.resource("", "v1", "services")
 CONFIGMAPS = kmock.resource("", "v1", "configmaps")
 EVENTS = kmock.resource("", "v1", "events")
+NETWORK_POLICIES = kmock.resource("networking.k8s.io", "v1", "networkpolicies")
 WITH_STATUS_SUBRESOURCE = {JOBS}
 VERBS = {
     kmock.action.LIST: "list",

@@ -197,13 +197,15 @@ class KubernetesBackend:
         ns, name = job.metadata.namespace, job.metadata.name
         match action:
             case act.CreateService():
-                await self._create("create services", self.core.create_namespaced_service, build_service(job))
+                # The policy first: the Service's absence is what brings this action back, so a pass
+                # that dies between the two creates is finished by the next, never leaving ranks open.
                 if self.settings.network_policy:
                     await self._create(
                         "create networkpolicies",
                         self.networking.create_namespaced_network_policy,
                         build_network_policy(job),
                     )
+                await self._create("create services", self.core.create_namespaced_service, build_service(job))
             case act.CreateAttempt(attempt=attempt, ranks=ranks):
                 config = build_config_map(job, attempt)
                 await self._create("create configmaps", self.core.create_namespaced_config_map, config)
