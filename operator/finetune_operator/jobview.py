@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -130,15 +129,11 @@ def describe(view: JobView, now: datetime | None = None) -> str:
 
 
 def load_local(workdir: Path) -> JobView | None:
-    job = workdir / "job.json"
-    if not job.exists():
-        return None
-    pods = [json.loads(p.read_text()) for p in sorted((workdir / "pods").glob("*.json"))]
-    events_file = workdir / "events.jsonl"
-    events = (
-        [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
-    )
-    return JobView(json.loads(job.read_text()), pods, events)
+    from finetune_operator.backends.local import LocalBackend
+
+    backend = LocalBackend(workdir)
+    body = backend.read_job()
+    return None if body is None else JobView(body, backend.pod_records(), backend.events())
 
 
 def plot_loss(attempts: list[tuple[int, list[ProgressReport]]], path: Path, title: str) -> Path | None:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import copy
 import fcntl
-import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from finetune_operator.api.status import TERMINAL_PHASES
-from finetune_operator.backends.local import LocalBackend, spawn_process_group, tail
+from finetune_operator.backends.local import LocalBackend
 from finetune_operator.clock import SystemClock
 from finetune_operator.jobview import describe, load_local, plot_loss, table, wide_row
 from finetune_operator.metrics import Metrics
@@ -77,11 +76,7 @@ class LocalRun:
         """`manifest` as `local_manifest` made it (and validated)."""
         self.options, self.out, self.manifest = options, out, manifest
         resources = self.manifest["spec"]["resources"]
-        self.backend = LocalBackend(
-            options.workdir,
-            gpus_per_node=int(resources.get("gpusPerNode", 0) or 0),
-            spawn=spawn_process_group,
-        )
+        self.backend = LocalBackend(options.workdir, gpus_per_node=int(resources.get("gpusPerNode", 0) or 0))
         settings = OperatorSettings(metrics_port=None, progress_poll_seconds=PASS_SECONDS)
         self.reconciler = Reconciler(self.backend, SystemClock(), settings, Metrics())
         self.key = (self.manifest["metadata"]["namespace"], self.manifest["metadata"]["name"])
@@ -143,14 +138,10 @@ class LocalRun:
     # -- what the person sees ----------------------------------------------------------------------
 
     def _print_new_events(self) -> None:
-        events_file = self.options.workdir / "events.jsonl"
-        if not events_file.exists():
-            return
-        lines = events_file.read_text().splitlines()
-        for line in lines[self._events_seen :]:
-            event = json.loads(line)
+        events = self.backend.events()
+        for event in events[self._events_seen :]:
             print(f"[{event['type']}] {event['reason']}: {event['message']}", file=self.out, flush=True)
-        self._events_seen = len(lines)
+        self._events_seen = len(events)
 
     @contextlib.contextmanager
     def _display(self) -> Iterator[Any]:
@@ -195,7 +186,7 @@ class LocalRun:
             int(p.stem.rsplit("-a", 1)[1].split("-")[0]): p
             for p in (self.options.workdir / "logs").glob(f"{name}-a*-n0.log")
         }
-        attempts = [(attempt, parse_all(tail(logs[attempt], 1 << 30))) for attempt in sorted(logs)]
+        attempts = [(a, parse_all(logs[a].read_text(errors="replace"))) for a in sorted(logs)]
         return plot_loss(attempts, self.options.workdir / "loss.png", f"{name}: loss by step")
 
 

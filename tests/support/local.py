@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator import contract
-from finetune_operator.backends.local import LocalBackend
+from finetune_operator.backends.local import LocalBackend, spawn_process_group
 from finetune_operator.clock import SystemClock
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy import actions as act
@@ -39,11 +39,7 @@ def scripted_spawner(behaviour: Script) -> Any:
         rank = behaviour(int(env[contract.ENV_ATTEMPT]), int(env[contract.ENV_NODE_RANK]))
         code = "run" if rank.exit_code is None else str(rank.exit_code)
         args = [code, str(rank.after), rank.message, env[contract.ENV_TERMINATION_LOG]]
-        with log_path.open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-c", RANK_PROGRAM, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        return spawn_process_group([sys.executable, "-c", RANK_PROGRAM, *args], env, log_path)
 
     return spawn
 

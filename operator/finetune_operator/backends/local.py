@@ -314,6 +314,11 @@ class LocalBackend:
     def pod_records(self) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted((self.workdir / "pods").glob("*.json"))]
 
+    def events(self) -> list[dict[str, str]]:
+        """The job's events, oldest first (time, type, reason, message)."""
+        path = self.workdir / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
     def running_pods(self) -> list[str]:
         return [r["metadata"]["name"] for r in self.pod_records() if r["status"]["phase"] == "Running"]
 
