@@ -15,6 +15,7 @@ from finetune_operator.api.spec import (
     DeepSpeedSpec,
     ModelSpec,
     OutputSpec,
+    PlacementSpec,
     ResourcesSpec,
     RunPolicy,
     TrainingSpec,
@@ -49,6 +50,7 @@ class FineTuneJobSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
     rules = (
         Rule(
