@@ -161,3 +161,20 @@ class TestTransitionRules:
             )
             == []
         )
+
+
+def test_the_embedded_kubernetes_schemas_are_the_ones_kubernetes_validate_ships(repo: Any) -> None:
+    from tools.k8s_schema import TARGET, render
+
+    assert TARGET.read_text() == render(), "api/kubernetes_schema.json is stale: run `make crds`"
+
+
+def test_volumes_in_the_crd_have_kubernetes_structure(committed_crd: dict[str, Any]) -> None:
+    resources = _schema(committed_crd)["properties"]["spec"]["properties"]["resources"]["properties"]
+    volume = resources["volumes"]["items"]
+    assert volume["required"] == ["name"]
+    assert sorted(volume["properties"]["nfs"]["required"]) == ["path", "server"]
+    claim = volume["properties"]["ephemeral"]["properties"]["volumeClaimTemplate"]["properties"]["spec"]
+    storage = claim["properties"]["resources"]["properties"]["requests"]["additionalProperties"]
+    assert storage.get("x-kubernetes-int-or-string") is True
+    assert sorted(resources["volumeMounts"]["items"]["required"]) == ["mountPath", "name"]
