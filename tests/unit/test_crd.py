@@ -122,7 +122,10 @@ class TestTransitionRules:
     @pytest.mark.parametrize(
         "changes,field",
         [
-            ({"spec.model.source": "s3://models/other"}, "spec.model"),
+            ({"spec.model.source": "s3://models/other"}, "spec.model.source"),
+            ({"spec.model.revision": "v2"}, "spec.model.revision"),
+            ({"spec.model.tokenizer": "s3://models/tok"}, "spec.model.tokenizer"),
+            ({"spec.model.trustRemoteCode": True}, "spec.model.trustRemoteCode"),
             ({"spec.dataset.maxSeqLength": 4096}, "spec.dataset"),
             ({"spec.training.learningRate": 0.1}, "spec.training"),
             ({"spec.deepspeed.zeroStage": 3}, "spec.deepspeed"),
@@ -147,6 +150,9 @@ class TestTransitionRules:
             {"spec.resources.nodeSelector": {"pool": "spot"}},
             {"spec.resources.image": "trainer:0.2"},
             {"spec.checkpoint.keepLast": 5},
+            {"spec.model.tokenSecret": {"name": "rotated-token"}},
+            {"spec.resources.podMetadata": {"labels": {"team": "nlp"}}},
+            {"spec.placement": {"topologyKey": "rack"}},
         ],
     )
     def test_a_started_job_takes_operational_changes(
