@@ -181,8 +181,7 @@ EXTENDED_RESOURCE_RULES = (
     Rule(
         cel=f"self.extendedResources.all(k, size(k) <= {MAX_QUALIFIED_NAME} "
         f"&& k.matches('{PREFIXED_NAME_PATTERN}'))",
-        message="extendedResources keys are resource names with a domain, e.g. rdma/ib or "
-        "nvidia.com/hostdev",
+        message="extendedResources keys are resource names with a domain, e.g. rdma/ib or nvidia.com/hostdev",
         field="extendedResources",
         check=lambda s: all(
             len(k) <= MAX_QUALIFIED_NAME and re.match(PREFIXED_NAME_PATTERN, k) for k in s.extended_resources
