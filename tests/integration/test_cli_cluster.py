@@ -47,7 +47,8 @@ async def test_list_and_logs_read_the_cluster(tmp_path: Path, capsys: pytest.Cap
 
         assert await asyncio.to_thread(main, ["list", "-n", NS, *where]) == 0
         header, row = capsys.readouterr().out.splitlines()
-        assert header.split()[:3] == ["NAME", "PHASE", "NODES"] and row.split()[:3] == ["demo", "Running", "2"]
+        assert header.split()[:3] == ["NAME", "PHASE", "NODES"]
+        assert row.split()[:3] == ["demo", "Running", "2"]
 
         assert await asyncio.to_thread(main, ["list", "-A", *where]) == 0
         header, row = capsys.readouterr().out.splitlines()
