@@ -205,7 +205,9 @@ def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext)
     }
     if res.host_network:
         # On the node's network the pod would use the node's resolver and could not resolve the
-        # Service names of MASTER_ADDR; ClusterFirstWithHostNet keeps cluster DNS.
+        # Service names of MASTER_ADDR; ClusterFirstWithHostNet keeps cluster DNS. The record itself
+        # still exists: the EndpointSlice controller names an endpoint by spec.hostname whenever
+        # spec.subdomain is the Service (pkg/controller/util/endpoint ShouldSetHostname).
         spec["hostNetwork"] = True
         spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     optional = {
