@@ -270,6 +270,8 @@ CASES = [
     Bad(
         "scratch size not a quantity", {"spec.resources.scratch.size": "huge"}, "spec.resources.scratch.size"
     ),
+    Bad("negative scratch size", {"spec.resources.scratch.size": -1}, "spec.resources.scratch.size"),
+    Bad("negative shared memory", {"spec.resources.shmSize": -1}, "spec.resources.shmSize"),
     Bad(
         "scratch storage class with capitals",
         {"spec.resources.scratch.storageClassName": "Fast_NVMe"},
