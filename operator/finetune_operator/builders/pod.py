@@ -108,8 +108,9 @@ def _rendezvous_port(job: FineTuneJob) -> dict[str, Any]:
         "protocol": "TCP",
     }
     if job.spec.resources.host_network:
-        # The API server defaults hostPort to containerPort on the host network; saying so here makes
-        # the scheduler's view explicit: two such rank pods never share a node (NodePorts filter).
+        # On the host network the API requires hostPort == containerPort (core validation,
+        # validateHostNetwork) and defaults it so; written here, the manifest says what the
+        # scheduler will do: two such rank pods never share a node (its NodePorts filter).
         port["hostPort"] = contract.MASTER_PORT
     return port
 
