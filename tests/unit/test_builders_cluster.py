@@ -229,3 +229,14 @@ def _cluster_fit() -> dict[str, Any]:
 def test_cluster_fit_objects_pass_kubernetes_validate_strict(version: str, scratch: dict[str, Any]) -> None:
     for obj in build_attempt(job({**_cluster_fit(), "spec.resources.scratch": scratch}), 1, CTX):
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_local_run_takes_the_hub_token_from_the_callers_environment(tmp_path: Any) -> None:
+    """`ftjob run` has no Secret to read: the rank process gets HF_TOKEN from the environment it was
+    started in, and the secretKeyRef (which only a kubelet can resolve) is left out."""
+    from finetune_operator.backends.local import LocalBackend
+
+    backend = LocalBackend(tmp_path, base_env={"HF_TOKEN": "hf_from_my_shell", "PATH": "/usr/bin"})
+    _, env = backend.rank_process(job({"spec.model.tokenSecret": {"name": "hf"}}), 1, 0, port=29511)
+    assert env["HF_TOKEN"] == "hf_from_my_shell"
+    assert not any(isinstance(v, dict) for v in env.values())
