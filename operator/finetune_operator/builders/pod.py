@@ -191,6 +191,10 @@ def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext)
             "runAsUser": contract.TRAINER_UID,
             "runAsGroup": contract.TRAINER_UID,
             "fsGroup": contract.TRAINER_UID,
+            # A dataset or checkpoint volume can hold millions of files: the kubelet's recursive
+            # chown to fsGroup at every pod start would hold up each gang start; skip it once the
+            # volume's root already belongs to the group.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(job, attempt, rank, res.image or ctx.default_image)],
