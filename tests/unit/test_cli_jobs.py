@@ -97,12 +97,15 @@ class TestLogs:
     def test_a_job_that_never_started_has_no_logs_yet(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        _local_job(tmp_path, phase="Pending", attempt=1)
-        backend = LocalBackend(tmp_path)
-        body = backend.read_job()
-        assert body is not None
-        with pytest.raises(podlogs.LogsError, match="has not started a gang yet"):
-            podlogs.rank_pod({**body, "status": {}}, 0, None)
+        LocalBackend(tmp_path).submit(manifest(), datetime.now(UTC))  # applied, no status yet
+        assert main(["logs", "demo", "--workdir", str(tmp_path)]) == 1
+        assert "has not started a gang yet" in capsys.readouterr().err
+
+    def test_a_workdir_without_a_job_says_so(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["logs", "demo", "--workdir", str(tmp_path / "empty")]) == 1
+        assert "no job in" in capsys.readouterr().err
 
     def test_follow_prints_what_the_rank_writes_until_its_process_ends(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
