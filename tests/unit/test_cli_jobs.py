@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from finetune_operator import podlogs
-from finetune_operator.api import FineTuneJobStatus
+from finetune_operator.api import FineTuneJobStatus, parse_manifest
 from finetune_operator.backends.local import LocalBackend
 from finetune_operator.cli import main
 from finetune_operator.policy.actions import CreateAttempt
@@ -115,8 +115,6 @@ class TestLogs:
         backend.spawn = scripted_spawner(script(Rank(exit_code=0, after=1.5)))
         job = LocalBackend(tmp_path).read_job()
         assert job is not None
-        from finetune_operator.api import parse_manifest
-
         asyncio.run(backend.apply(parse_manifest(job), CreateAttempt(attempt=1, ranks=(0,))))
         process = backend.children["demo-a1-n0"]
         result: list[int] = []
