@@ -49,7 +49,7 @@ _SPECIAL: dict[str, Any] = {
     "io.k8s.apimachinery.pkg.apis.meta.v1.FieldsV1": dict[str, Any],
 }
 _SCALARS: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool}
-_CONFIG = ConfigDict(strict=True, extra="forbid", validate_by_alias=True, validate_by_name=False)
+_CONFIG = ConfigDict(strict=True, extra="forbid")  # fields are filled by their Kubernetes names only
 _DESCRIPTIONS = {
     VOLUME: "Kubernetes core/v1 Volume, exactly as in a Pod's spec.volumes (persistentVolumeClaim, "
     "ephemeral, nfs, csi, configMap, secret, hostPath, emptyDir...).",
