@@ -24,6 +24,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 install: $(INSTALLED)
 
 crds: $(INSTALLED)
+	$(PY) -m tools.k8s_schema --write
 	$(VENV)/bin/ftjob crd --write crds
 	$(VENV)/bin/ftjob crd --write charts/finetune-operator/crds
 

@@ -16,9 +16,12 @@ from finetune_operator.api import FineTuneJob, describe, parse_manifest, resolve
 from finetune_operator.api.crd import render_crd_yaml, write_crd
 from finetune_operator.api.docs import render_api_docs
 from finetune_operator.builders import BuildContext, build_attempt
+from finetune_operator.pipes import quiet_stdout
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
 
 EXIT_INVALID = 2
+EXIT_NOT_FOUND = 1
+LOCAL_RUNS = Path("ftjob-runs")  # where `ftjob run` puts a job's workdir unless told otherwise
 
 
 def _documents(path: Path) -> Iterator[dict[str, Any]]:
@@ -101,7 +104,7 @@ def _cmd_docs(args: argparse.Namespace) -> int:
 
 
 def _workdir(args: argparse.Namespace, name: str) -> Path:
-    return Path(args.workdir) if args.workdir else Path("ftjob-runs") / name
+    return Path(args.workdir) if args.workdir else LOCAL_RUNS / name
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -149,6 +152,53 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from finetune_operator.jobview import list_cluster, list_local, list_row, table
+
+    if args.namespace or args.all_namespaces:
+        bodies = list_cluster(None if args.all_namespaces else args.namespace, args.kubeconfig)
+        where = "any namespace" if args.all_namespaces else f"namespace {args.namespace}"
+    else:
+        bodies = list_local(args.root)
+        where = f"{args.root} (local runs; use -n NAMESPACE or -A for a cluster)"
+    if not bodies:
+        print(f"No FineTuneJobs in {where}.", file=sys.stderr)
+        return 0
+    rows = []
+    for body in bodies:
+        row = list_row(body, wide=args.output == "wide")
+        if args.all_namespaces:
+            row = {"NAMESPACE": body["metadata"].get("namespace", ""), **row}
+        rows.append(row)
+    print(table(rows))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from finetune_operator.podlogs import LogsError, cluster_logs, local_logs
+
+    out = quiet_stdout()
+    try:
+        if args.namespace:
+            cluster_logs(
+                args.name, args.namespace, args.rank, args.attempt, args.follow, out, args.kubeconfig
+            )
+        else:
+            local_logs(_workdir(args, args.name), args.rank, args.attempt, args.follow, out)
+    except LogsError as exc:
+        print(f"ftjob logs: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except KeyboardInterrupt:  # Ctrl-C ends a follow; nothing to clean up
+        pass
+    return 0
+
+
+def _where_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", help="a local run's workdir (default ftjob-runs/<name>)")
+    p.add_argument("-n", "--namespace", help="read the job from the cluster, in this namespace")
+    p.add_argument("--kubeconfig", help="kubeconfig for -n (default: $KUBECONFIG or ~/.kube/config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftjob", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,16 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(command, help=text)
         p.add_argument("name")
-        p.add_argument("--workdir", help="a local run's workdir (default ftjob-runs/<name>)")
-        p.add_argument("-n", "--namespace", help="read the job from the cluster, in this namespace")
-        p.add_argument("--kubeconfig", help="kubeconfig for -n (default: $KUBECONFIG or ~/.kube/config)")
+        _where_arguments(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("list", help="the jobs of local runs or of a cluster namespace, as kubectl get ftj")
+    p.add_argument("--root", type=Path, default=LOCAL_RUNS, help="where the local runs' workdirs are")
+    p.add_argument("-n", "--namespace", help="list the jobs of this cluster namespace")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="list the jobs of every namespace")
+    p.add_argument("--kubeconfig", help="kubeconfig for -n/-A (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("-o", "--output", choices=["wide"], help="wide: every printer column")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("logs", help="a rank's trainer log (rank 0 of the current attempt by default)")
+    p.add_argument("name")
+    p.add_argument("--rank", type=int, default=0, help="node rank (default 0, which reports progress)")
+    p.add_argument("--attempt", type=int, help="an earlier attempt (default: the job's current one)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the rank ends")
+    _where_arguments(p)
+    p.set_defaults(func=_cmd_logs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stdout = quiet_stdout()  # a closed pipe ends the output, not the command, without a traceback
     code: int = args.func(args)
+    stdout.flush()
     return code
 
 

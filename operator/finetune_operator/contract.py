@@ -21,6 +21,11 @@ CATEGORIES: Final = ("finetune",)
 LABEL_JOB: Final = f"{API_GROUP}/job-name"
 LABEL_ATTEMPT: Final = f"{API_GROUP}/attempt"
 LABEL_RANK: Final = f"{API_GROUP}/node-rank"
+LABEL_APP_NAME: Final = "app.kubernetes.io/name"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+# Pod metadata keys only the operator writes: its labels above, and anything under its API group.
+OPERATOR_LABEL_KEYS: Final = (LABEL_JOB, LABEL_ATTEMPT, LABEL_RANK, LABEL_APP_NAME, LABEL_MANAGED_BY)
+RESERVED_METADATA_PREFIX: Final = f"{API_GROUP}/"
 
 # torchrun's rendezvous between node ranks.
 ENV_NNODES: Final = "NNODES"
@@ -46,6 +51,10 @@ SECRET_KEY_SESSION_TOKEN: Final = "AWS_SESSION_TOKEN"
 REQUIRED_SECRET_KEYS: Final = (SECRET_KEY_ACCESS_KEY_ID, SECRET_KEY_SECRET_ACCESS_KEY)
 OPTIONAL_SECRET_KEYS: Final = (SECRET_KEY_SESSION_TOKEN,)
 ENV_S3_ENDPOINT: Final = "AWS_ENDPOINT_URL_S3"
+# A model hub token (model.tokenSecret), only ever a secretKeyRef. The name is the one the Hugging Face
+# hub client reads from the environment, so the trainer's downloads use it with no code of ours.
+ENV_HF_TOKEN: Final = "HF_TOKEN"
+DEFAULT_TOKEN_SECRET_KEY: Final = "HF_TOKEN"
 ENV_S3_REGION: Final = "AWS_DEFAULT_REGION"
 
 # Communication defaults. NCCL's own collective timeout is 10 minutes; a hung rank should be noticed
@@ -65,6 +74,13 @@ CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE_NAME}"
 SCRATCH_DIR: Final = "/scratch"
 SHM_DIR: Final = "/dev/shm"
 TERMINATION_LOG: Final = "/dev/termination-log"
+
+# The pod's own volumes; user volumes may not take these names or mount over these paths.
+CONFIG_VOLUME: Final = "finetune-config"
+SHM_VOLUME: Final = "finetune-shm"
+SCRATCH_VOLUME: Final = "finetune-scratch"
+RESERVED_VOLUME_PREFIX: Final = "finetune-"
+RESERVED_PATHS: Final = (CONFIG_DIR, SHM_DIR, SCRATCH_DIR, TERMINATION_LOG)
 
 CONTAINER_NAME: Final = "trainer"
 RENDEZVOUS_PORT_NAME: Final = "rendezvous"
@@ -130,5 +146,6 @@ RESERVED_ENV: Final = frozenset(
         ENV_RANK_TERMINATION_DIR,
         *REQUIRED_SECRET_KEYS,
         *OPTIONAL_SECRET_KEYS,
+        ENV_HF_TOKEN,
     }
 )

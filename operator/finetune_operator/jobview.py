@@ -66,6 +66,42 @@ def wide_row(body: dict[str, Any], now: datetime | None = None) -> dict[str, str
     return row
 
 
+def list_row(body: dict[str, Any], wide: bool = False, now: datetime | None = None) -> dict[str, str]:
+    """The row `kubectl get ftj` prints: the printer columns without a priority, all with -o wide."""
+    row = wide_row(body, now)
+    if wide:
+        return row
+    hidden = {c["name"].upper() for c in PRINTER_COLUMNS if c.get("priority")}
+    return {k: v for k, v in row.items() if k not in hidden}
+
+
+def list_local(root: Path) -> list[dict[str, Any]]:
+    """The jobs of the local runs under `root` (each run's workdir is a folder of it), by name."""
+    from finetune_operator.backends.local import LocalBackend
+
+    if not root.is_dir():
+        return []
+    bodies = [LocalBackend(d).read_job() for d in sorted(root.iterdir()) if d.is_dir()]
+    return [b for b in bodies if b is not None]
+
+
+def list_cluster(namespace: str | None, kubeconfig: str | None = None) -> list[dict[str, Any]]:
+    """The jobs of one namespace, or of every namespace the user may list (namespace None)."""
+    from kubernetes import client, config
+
+    from finetune_operator import contract
+
+    api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    custom = client.CustomObjectsApi(api)
+    group, version, plural = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
+    if namespace is None:
+        listed = custom.list_cluster_custom_object(group, version, plural)
+    else:
+        listed = custom.list_namespaced_custom_object(group, version, namespace, plural)
+    items = cast(list[dict[str, Any]], cast(dict[str, Any], listed).get("items") or [])
+    return sorted(items, key=lambda b: (b["metadata"].get("namespace", ""), b["metadata"]["name"]))
+
+
 def table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return ""

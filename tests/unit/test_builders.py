@@ -60,8 +60,41 @@ def _everything() -> dict[str, Any]:
         "spec.resources.serviceAccountName": "trainer",
         "spec.resources.env": [
             {"name": "NCCL_IB_HCA", "value": "mlx5"},
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "TEAM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "team", "key": "token"}}},
         ],
+        "spec.resources.volumes": [
+            {"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}},
+            {"name": "models", "nfs": {"server": "nfs.storage", "path": "/export/models", "readOnly": True}},
+            {"name": "weights", "csi": {"driver": "s3.csi.aws.com", "volumeAttributes": {"bucket": "w"}}},
+            {"name": "ca", "secret": {"secretName": "corp-ca", "defaultMode": 0o444}},
+            {"name": "local-cache", "hostPath": {"path": "/mnt/nvme/cache", "type": "DirectoryOrCreate"}},
+            {
+                "name": "staging",
+                "ephemeral": {
+                    "volumeClaimTemplate": {
+                        "spec": {
+                            "accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": "100Gi"}},
+                        }
+                    }
+                },
+            },
+        ],
+        "spec.resources.volumeMounts": [
+            {"name": "datasets", "mountPath": "/data", "readOnly": True},
+            {"name": "models", "mountPath": "/models", "readOnly": True},
+            {"name": "ca", "mountPath": "/etc/ssl/corp", "readOnly": True},
+        ],
+        "spec.resources.scratch": {"size": "2Ti", "storageClassName": "local-nvme"},
+        "spec.resources.podMetadata": {
+            "labels": {"team": "nlp", "kueue.x-k8s.io/queue-name": "gpu"},
+            "annotations": {"sidecar.istio.io/inject": "false", "cost-center": "4711"},
+        },
+        "spec.resources.extendedResources": {"rdma/ib": 1, "nvidia.com/hostdev": 8},
+        "spec.resources.hostNetwork": True,
+        "spec.resources.ipcLock": True,
+        "spec.placement": {"topologyKey": "network.example.com/block", "topologyPolicy": "Required"},
+        "spec.model.tokenSecret": {"name": "hf-token", "key": "token"},
         "spec.checkpoint.credentialsSecret": "s3-creds",
         "spec.checkpoint.endpointUrl": "https://minio.storage:9000",
         "spec.checkpoint.region": "eu-west-1",
@@ -145,13 +178,13 @@ class TestRankPods:
 
     def test_shm_is_a_memory_volume_of_the_requested_size(self) -> None:
         pod = build_rank_pod(job({"spec.resources.shmSize": "32Gi"}), 1, 0, CTX)
-        shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+        shm = next(v for v in pod["spec"]["volumes"] if v["name"] == contract.SHM_VOLUME)
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
-        assert {"name": "dshm", "mountPath": "/dev/shm"} in _container(pod)["volumeMounts"]
+        assert {"name": contract.SHM_VOLUME, "mountPath": "/dev/shm"} in _container(pod)["volumeMounts"]
 
     def test_config_comes_from_this_attempts_config_map(self) -> None:
         pod = build_rank_pod(job(), 4, 0, CTX)
-        config = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+        config = next(v for v in pod["spec"]["volumes"] if v["name"] == contract.CONFIG_VOLUME)
         assert config["configMap"]["name"] == "demo-a4-config"
 
     def test_security_context_is_non_root_without_escalation(self) -> None:
@@ -203,7 +236,7 @@ class TestRankPods:
 
     def test_user_env_comes_after_the_contract(self) -> None:
         names = [e["name"] for e in _container(build_rank_pod(job(_everything()), 1, 0, CTX))["env"]]
-        assert names[-2:] == ["NCCL_IB_HCA", "HF_TOKEN"]
+        assert names[-2:] == ["NCCL_IB_HCA", "TEAM_TOKEN"]
 
     def test_a_credential_value_never_appears_in_any_built_object(self) -> None:
         # The spec holds only the Secret's name; whatever the Secret holds never passes through here.

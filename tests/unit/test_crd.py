@@ -122,7 +122,10 @@ class TestTransitionRules:
     @pytest.mark.parametrize(
         "changes,field",
         [
-            ({"spec.model.source": "s3://models/other"}, "spec.model"),
+            ({"spec.model.source": "s3://models/other"}, "spec.model.source"),
+            ({"spec.model.revision": "v2"}, "spec.model.revision"),
+            ({"spec.model.tokenizer": "s3://models/tok"}, "spec.model.tokenizer"),
+            ({"spec.model.trustRemoteCode": True}, "spec.model.trustRemoteCode"),
             ({"spec.dataset.maxSeqLength": 4096}, "spec.dataset"),
             ({"spec.training.learningRate": 0.1}, "spec.training"),
             ({"spec.deepspeed.zeroStage": 3}, "spec.deepspeed"),
@@ -147,6 +150,9 @@ class TestTransitionRules:
             {"spec.resources.nodeSelector": {"pool": "spot"}},
             {"spec.resources.image": "trainer:0.2"},
             {"spec.checkpoint.keepLast": 5},
+            {"spec.model.tokenSecret": {"name": "rotated-token"}},
+            {"spec.resources.podMetadata": {"labels": {"team": "nlp"}}},
+            {"spec.placement": {"topologyKey": "rack"}},
         ],
     )
     def test_a_started_job_takes_operational_changes(
@@ -161,3 +167,20 @@ class TestTransitionRules:
             )
             == []
         )
+
+
+def test_the_embedded_kubernetes_schemas_are_the_ones_kubernetes_validate_ships(repo: Any) -> None:
+    from tools.k8s_schema import TARGET, render
+
+    assert TARGET.read_text() == render(), "api/kubernetes_schema.json is stale: run `make crds`"
+
+
+def test_volumes_in_the_crd_have_kubernetes_structure(committed_crd: dict[str, Any]) -> None:
+    resources = _schema(committed_crd)["properties"]["spec"]["properties"]["resources"]["properties"]
+    volume = resources["volumes"]["items"]
+    assert volume["required"] == ["name"]
+    assert sorted(volume["properties"]["nfs"]["required"]) == ["path", "server"]
+    claim = volume["properties"]["ephemeral"]["properties"]["volumeClaimTemplate"]["properties"]["spec"]
+    storage = claim["properties"]["resources"]["properties"]["requests"]["additionalProperties"]
+    assert storage.get("x-kubernetes-int-or-string") is True
+    assert sorted(resources["volumeMounts"]["items"]["required"]) == ["mountPath", "name"]

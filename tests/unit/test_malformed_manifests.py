@@ -26,6 +26,16 @@ class Bad:
 
 
 GPU8 = {"spec.resources.gpusPerNode": 8}
+PVC = {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}
+
+
+def _mounted(*mounts: dict[str, Any], volumes: tuple[dict[str, Any], ...] = (PVC,)) -> dict[str, Any]:
+    return {"spec.resources.volumes": list(volumes), "spec.resources.volumeMounts": list(mounts)}
+
+
+def _mount_at(path: str) -> dict[str, Any]:
+    return _mounted({"name": "data", "mountPath": path})
+
 
 CASES = [
     # wrong types
@@ -171,6 +181,223 @@ CASES = [
         "spec.runPolicy.cleanPodPolicy",
     ),
     Bad("unknown record shape", {"spec.dataset.sources.0.shape": "qa"}, "spec.dataset.sources[0].shape"),
+    # volumes: Kubernetes' own schema (api/kubernetes.py), then the rules that tie them to the pod
+    Bad(
+        "volume source field misspelt",
+        {"spec.resources.volumes": [{"name": "data", "persistentVolumeClaim": {"claim": "data"}}]},
+        "spec.resources.volumes[0].persistentVolumeClaim",
+    ),
+    Bad(
+        "nfs volume without a path",
+        {"spec.resources.volumes": [{"name": "models", "nfs": {"server": "nfs.storage"}}]},
+        "spec.resources.volumes[0].nfs.path",
+    ),
+    Bad(
+        "unknown volume source",
+        {"spec.resources.volumes": [{"name": "data", "lustre": {"fs": "x"}}]},
+        "spec.resources.volumes[0].lustre",
+    ),
+    Bad(
+        "volume readOnly as a string",
+        {
+            "spec.resources.volumes": [
+                {"name": "d", "persistentVolumeClaim": {"claimName": "d", "readOnly": "yes"}}
+            ]
+        },
+        "spec.resources.volumes[0].persistentVolumeClaim.readOnly",
+    ),
+    Bad(
+        "volume name not a DNS label",
+        {"spec.resources.volumes": [{"name": "Data_1", "emptyDir": {}}]},
+        "spec.resources.volumes[0].name",
+    ),
+    Bad(
+        "volume without a name",
+        {"spec.resources.volumes": [{"emptyDir": {}}]},
+        "spec.resources.volumes[0].name",
+    ),
+    Bad(
+        "empty dir size not a quantity",
+        {"spec.resources.volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "big"}}]},
+        "spec.resources.volumes[0].emptyDir.sizeLimit",
+    ),
+    Bad(
+        "volume with two sources",
+        {"spec.resources.volumes": [{"name": "d", "emptyDir": {}, "nfs": {"server": "s", "path": "/p"}}]},
+        "spec.resources.volumes",
+        rule=True,
+    ),
+    Bad(
+        "two volumes with one name",
+        {"spec.resources.volumes": [PVC, PVC]},
+        "spec.resources.volumes",
+        rule=True,
+    ),
+    Bad(
+        "volume taking the operator's name",
+        {"spec.resources.volumes": [{"name": "finetune-scratch", "emptyDir": {}}]},
+        "spec.resources.volumes",
+        rule=True,
+    ),
+    Bad(
+        "mount of an undeclared volume",
+        _mounted({"name": "models", "mountPath": "/models"}),
+        "spec.resources.volumeMounts",
+        rule=True,
+    ),
+    Bad(
+        "mount without a path",
+        _mounted({"name": "data"}),
+        "spec.resources.volumeMounts[0].mountPath",
+    ),
+    Bad("relative mount path", _mount_at("data"), "spec.resources.volumeMounts[0].mountPath"),
+    Bad("mount over the config", _mount_at("/etc/finetune"), "spec.resources.volumeMounts", rule=True),
+    Bad("mount under shared memory", _mount_at("/dev/shm/x"), "spec.resources.volumeMounts", rule=True),
+    Bad("mount under scratch", _mount_at("/scratch/models"), "spec.resources.volumeMounts", rule=True),
+    Bad("mount above the config", _mount_at("/etc"), "spec.resources.volumeMounts", rule=True),
+    Bad("mount above with a slash", _mount_at("/dev/"), "spec.resources.volumeMounts", rule=True),
+    Bad("mount at the root", _mount_at("/"), "spec.resources.volumeMounts", rule=True),
+    Bad(
+        "two mounts at one path",
+        _mounted(
+            {"name": "data", "mountPath": "/data"},
+            {"name": "more", "mountPath": "/data"},
+            volumes=(PVC, {"name": "more", "emptyDir": {}}),
+        ),
+        "spec.resources.volumeMounts",
+        rule=True,
+    ),
+    Bad(
+        "scratch size not a quantity", {"spec.resources.scratch.size": "huge"}, "spec.resources.scratch.size"
+    ),
+    Bad("negative scratch size", {"spec.resources.scratch.size": -1}, "spec.resources.scratch.size"),
+    Bad("negative shared memory", {"spec.resources.shmSize": -1}, "spec.resources.shmSize"),
+    Bad(
+        "scratch storage class with capitals",
+        {"spec.resources.scratch.storageClassName": "Fast_NVMe"},
+        "spec.resources.scratch.storageClassName",
+    ),
+    Bad(
+        "unknown scratch field", {"spec.resources.scratch.medium": "Memory"}, "spec.resources.scratch.medium"
+    ),
+    # pod metadata
+    Bad(
+        "label value too long",
+        {"spec.resources.podMetadata.labels": {"team": "x" * 64}},
+        "spec.resources.podMetadata.labels.team",
+    ),
+    Bad(
+        "label value with a space",
+        {"spec.resources.podMetadata.labels": {"team": "nlp research"}},
+        "spec.resources.podMetadata.labels.team",
+    ),
+    Bad(
+        "label value a number",
+        {"spec.resources.podMetadata.labels": {"cost-center": 4711}},
+        "spec.resources.podMetadata.labels.cost-center",
+    ),
+    Bad(
+        "label key with a space",
+        {"spec.resources.podMetadata.labels": {"my team": "nlp"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "annotation key with two slashes",
+        {"spec.resources.podMetadata.annotations": {"a/b/c": "x"}},
+        "spec.resources.podMetadata.annotations",
+        rule=True,
+    ),
+    Bad(
+        "label under the operator's group",
+        {"spec.resources.podMetadata.labels": {"finetune.dev/job-name": "other"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "label the operator sets",
+        {"spec.resources.podMetadata.labels": {"app.kubernetes.io/managed-by": "me"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "annotation under the operator's group",
+        {"spec.resources.podMetadata.annotations": {"finetune.dev/attempt": "1"}},
+        "spec.resources.podMetadata.annotations",
+        rule=True,
+    ),
+    Bad(
+        "annotations as a list",
+        {"spec.resources.podMetadata.annotations": ["a=b"]},
+        "spec.resources.podMetadata.annotations",
+    ),
+    # interconnect
+    Bad(
+        "extended resource without a domain",
+        {"spec.resources.extendedResources": {"rdma": 1}},
+        "spec.resources.extendedResources",
+        rule=True,
+    ),
+    Bad(
+        "extended resource in kubernetes.io",
+        {"spec.resources.extendedResources": {"hugepages.kubernetes.io/x": 1}},
+        "spec.resources.extendedResources",
+        rule=True,
+    ),
+    Bad(
+        "GPUs as an extended resource",
+        {"spec.resources.extendedResources": {"nvidia.com/gpu": 8}},
+        "spec.resources.extendedResources",
+        rule=True,
+    ),
+    Bad(
+        "zero RDMA devices",
+        {"spec.resources.extendedResources": {"rdma/ib": 0}},
+        "spec.resources.extendedResources.rdma/ib",
+    ),
+    Bad(
+        "fractional RDMA devices",
+        {"spec.resources.extendedResources": {"rdma/ib": "500m"}},
+        "spec.resources.extendedResources.rdma/ib",
+    ),
+    Bad("host network as yes", {"spec.resources.hostNetwork": "yes"}, "spec.resources.hostNetwork"),
+    Bad("IPC_LOCK as 1", {"spec.resources.ipcLock": 1}, "spec.resources.ipcLock"),
+    # placement
+    Bad(
+        "topology key with a space",
+        {"spec.placement.topologyKey": "my rack"},
+        "spec.placement.topologyKey",
+    ),
+    Bad(
+        "unknown topology policy",
+        {"spec.placement.topologyKey": "rack", "spec.placement.topologyPolicy": "Always"},
+        "spec.placement.topologyPolicy",
+    ),
+    # the hub token
+    Bad("token secret as a bare name", {"spec.model.tokenSecret": "hf"}, "spec.model.tokenSecret"),
+    Bad(
+        "token secret without a name", {"spec.model.tokenSecret": {"key": "t"}}, "spec.model.tokenSecret.name"
+    ),
+    Bad(
+        "token secret key with a slash",
+        {"spec.model.tokenSecret": {"name": "hf", "key": "a/b"}},
+        "spec.model.tokenSecret.key",
+    ),
+    Bad(
+        "token as a literal value",
+        {"spec.model.tokenSecret": {"name": "hf", "value": "hf_abc"}},
+        "spec.model.tokenSecret.value",
+    ),
+    Bad(
+        "hub token through env",
+        {
+            "spec.resources.env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}
+            ]
+        },
+        "spec.resources.env",
+        rule=True,
+    ),
     # names
     Bad(
         "secret name with capitals",
@@ -224,3 +451,39 @@ def test_no_secret_value_is_echoed_in_an_error() -> None:
     with pytest.raises(ValidationError) as caught:
         parse_manifest(data)
     assert "12345" not in "\n".join(describe(caught.value))
+
+
+# What the new fields must still take: the rules above refuse collisions, not ordinary use.
+GOOD = [
+    {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/queue-name": "gpu", "team": ""}},
+    {"spec.resources.podMetadata.annotations": {"sidecar.istio.io/inject": "false", "note": "a b/c"}},
+    _mounted({"name": "data", "mountPath": "/data/train", "readOnly": True, "subPath": "v3"}),
+    _mount_at("/etc/finetune-extra"),  # a sibling of the config directory, not under it
+    _mount_at("/scratchpad"),
+    {"spec.resources.volumes": [{"name": "tmp"}]},  # no source: the API server makes it an emptyDir
+    {"spec.resources.volumes": [{"name": "hp", "hostPath": {"path": "/mnt/nvme", "type": "Directory"}}]},
+    {
+        "spec.resources.volumes": [
+            {
+                "name": "tok",
+                "projected": {"sources": [{"serviceAccountToken": {"path": "t", "expirationSeconds": 3600}}]},
+            }
+        ]
+    },
+    {"spec.resources.extendedResources": {"rdma/rdma_shared_device_a": 1, "nvidia.com/hostdev": 8}},
+    {
+        "spec.placement.topologyKey": "cloud.provider.com/topology-block",
+        "spec.placement.topologyPolicy": "Preferred",
+    },
+    {"spec.model.tokenSecret": {"name": "hf-token"}},
+]
+
+
+@pytest.mark.parametrize("changes", GOOD, ids=lambda c: "-".join(sorted(c)).replace("spec.", ""))
+def test_ordinary_cluster_settings_pass_both_layers(
+    changes: dict[str, Any], apiserver: FakeApiServer
+) -> None:
+    data = manifest(changes)
+    admission = apiserver.admit(data)
+    assert admission.allowed, admission.errors
+    parse_manifest(data)

@@ -121,6 +121,7 @@ Quantity = Annotated[
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
+            "minimum": 0,  # for an integer, as the models check; the pattern covers strings
             "x-kubernetes-int-or-string": True,
         }
     ),

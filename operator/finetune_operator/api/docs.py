@@ -19,7 +19,22 @@ checked by the API server.
 """
 
 
+# Kubernetes' own types embedded in the API (api/kubernetes.py) are documented by Kubernetes: the
+# reference names them instead of repeating their dozens of fields.
+_KUBERNETES_TYPE = "Kubernetes core/v1 "
+
+
+def _kubernetes_type(node: dict[str, Any]) -> str | None:
+    description = str(node.get("description", ""))
+    if not description.startswith(_KUBERNETES_TYPE):
+        return None
+    return " ".join(description.split()[:3]).rstrip(",.")
+
+
 def _type(node: dict[str, Any]) -> str:
+    kubernetes = _kubernetes_type(node)
+    if kubernetes:
+        return kubernetes
     if node.get("x-kubernetes-int-or-string"):
         return "int or string (quantity)"
     kind = node.get("type", "any")
@@ -72,7 +87,7 @@ def _section(path: str, node: dict[str, Any], out: list[str]) -> None:
         desc = prop.get("description", "") + (f" ({limits})" if limits else "")
         out.append(f"| `{name}` | {_cell(_type(prop))} | {_cell(default)} | {_cell(desc)} |")
         item = prop.get("items", {}) if prop.get("type") == "array" else prop
-        if item.get("type") == "object" and item.get("properties"):
+        if item.get("type") == "object" and item.get("properties") and not _kubernetes_type(item):
             children.append((f"{path}.{name}{'[]' if prop.get('type') == 'array' else ''}", item))
     rules = node.get("x-kubernetes-validations", [])
     if rules:

@@ -15,6 +15,7 @@ from finetune_operator.api.spec import (
     DeepSpeedSpec,
     ModelSpec,
     OutputSpec,
+    PlacementSpec,
     ResourcesSpec,
     RunPolicy,
     TrainingSpec,
@@ -49,6 +50,7 @@ class FineTuneJobSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
 
     rules = (
         Rule(
@@ -96,6 +98,11 @@ def _frozen_once_started(path: str, what: str, *, cel_value: str | None = None) 
     )
 
 
+def _optional(field: str) -> str:
+    """An optional model string as a comparable value: left out reads as '' (never a valid value)."""
+    return f"(has({{obj}}.spec.model.{field}) ? {{obj}}.spec.model.{field} : '')"
+
+
 class FineTuneJob(ApiModel):
     """A distributed fine-tuning run of a Llama-family model with DeepSpeed."""
 
@@ -106,7 +113,14 @@ class FineTuneJob(ApiModel):
     status: FineTuneJobStatus | None = None
 
     server_rules = (
-        _frozen_once_started("spec.model", "spec.model"),
+        # Field by field rather than the whole section: model.tokenSecret is a credential, which a
+        # started job may move to another Secret (rotation) without touching what it trains.
+        _frozen_once_started("spec.model.source", "spec.model.source"),
+        *(
+            _frozen_once_started(f"spec.model.{f}", f"spec.model.{f}", cel_value=_optional(f))
+            for f in ("revision", "tokenizer")
+        ),
+        _frozen_once_started("spec.model.trustRemoteCode", "spec.model.trustRemoteCode"),
         _frozen_once_started("spec.dataset", "spec.dataset"),
         _frozen_once_started("spec.training", "spec.training"),
         _frozen_once_started("spec.deepspeed", "spec.deepspeed"),

@@ -21,6 +21,15 @@ from finetune_operator.api.base import (
     ShortString,
     StorageUri,
 )
+from finetune_operator.api.kubernetes import KubernetesVolume, KubernetesVolumeMount
+from finetune_operator.api.pod_settings import (
+    EXTENDED_RESOURCE_RULES,
+    LabelKey,
+    PodMetadata,
+    ScratchSpec,
+    SecretKeySelector,
+    volume_rules,
+)
 
 
 class ModelSpec(ApiModel):
@@ -38,6 +47,11 @@ class ModelSpec(ApiModel):
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Leave off unless you trust the source."
+    )
+    token_secret: SecretKeySelector | None = Field(
+        None,
+        description="A Secret key holding a model hub token (gated models such as Llama). It reaches "
+        f"the trainer only as {contract.ENV_HF_TOKEN}, a secretKeyRef: the operator never reads it.",
     )
 
 
@@ -301,6 +315,45 @@ class ResourcesSpec(ApiModel):
         None, description="ServiceAccount of the rank pods; its token is not mounted."
     )
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra trainer environment.")
+    volumes: list[KubernetesVolume] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Kubernetes volumes for the rank pods (persistentVolumeClaim, nfs, csi, ephemeral, "
+        "configMap, secret, hostPath...), mounted with volumeMounts.",
+    )
+    volume_mounts: list[KubernetesVolumeMount] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Where the trainer container mounts each volume (e.g. a dataset PVC at /data, "
+        "read with file:///data/... uris).",
+    )
+    scratch: ScratchSpec = Field(
+        default_factory=ScratchSpec,
+        description=f"The node-local working volume at {contract.SCRATCH_DIR}: model cache, "
+        "checkpoint staging.",
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata,
+        description="Extra labels and annotations on every rank pod (service mesh, cost allocation, "
+        "queueing); the operator's own labels always win and finetune.dev/ keys are refused.",
+    )
+    extended_resources: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="More extended resources each rank pod requests and is limited to (RDMA devices "
+        "such as rdma/ib or nvidia.com/hostdev), by resource name.",
+    )
+    host_network: bool = Field(
+        False,
+        description="Run the rank pods in their node's network namespace (for RDMA setups that need "
+        "it). The ranks still meet through the job's Service DNS; each node then fits one rank pod "
+        "of such jobs (the rendezvous port is a host port). See docs/operations.md before enabling.",
+    )
+    ipc_lock: bool = Field(
+        False,
+        description="Add the IPC_LOCK capability (pinning memory for RDMA) to the trainer container; "
+        "see docs/operations.md.",
+    )
 
     rules = (
         Rule(
@@ -316,11 +369,13 @@ class ResourcesSpec(ApiModel):
         ),
         Rule(
             cel=_reserved_env_cel(),
-            message="env may not set variables the operator owns "
-            "(rendezvous, job identity, storage credentials)",
+            message="env may not set variables the operator owns (rendezvous, job identity, storage "
+            "credentials, the hub token: set model.tokenSecret instead)",
             field="env",
             check=lambda s: all(e.name not in contract.RESERVED_ENV for e in s.env),
         ),
+        *volume_rules(),
+        *EXTENDED_RESOURCE_RULES,
     )
 
     @property
@@ -429,4 +484,21 @@ class RunPolicy(ApiModel):
             field="backoffCapSeconds",
             check=lambda s: s.backoff_cap_seconds >= s.backoff_base_seconds,
         ),
+    )
+
+
+class PlacementSpec(ApiModel):
+    """Where the ranks go relative to each other."""
+
+    topology_key: LabelKey | None = Field(
+        None,
+        description="A node label (e.g. a rack or network block label such as "
+        "topology.kubernetes.io/zone or your fabric's block label) whose value all ranks of an "
+        "attempt share, through pod affinity among the attempt's pods.",
+    )
+    topology_policy: Literal["Required", "Preferred"] = Field(
+        "Required",
+        description="Required: a rank waits (Pending, then Unschedulable past "
+        "startupTimeoutSeconds) rather than leave the first rank's domain. Preferred: the scheduler "
+        "keeps the ranks together when it can.",
     )

@@ -88,7 +88,8 @@ def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
     store = job_store_uri(job)
     return TrainerConfig(
         job=JobIdentity(name=job.metadata.name, namespace=job.metadata.namespace, uid=job.metadata.uid),
-        model=spec.model,
+        # The token reaches the trainer as env only; the config does not even name its Secret.
+        model=spec.model.model_copy(update={"token_secret": None}),
         dataset=spec.dataset,
         training=spec.training,
         deepspeed=spec.deepspeed,

@@ -33,8 +33,8 @@ def master_addr(job: str, namespace: str, attempt: int) -> str:
 def job_labels(job: str) -> dict[str, str]:
     return {
         contract.LABEL_JOB: job,
-        "app.kubernetes.io/name": "finetune-trainer",
-        "app.kubernetes.io/managed-by": "finetune-operator",
+        contract.LABEL_APP_NAME: "finetune-trainer",
+        contract.LABEL_MANAGED_BY: "finetune-operator",
     }
 
 

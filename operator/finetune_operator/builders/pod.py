@@ -7,13 +7,11 @@ from typing import Any
 
 from finetune_operator import contract
 from finetune_operator.api import FineTuneJob
+from finetune_operator.api.kubernetes import wire
 from finetune_operator.api.trainer_config import job_store_uri
 from finetune_operator.builders import naming
 from finetune_operator.builders.objects import Manifest, child_metadata
-
-SCRATCH_VOLUME = "scratch"
-SHM_VOLUME = "dshm"
-CONFIG_VOLUME = "config"
+from finetune_operator.builders.placement import affinity
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,10 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
         env.append(_value(contract.ENV_S3_ENDPOINT, checkpoint.endpoint_url))
     if checkpoint.region:
         env.append(_value(contract.ENV_S3_REGION, checkpoint.region))
+    token = job.spec.model.token_secret
+    if token:
+        ref = {"name": token.name, "key": token.key, "optional": False}
+        env.append({"name": contract.ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": ref}})
     if checkpoint.credentials_secret:
         env += [
             _secret_ref(k, checkpoint.credentials_secret, optional=False)
@@ -88,6 +90,9 @@ def _container_resources(job: FineTuneJob) -> dict[str, Any]:
         requests["cpu"] = str(res.cpu)  # no CPU limit: throttling a data loader stalls every GPU of the gang
     if res.memory is not None:
         requests["memory"] = limits["memory"] = str(res.memory)
+    for name, count in sorted(res.extended_resources.items()):
+        # Extended resources cannot be overcommitted: the API requires requests to equal limits.
+        requests[name] = limits[name] = str(count)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -96,21 +101,42 @@ def _container_resources(job: FineTuneJob) -> dict[str, Any]:
     return out
 
 
+def _rendezvous_port(job: FineTuneJob) -> dict[str, Any]:
+    port: dict[str, Any] = {
+        "name": contract.RENDEZVOUS_PORT_NAME,
+        "containerPort": contract.MASTER_PORT,
+        "protocol": "TCP",
+    }
+    if job.spec.resources.host_network:
+        # On the host network the API requires hostPort == containerPort (core validation,
+        # validateHostNetwork) and defaults it so; written here, the manifest says what the
+        # scheduler will do: two such rank pods never share a node (its NodePorts filter).
+        port["hostPort"] = contract.MASTER_PORT
+    return port
+
+
+def _capabilities(job: FineTuneJob) -> dict[str, Any]:
+    capabilities: dict[str, Any] = {"drop": ["ALL"]}
+    if job.spec.resources.ipc_lock:
+        capabilities["add"] = ["IPC_LOCK"]  # pinning memory for RDMA; see docs/operations.md
+    return capabilities
+
+
 def _container(job: FineTuneJob, attempt: int, rank: int, image: str) -> dict[str, Any]:
+    res = job.spec.resources
     return {
         "name": contract.CONTAINER_NAME,
         "image": image,
-        "imagePullPolicy": job.spec.resources.image_pull_policy,
+        "imagePullPolicy": res.image_pull_policy,
         "command": contract.launch_command(),
         "env": rank_env(job, attempt, rank),
-        "ports": [
-            {"name": contract.RENDEZVOUS_PORT_NAME, "containerPort": contract.MASTER_PORT, "protocol": "TCP"}
-        ],
+        "ports": [_rendezvous_port(job)],
         "resources": _container_resources(job),
         "volumeMounts": [
-            {"name": CONFIG_VOLUME, "mountPath": contract.CONFIG_DIR, "readOnly": True},
-            {"name": SHM_VOLUME, "mountPath": contract.SHM_DIR},
-            {"name": SCRATCH_VOLUME, "mountPath": contract.SCRATCH_DIR},
+            {"name": contract.CONFIG_VOLUME, "mountPath": contract.CONFIG_DIR, "readOnly": True},
+            {"name": contract.SHM_VOLUME, "mountPath": contract.SHM_DIR},
+            {"name": contract.SCRATCH_VOLUME, "mountPath": contract.SCRATCH_DIR},
+            *(wire(m) for m in res.volume_mounts),
         ],
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -118,9 +144,35 @@ def _container(job: FineTuneJob, attempt: int, rank: int, image: str) -> dict[st
             "allowPrivilegeEscalation": False,
             "privileged": False,
             "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
+            "capabilities": _capabilities(job),
         },
     }
+
+
+def _scratch_volume(job: FineTuneJob) -> dict[str, Any]:
+    """An emptyDir bounded by sizeLimit, or a generic ephemeral PVC of the chosen class: created with
+    the pod, owned by it and deleted with it, so a restarted gang starts on clean disks."""
+    scratch = job.spec.resources.scratch
+    if scratch.storage_class_name is None:
+        return {"name": contract.SCRATCH_VOLUME, "emptyDir": {"sizeLimit": str(scratch.size)}}
+    claim = {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": scratch.storage_class_name,
+        "resources": {"requests": {"storage": str(scratch.size)}},
+    }
+    template = {"metadata": {"labels": naming.job_labels(job.metadata.name)}, "spec": claim}
+    return {"name": contract.SCRATCH_VOLUME, "ephemeral": {"volumeClaimTemplate": template}}
+
+
+def _pod_metadata(job: FineTuneJob, pod_name: str, attempt: int, rank: int) -> dict[str, Any]:
+    """The user's labels first, the operator's over them: the operator finds its pods by its labels,
+    so no manifest may move a pod out of (or into) a job. The API refuses such keys too."""
+    extra = job.spec.resources.pod_metadata
+    labels = {**extra.labels, **naming.rank_labels(job.metadata.name, attempt, rank)}
+    meta = child_metadata(job, pod_name, labels)
+    if extra.annotations:
+        meta["annotations"] = dict(extra.annotations)
+    return meta
 
 
 def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext) -> Manifest:
@@ -139,22 +191,34 @@ def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext)
             "runAsUser": contract.TRAINER_UID,
             "runAsGroup": contract.TRAINER_UID,
             "fsGroup": contract.TRAINER_UID,
+            # A dataset or checkpoint volume can hold millions of files: the kubelet's recursive
+            # chown to fsGroup at every pod start would hold up each gang start; skip it once the
+            # volume's root already belongs to the group.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(job, attempt, rank, res.image or ctx.default_image)],
         "volumes": [
             {
-                "name": CONFIG_VOLUME,
+                "name": contract.CONFIG_VOLUME,
                 "configMap": {"name": naming.config_map_name(name, attempt)},
             },
-            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
-            {"name": SCRATCH_VOLUME, "emptyDir": {}},
+            {"name": contract.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shm_size)}},
+            _scratch_volume(job),
+            *(wire(v) for v in res.volumes),
         ],
     }
+    if res.host_network:
+        # On the node's network the pod would use the node's resolver and could not resolve the
+        # Service names of MASTER_ADDR; ClusterFirstWithHostNet keeps cluster DNS. The record itself
+        # still exists: the EndpointSlice controller names an endpoint by spec.hostname whenever
+        # spec.subdomain is the Service (pkg/controller/util/endpoint ShouldSetHostname).
+        spec["hostNetwork"] = True
+        spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     optional = {
         "nodeSelector": res.node_selector or None,
         "tolerations": [t.to_wire() for t in res.tolerations] or None,
-        "affinity": res.affinity,
+        "affinity": affinity(job, attempt),
         "priorityClassName": res.priority_class_name,
         "schedulerName": res.scheduler_name,
         "serviceAccountName": res.service_account_name,
@@ -164,6 +228,6 @@ def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": child_metadata(job, pod_name, naming.rank_labels(name, attempt, rank)),
+        "metadata": _pod_metadata(job, pod_name, attempt, rank),
         "spec": spec,
     }
