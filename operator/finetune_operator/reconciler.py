@@ -6,6 +6,12 @@ so they are created), whereas pods created before a status that never got writte
 strangers and deleted. The write is conditional on the job being unchanged since it was observed, so
 two passes that decided from the same state (a retry, a second replica) cannot both count a restart:
 the loser observes again and finds the restart already recorded.
+
+A create the API server refuses (quota, LimitRange, Pod Security, a webhook, invalid fields) is not
+retried blindly: the refusal (the API's code, reason and message) is recorded in
+status.createRefusal, and the decide step, which sees it as observed state, shows it as a
+condition and an event, retries a retriable one until the startup deadline, and fails an invalid
+one at once.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import logging
 import time
 
 from finetune_operator.api import FineTuneJobStatus
-from finetune_operator.api.status import ACTIVE_PHASES
-from finetune_operator.backends.base import Backend, JobKey
+from finetune_operator.api.status import ACTIVE_PHASES, CreateRefusal
+from finetune_operator.backends.base import Backend, CreateRefused, JobKey
 from finetune_operator.clock import Clock
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy.decide import decide
@@ -68,9 +74,34 @@ class Reconciler:
                 extra={"job": f"{key[0]}/{key[1]}", "reason": event.reason},
             )
         for action in decision.actions:
-            await self.backend.apply(job, action)
+            try:
+                await self.backend.apply(job, action)
+            except CreateRefused as refused:
+                log.warning("%s/%s: a create was refused: %s %s", *key, refused.code, refused.reason)
+                await self._record_refusal(key, refused)
+                return 0.0  # decide on it now
         self.metrics.set_phase(key, new.phase)
         return self._next_look(decision.requeue_after, new)
+
+    async def _record_refusal(self, key: JobKey, refused: CreateRefused) -> None:
+        """Write the refusal into the status, on the job as it is now (this pass already wrote its
+        status, so the one it observed is stale). A conflict just leaves it to the next pass."""
+        observed = await self.backend.observe(key, self.clock.now())
+        if observed is None:
+            return
+        job, now = observed.job, observed.now
+        status = (job.status or FineTuneJobStatus()).model_copy(deep=True)
+        old = status.create_refusal
+        same = old is not None and old.attempt == status.attempt and old.code == refused.code
+        status.create_refusal = CreateRefusal(
+            attempt=status.attempt,
+            code=refused.code,
+            reason=refused.reason,
+            message=refused.message,
+            since=old.since if same and old is not None else now,
+            last=now,
+        )
+        await self.backend.write_status(job, status)
 
     def _next_look(self, requeue_after: float | None, status: FineTuneJobStatus) -> float | None:
         if status.phase not in ACTIVE_PHASES:

@@ -10,7 +10,8 @@ here (each gap is listed in docs/architecture.md, "Testing against the emulator"
 - graceful pod deletion: a running pod gets deletionTimestamp = now + grace period and stays until the
   kubelet is done with it; gracePeriodSeconds=0 removes it at once;
 - garbage collection: deleting an object removes the objects its uid owns;
-- pods/log, from `pod_logs`.
+- pods/log, from `pod_logs`;
+- admission: plugins that refuse a create as the API server would (tests/support/admission.py).
 It also records every request (for request counts and the RBAC check) and injects faults, and keeps
 KMock's own request history to the requests in flight (it is scanned on every request).
 """
@@ -105,6 +106,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _writes: asyncio.Lock = attrs.field(factory=asyncio.Lock)
     _dropped: asyncio.Event = attrs.field(factory=asyncio.Event)
     on_call: Callable[[Call], None] | None = None
+    # admission plugins (tests/support/admission.py): each may refuse a create with an API error
+    admission: list[Callable[..., kmock.KubernetesError | None]] = attrs.field(factory=list)
 
     def declare(self) -> None:
         info = kmock.ResourceInfo
@@ -213,6 +216,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.action in (kmock.action.LIST, kmock.action.WATCH, kmock.action.FETCH):
             return await super()._handle(request)
         async with self._writes:
+            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                for admit in self.admission:
+                    refusal = admit(self, request.resource, request.namespace or "", request.data)
+                    if refusal is not None:
+                        raise refusal
             request = await self._prepare(request)
             if request.action == kmock.action.DELETE and request.resource == PODS:
                 held = await self._delete_gracefully(request)

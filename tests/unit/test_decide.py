@@ -250,3 +250,67 @@ def test_the_same_observation_gives_the_same_decision() -> None:
 def test_timestamps_are_the_injected_clock() -> None:
     d = decide(Observed(job=_job(), pods=(), service_exists=True, now=CREATED + timedelta(hours=1)))
     assert d.status.start_time == CREATED + timedelta(hours=1)
+
+
+def _refused(code: int, reason: str, *, since: float, last: float, attempt: int = 1) -> dict[str, Any]:
+    message = (
+        'pods "demo-a1-n1" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=8, '
+        "used: nvidia.com/gpu=8, limited: nvidia.com/gpu=8"
+        if code == 403
+        else 'Pod "demo-a1-n1" is invalid: spec.affinity.nodeAffinity: Invalid value: "Inn"'
+    )
+    return {
+        "phase": "Starting",
+        "attempt": attempt,
+        "startTime": CREATED.isoformat(),
+        "createRefusal": {
+            "attempt": attempt,
+            "code": code,
+            "reason": reason,
+            "message": message,
+            "since": after(since).isoformat(),
+            "last": after(last).isoformat(),
+        },
+    }
+
+
+def _condition(d: Decision, kind: str) -> Any:
+    return next(c for c in d.status.conditions if c.type == kind)
+
+
+def test_a_quota_refusal_shows_as_a_condition_and_a_warning_event_naming_the_apis_reason() -> None:
+    d = _decide(_job(_refused(403, "Forbidden", since=10, last=10)), [pod(rank=0)], after(11))
+    refused = _condition(d, "CreateRefused")
+    assert (refused.status, refused.reason) == ("True", "Forbidden") and "exceeded quota" in refused.message
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "CreateRefused")]
+    assert "403 Forbidden" in d.events[0].message and d.status.phase == Phase.STARTING
+
+
+def test_a_refused_create_is_not_tried_again_before_the_retry_interval() -> None:
+    d = _decide(_job(_refused(403, "Forbidden", since=10, last=10)), [pod(rank=0)], after(20))
+    assert not any(isinstance(a, CreateAttempt) for a in d.actions)
+    assert d.requeue_after == pytest.approx(20)
+
+
+def test_a_quota_refusal_is_tried_again_after_the_retry_interval() -> None:
+    d = _decide(_job(_refused(403, "Forbidden", since=10, last=10)), [pod(rank=0)], after(41))
+    assert CreateAttempt(1, (1,)) in d.actions and d.status.phase == Phase.STARTING
+
+
+def test_a_quota_refusal_past_the_startup_deadline_fails_the_job() -> None:
+    d = _decide(_job(_refused(403, "Forbidden", since=10, last=590)), [pod(rank=0)], after(611))
+    assert d.status.phase == Phase.FAILED and _condition(d, "Failed").reason == "CreateRefused"
+    assert "exceeded quota" in _condition(d, "Failed").message
+
+
+def test_an_invalid_pod_refused_with_422_fails_at_once() -> None:
+    d = _decide(_job(_refused(422, "Invalid", since=10, last=10)), [pod(rank=0)], after(11))
+    assert d.status.phase == Phase.FAILED and _condition(d, "Failed").reason == "CreateRefused"
+    assert "422 Invalid" in _condition(d, "Failed").message
+    assert _reasons(d) == ["CreateRefused", "Failed"]
+
+
+def test_once_every_child_exists_the_refusal_is_cleared() -> None:
+    d = _decide(_job(_refused(403, "Forbidden", since=10, last=10)), _gang(), after(50))
+    assert d.status.create_refusal is None and _condition(d, "CreateRefused").status == "False"
+    assert d.status.phase == Phase.RUNNING

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api import FineTuneJob, FineTuneJobStatus
+from finetune_operator.backends.base import CreateRefused
 from finetune_operator.backends.kubernetes import merge_patch
 from finetune_operator.policy.actions import Action, CreateAttempt, CreateService, Event
 from finetune_operator.policy.decide import Observed
@@ -21,19 +22,25 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class RecordingBackend:
-    def __init__(self, observed: Observed | None, *, conflict: bool = False) -> None:
-        self.observed, self.conflict = observed, conflict
+    def __init__(
+        self, observed: Observed | None, *, conflict: bool = False, refuse: CreateRefused | None = None
+    ) -> None:
+        self.observed, self.conflict, self.refuse = observed, conflict, refuse
         self.log: list[Any] = []
+        self.statuses: list[FineTuneJobStatus] = []
 
     async def observe(self, key: tuple[str, str], now: datetime) -> Observed | None:
         return self.observed
 
     async def write_status(self, job: FineTuneJob, status: FineTuneJobStatus) -> bool:
         self.log.append(("status", status.phase))
+        self.statuses.append(status)
         return not self.conflict
 
     async def apply(self, job: FineTuneJob, action: Action) -> None:
         self.log.append(action)
+        if self.refuse is not None and isinstance(action, CreateAttempt):
+            raise self.refuse
 
     async def emit(self, job: FineTuneJob, event: Event) -> None:
         self.log.append(("event", event.reason))
@@ -60,6 +67,18 @@ async def test_a_status_write_refused_as_a_conflict_stops_the_pass_and_asks_for_
     backend = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW), conflict=True)
     again = await _reconciler(backend).reconcile(("team-a", "demo"))
     assert backend.log == [("status", "Starting")] and again == 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_refused_create_is_recorded_in_status_for_the_decide_step_and_the_pass_ends() -> None:
+    quota = CreateRefused(403, "Forbidden", 'pods "demo-a1-n0" is forbidden: exceeded quota: gpus')
+    backend = RecordingBackend(Observed(job(), pods=(), service_exists=True, now=NOW), refuse=quota)
+    again = await _reconciler(backend).reconcile(("team-a", "demo"))
+    assert again == 0.0  # decide on the refusal now
+    assert backend.log[-1] == ("status", None)  # the refusal, written on the job as observed again
+    refusal = backend.statuses[-1].create_refusal
+    assert refusal is not None and (refusal.code, refusal.reason) == (403, "Forbidden")
+    assert refusal.message.endswith("exceeded quota: gpus")
 
 
 @pytest.mark.asyncio

@@ -72,6 +72,23 @@ class CheckpointRef(ApiModel):
     time: Timestamp | None = None
 
 
+class CreateRefusal(ApiModel):
+    """The API server refused to create a child of the current attempt (admission: ResourceQuota,
+    LimitRange, Pod Security, a webhook; or validation). Recorded by the apply step, so the decide
+    step sees it as observed state."""
+
+    attempt: int = Field(ge=0, description="The attempt whose child was refused.")
+    code: int = Field(ge=100, le=599, description="The HTTP status of the refusal (403, 422, ...).")
+    reason: Annotated[str, Field(max_length=128)] = Field(
+        description="The API's reason for it (Forbidden, Invalid, BadRequest)."
+    )
+    message: Annotated[str, Field(max_length=1024)] = Field(
+        description="The API's message (never the request body)."
+    )
+    since: Timestamp = Field(description="The first refusal of this attempt.")
+    last: Timestamp = Field(description="The latest refusal.")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Annotated[Phase, Strict(False)] | None = Field(
         None, description="Where the job is in its lifecycle."
@@ -90,3 +107,6 @@ class FineTuneJobStatus(ApiModel):
     completion_time: Timestamp | None = None
     progress: Progress | None = None
     latest_checkpoint: CheckpointRef | None = None
+    create_refusal: CreateRefusal | None = Field(
+        None, description="The API server's latest refusal to create a child of the current attempt."
+    )

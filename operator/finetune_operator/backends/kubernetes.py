@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import contract
 from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, parse_manifest
-from finetune_operator.backends.base import JobKey
+from finetune_operator.backends.base import REFUSAL_CODES, CreateRefused, JobKey
 from finetune_operator.builders import (
     build_config_map,
     build_network_policy,
@@ -57,6 +57,21 @@ def merge_patch(old: Any, new: Any) -> Any:
         elif old[key] != value:
             patch[key] = merge_patch(old[key], value)
     return patch
+
+
+def refusal(exc: ApiException) -> CreateRefused:
+    """The API's Status (code, reason, message) of a refused create; the request body is left out,
+    so nothing the pod carried (env, image, a secret's name) travels into status or events."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    code = int(body.get("code") or exc.status)
+    reason = str(body.get("reason") or exc.reason or "Refused")
+    message = str(body.get("message") or "")[:EVENT_MESSAGE_LIMIT]
+    return CreateRefused(code, reason, message)
 
 
 class KubernetesBackend:
@@ -251,7 +266,12 @@ class KubernetesBackend:
                 )
 
     async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> None:
-        await self._tolerate(409, self._call(operation, fn, body["metadata"]["namespace"], body))
+        try:
+            await self._tolerate(409, self._call(operation, fn, body["metadata"]["namespace"], body))
+        except ApiException as exc:
+            if exc.status in REFUSAL_CODES:
+                raise refusal(exc) from None
+            raise
 
     async def _bounded(self, calls: Iterable[Awaitable[None]]) -> None:
         gate = asyncio.Semaphore(self.settings.create_concurrency)

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from finetune_operator.api import FineTuneJob
-from finetune_operator.api.status import Condition, FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.api.status import Condition, CreateRefusal, FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -28,7 +28,12 @@ from finetune_operator.policy.observed import ObservedPod
 from finetune_operator.progress import ProgressReport
 
 FORCE_DELETE_AFTER = timedelta(seconds=60)  # past a pod's deletion deadline: its node is gone
-RESTARTING, SUSPENDED = "Restarting", "Suspended"
+RESTARTING, SUSPENDED, CREATE_REFUSED = "Restarting", "Suspended", "CreateRefused"
+# A refused create is tried again this often until the startup deadline, when the API's code says
+# the refusal can pass (403: a quota frees up, an admin fixes a LimitRange or a namespace label).
+# 400 and 422 say the object itself is wrong: the job fails at once.
+REFUSAL_RETRY_SECONDS = 30.0
+RETRIABLE_REFUSALS = frozenset({403})
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,57 @@ def decide(obs: Observed) -> Decision:
         _attempt(obs, d, current)
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         d.actions.insert(0, CreateService())
+    _hold_refused_creates(obs, d)
     _watch_terminating(obs, d)
     return d
+
+
+def _refusal(st: FineTuneJobStatus) -> CreateRefusal | None:
+    refusal = st.create_refusal
+    return refusal if refusal is not None and refusal.attempt == st.attempt else None
+
+
+def _hold_refused_creates(obs: Observed, d: Decision) -> None:
+    """No create goes out within REFUSAL_RETRY_SECONDS of the last refusal: each refused try is a
+    status write, and an immediate retry would be refused the same way."""
+    refusal = _refusal(d.status)
+    if refusal is None or d.status.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        return
+    left = REFUSAL_RETRY_SECONDS - (obs.now - refusal.last).total_seconds()
+    if left > 0:
+        d.actions = [a for a in d.actions if not isinstance(a, (CreateService, CreateAttempt))]
+        d.wake(left)
+
+
+def _refused(obs: Observed, d: Decision, current: list[ObservedPod], missing: list[int]) -> bool:
+    """The API server refused a child of this attempt: show it (condition, Warning event with the
+    API's reason), fail at once when the object is invalid or once the startup deadline has passed
+    since the first refusal, and otherwise keep trying. True when the job failed."""
+    st, now = d.status, obs.now
+    refusal = _refusal(st)
+    if refusal is None:
+        return False
+    if not missing and obs.service_exists:
+        st.create_refusal = None
+        set_condition(st, CREATE_REFUSED, False, "Created", f"attempt {st.attempt}: every child created", now)
+        return False
+    text = (
+        f"attempt {st.attempt}: the API server refused to create a child "
+        f"({refusal.code} {refusal.reason}): {refusal.message}"
+    )
+    shown = condition(st, CREATE_REFUSED)
+    if shown is None or shown.status != "True":
+        d.events.append(Event("Warning", CREATE_REFUSED, text))
+    set_condition(st, CREATE_REFUSED, True, refusal.reason, text, now)
+    timeout = obs.job.spec.run_policy.startup_timeout_seconds
+    if refusal.code not in RETRIABLE_REFUSALS:
+        _fail(obs, d, current, CREATE_REFUSED, text)
+        return True
+    if (now - refusal.since).total_seconds() >= timeout:
+        _fail(obs, d, current, CREATE_REFUSED, f"{text}; still refused after startupTimeoutSeconds {timeout}")
+        return True
+    d.wake((refusal.since + timedelta(seconds=timeout) - now).total_seconds())
+    return False
 
 
 def _watch_terminating(obs: Observed, d: Decision) -> None:
@@ -168,6 +222,9 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
     st.start_time = st.start_time or obs.now
     st.phase = Phase.STARTING
     st.ranks = RankCounts()
+    if st.create_refusal is not None:  # an earlier attempt's: this one starts with a clean slate
+        st.create_refusal = None
+        set_condition(st, CREATE_REFUSED, False, "NewAttempt", f"attempt {st.attempt} started", obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:
         set_condition(
@@ -199,6 +256,8 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     policy, nodes = job.spec.run_policy, job.spec.resources.nodes
     verdicts = [classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds) for p in current]
     missing = sorted(set(range(nodes)) - {p.rank for p in current})
+    if _refused(obs, d, current, missing):
+        return
     if missing and st.phase == Phase.RUNNING:
         verdicts.append(Verdict(Outcome.INFRA_RESTART, "PodMissing", f"rank pod(s) {missing} disappeared"))
     elif missing:
