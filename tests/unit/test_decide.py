@@ -112,7 +112,7 @@ def test_every_rank_succeeding_is_success() -> None:
     ],
 )
 def test_a_failed_rank_restarts_the_gang(failed: dict[str, Any], counted: bool, reason: str) -> None:
-    d = _decide(_job(_running()), [pod(rank=0), failed], after(100))
+    d = _decide(_job(_running()), [pod(rank=0), failed], after(200))  # past the node-loss settle window
     assert d.status.phase == Phase.RESTARTING
     assert (d.status.restarts, d.status.infra_restarts) == ((1, 0) if counted else (0, 1))
     assert _reasons(d) == ["RankFailed", "Restarting"]
@@ -133,7 +133,7 @@ def test_configuration_and_input_failures_fail_at_once(code: int, reason: str) -
 
 def test_restarts_beyond_max_restarts_fail_with_backoff_limit_exceeded() -> None:
     failed = pod(rank=1, phase="Failed", exit_code=1)
-    d = _decide(_job(_running(restarts=2)), [pod(rank=0), failed], after(100))
+    d = _decide(_job(_running(restarts=2)), [pod(rank=0), failed], after(200))
     assert d.status.phase == Phase.FAILED
     assert next(c for c in d.status.conditions if c.type == "Failed").reason == "BackoffLimitExceeded"
 
@@ -314,3 +314,45 @@ def test_once_every_child_exists_the_refusal_is_cleared() -> None:
     d = _decide(_job(_refused(403, "Forbidden", since=10, last=10)), _gang(), after(50))
     assert d.status.create_refusal is None and _condition(d, "CreateRefused").status == "False"
     assert d.status.phase == Phase.RUNNING
+
+
+# Node loss as a current control plane shows it (tests/support/nodes.py cites the controllers): the
+# ranks on healthy nodes fail first (NCCL: exit 1, 75 or 134), the lost node's rank still looks
+# Running; its Ready condition turns False only after the node monitor grace period.
+SURVIVOR = pod(
+    rank=1, phase="Failed", exit_code=134, message="NCCL error: remote process exited", finished_at=60
+)
+
+
+def test_a_failure_while_another_rank_still_looks_running_waits_for_a_lost_node_to_show() -> None:
+    d = _decide(_job(_running()), [pod(rank=0), SURVIVOR], after(61))
+    assert d.status.phase == Phase.RUNNING and (d.status.restarts, d.status.infra_restarts) == (0, 0)
+    assert d.actions == [] and d.requeue_after == pytest.approx(59)
+
+
+def test_a_rank_gone_not_ready_turns_the_survivors_failure_into_an_uncounted_node_loss() -> None:
+    """MarkPodsNotReady (pkg/controller/util/node/controller_utils.go): phase Running, Ready False."""
+    lost = pod(rank=0, phase="Running", ready=False)
+    d = _decide(_job(_running()), [lost, SURVIVOR], after(101))
+    assert d.status.phase == Phase.RESTARTING and (d.status.restarts, d.status.infra_restarts) == (0, 1)
+    restarting = _condition(d, "Restarting")
+    assert restarting.reason == "NodeLost" and "rank 0 (demo-a1-n0): its node is lost" in restarting.message
+
+
+def test_a_rank_evicted_by_the_taint_manager_makes_the_gang_failure_a_node_loss() -> None:
+    lost = disrupted("DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint", rank=0)
+    d = _decide(_job(_running()), [lost, SURVIVOR], after(400))
+    assert (d.status.restarts, d.status.infra_restarts) == (0, 1)
+
+
+def test_after_the_settle_window_with_every_other_rank_ready_the_failure_counts() -> None:
+    d = _decide(_job(_running()), [pod(rank=0), SURVIVOR], after(121))
+    assert (d.status.restarts, d.status.infra_restarts) == (1, 0)
+
+
+def test_a_rank_without_a_ready_condition_cannot_show_a_lost_node_so_the_failure_counts_at_once() -> None:
+    """The local backend's processes have no node and no Ready condition."""
+    local = pod(rank=0)
+    local["status"]["conditions"] = []
+    d = _decide(_job(_running()), [local, SURVIVOR], after(61))
+    assert (d.status.restarts, d.status.infra_restarts) == (1, 0)

@@ -23,7 +23,7 @@ from finetune_operator.policy.actions import (
     Event,
 )
 from finetune_operator.policy.backoff import backoff_seconds
-from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict
+from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, node_lost
 from finetune_operator.policy.observed import ObservedPod
 from finetune_operator.progress import ProgressReport
 
@@ -34,6 +34,11 @@ RESTARTING, SUSPENDED, CREATE_REFUSED = "Restarting", "Suspended", "CreateRefuse
 # 400 and 422 say the object itself is wrong: the job fails at once.
 REFUSAL_RETRY_SECONDS = 30.0
 RETRIABLE_REFUSALS = frozenset({403})
+# How long a counted gang failure waits while another rank still looks running, for that rank's node
+# to show itself lost. The node lifecycle controller marks a silent node's pods NotReady after
+# nodeMonitorGracePeriod (40 s by default, checked every nodeMonitorPeriod, 5 s); the ranks on
+# healthy nodes fail within seconds of losing a peer, so they are seen first.
+NODE_LOSS_SETTLE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -267,7 +272,11 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
             d.actions.append(DeleteAttemptConfig(st.attempt - 1))
         d.actions.append(CreateAttempt(st.attempt, tuple(missing)))
     st.ranks = _counts(current, verdicts)
-    gang = gang_verdict(verdicts)
+    gang: Verdict | None = gang_verdict(verdicts)
+    if gang is not None and gang.outcome is Outcome.RESTART:
+        gang = _rooted_in_a_lost_node(obs, d, current, verdicts, gang)
+    if gang is None:
+        return  # settling: a lost node may yet show itself
     if gang.outcome is Outcome.SUCCEEDED and not missing:
         st.phase, st.completion_time = Phase.SUCCEEDED, now
         set_condition(st, "Running", False, "Completed", "", now)
@@ -300,6 +309,34 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     else:
         st.phase = Phase.STARTING
         d.wake(policy.startup_timeout_seconds)
+
+
+def _rooted_in_a_lost_node(
+    obs: Observed, d: Decision, current: list[ObservedPod], verdicts: list[Verdict], gang: Verdict
+) -> Verdict | None:
+    """A counted gang failure whose root is a lost node is not counted. On a current control plane
+    the lost node's rank still looks Running (its Ready condition turns False only after the node
+    monitor grace period) while the ranks on healthy nodes already failed. So: a rank whose node
+    looks lost makes the failure NodeLost; while another rank still looks running, the verdict waits
+    NODE_LOSS_SETTLE_SECONDS from the first failure (None: decide nothing yet)."""
+    for pod in current:
+        why = node_lost(pod)
+        if why is not None:
+            message = f"rank {pod.rank} ({pod.name}): its node is lost ({why}); then {gang.message}"
+            return Verdict(Outcome.INFRA_RESTART, "NodeLost", message)
+    pairs = list(zip(current, verdicts, strict=False))
+    # Only a rank whose readiness the cluster reports can show a lost node (the local backend's
+    # processes have no node and no Ready condition: nothing to wait for).
+    if not any(v.outcome is Outcome.RUNNING and p.ready is not None for p, v in pairs):
+        return gang
+    failed = [p.finished_at for p, v in pairs if v.outcome is Outcome.RESTART and p.finished_at is not None]
+    if not failed:
+        return gang
+    left = NODE_LOSS_SETTLE_SECONDS - (obs.now - min(failed)).total_seconds()
+    if left <= 0:
+        return gang
+    d.wake(left)
+    return None
 
 
 def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:

@@ -1,0 +1,97 @@
+"""The real operator against what real clusters do to rank pods: a node lost as the node lifecycle,
+taint eviction and pod GC controllers show it (tests/support/nodes.py), init containers and sidecars
+(tests/support/kubelet.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.factories import manifest
+from tests.support.kubelet import Rank, script
+from tests.support.nodes import NODE_MONITOR_GRACE_PERIOD, TOLERATION_SECONDS
+from tests.support.operator import running
+
+NS = "team-a"
+FAST = {
+    "spec.resources.nodes": 2,
+    "spec.runPolicy.backoffBaseSeconds": 1,
+    "spec.runPolicy.backoffCapSeconds": 2,
+    "spec.runPolicy.maxRestarts": 0,
+}
+GRACE = 120  # runPolicy.terminationGracePeriodSeconds' default
+
+
+def job(**changes: object) -> dict:
+    return manifest({**FAST, **changes}, name="demo", namespace=NS)
+
+
+def condition(status: dict, kind: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+@pytest.mark.asyncio
+async def test_a_lost_node_whose_surviving_rank_fails_first_is_one_uncounted_restart() -> None:
+    behaviour = script(
+        a1n1=Rank(node_lost=True, after=0.2),
+        a1n0=Rank(
+            exit_code=134, after=0.5, message="NCCL error: remote process exited or there was a network error"
+        ),
+    )
+    async with running(behaviour, job()) as k8s:
+        await k8s.eventually(
+            lambda: k8s.status(NS, "demo").get("ranks", {}).get("failed") == 1, what="n0 failed"
+        )
+        assert k8s.status(NS, "demo")["phase"] == "Running"  # settling: n1 still looks running
+        k8s.clock.jump(NODE_MONITOR_GRACE_PERIOD + 1)  # the node lifecycle marks n1 NotReady
+        status = await k8s.phase(NS, "demo", "Restarting")
+        assert (status["restarts"], status["infraRestarts"]) == (0, 1)
+        assert condition(status, "Restarting")["reason"] == "NodeLost"
+        k8s.clock.jump(GRACE + 61)  # n1 stays Terminating (no kubelet): force-deleted
+        status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
+        assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (2, 0, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_lost_node_alone_restarts_the_gang_at_taint_eviction_and_force_deletes_its_pod() -> None:
+    async with running(script(a1n1=Rank(node_lost=True), a1n0=Rank(exit_code=None)), job()) as k8s:
+        await k8s.phase(NS, "demo", "Running")
+        await k8s.eventually(lambda: k8s.kubelet.nodes.lost, what="n1's node silent")
+        k8s.clock.jump(NODE_MONITOR_GRACE_PERIOD + 1)
+        await k8s.eventually(
+            lambda: any(
+                c["type"] == "Ready" and c["status"] == "False"
+                for p in k8s.pods("demo")
+                for c in p["status"].get("conditions", [])
+            ),
+            what="n1 NotReady",
+        )
+        assert k8s.status(NS, "demo")["phase"] == "Running"  # NotReady alone is not a verdict
+        k8s.clock.jump(TOLERATION_SECONDS)
+        status = await k8s.phase(NS, "demo", "Restarting")
+        assert (status["restarts"], status["infraRestarts"]) == (0, 1)
+        k8s.clock.jump(GRACE + 61)
+        status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
+        assert (status["infraRestarts"], status["restarts"]) == (1, 0)
+        # the taint manager's delete started it; the operator's only call is the forced one
+        deletes = [
+            c for c in k8s.cluster.calls if c.from_operator and c.verb == "delete" and c.name == "demo-a1-n1"
+        ]
+        assert len(deletes) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_init_container_failure_is_a_counted_restart() -> None:
+    behaviour = script(a1n1=Rank(init_failure=(1, "iptables-restore: permission denied")))
+    async with running(behaviour, job(**{"spec.runPolicy.maxRestarts": 1})) as k8s:
+        status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
+        assert (status["restarts"], status["infraRestarts"]) == (1, 0)
+        messages = k8s.event_messages("demo", "RankFailed")
+        assert "init container mesh-init exited 1: iptables-restore: permission denied" in messages[0]
+
+
+@pytest.mark.asyncio
+async def test_a_sidecar_exiting_143_after_the_trainer_exited_0_leaves_the_job_succeeded() -> None:
+    async with running(script(Rank(exit_code=0, sidecar_exit=143)), job()) as k8s:
+        status = await k8s.phase(NS, "demo", "Succeeded")
+        assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (1, 0, 0)
+        assert {p["status"]["phase"] for p in k8s.pods("demo")} <= {"Failed"}  # as the kubelet computes it
