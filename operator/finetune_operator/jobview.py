@@ -91,15 +91,16 @@ def describe(view: JobView, now: datetime | None = None) -> str:
     body = view.body
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     progress, checkpoint = status.get("progress") or {}, status.get("latestCheckpoint") or {}
-    resources = spec.get("resources") or {}
+    resources, policy = spec.get("resources") or {}, spec.get("runPolicy") or {}
     lines = [
         f"Name:         {meta['name']}",
         f"Namespace:    {meta.get('namespace', 'default')}",
         f"Created:      {meta.get('creationTimestamp', '')} ({age(meta.get('creationTimestamp'), now)} ago)",
         f"Phase:        {status.get('phase', 'Pending')}",
         f"Attempt:      {status.get('attempt', 0)}   restarts {status.get('restarts', 0)}"
-        f" (max {(spec.get('runPolicy') or {}).get('maxRestarts', '?')}),"
-        f" infrastructure restarts {status.get('infraRestarts', 0)}",
+        f" (max {policy.get('maxRestarts', '?')}),"
+        f" infrastructure restarts {status.get('infraRestarts', 0)}"
+        f" (max {policy.get('maxInfrastructureRestarts', '?')})",
         f"Ranks:        {resources.get('nodes', '?')} node(s) x {resources.get('gpusPerNode', '?')} GPU(s); "
         + ", ".join(f"{k} {v}" for k, v in (status.get("ranks") or {}).items()),
     ]

@@ -147,11 +147,18 @@ class Kubelet:
             self.nodes.lose(f"node-{rank}")
             return  # its kubelet is gone: it writes nothing more, and nothing finishes a deletion
         elif b.evicted:
-            disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
-            await self._write(
-                key,
-                {"status": {"phase": "Failed", "reason": "Evicted", "conditions": [scheduled, disruption]}},
-            )
+            # pkg/kubelet/eviction/eviction_manager.go evictPod: Failed, reason Evicted, the eviction
+            # message (the rank's `message`: node pressure or its own limit) in status and condition
+            said = b.message or "The node was low on resource: memory. "
+            disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                          "message": said}  # fmt: skip
+            evicted = {
+                "phase": "Failed",
+                "reason": "Evicted",
+                "message": said,
+                "conditions": [scheduled, disruption],
+            }
+            await self._write(key, {"status": evicted})
         else:
             assert b.exit_code is not None
             reason = b.reason or ("Completed" if b.exit_code == 0 else "Error")

@@ -356,3 +356,44 @@ def test_a_rank_without_a_ready_condition_cannot_show_a_lost_node_so_the_failure
     local["status"]["conditions"] = []
     d = _decide(_job(_running()), [local, SURVIVOR], after(61))
     assert (d.status.restarts, d.status.infra_restarts) == (1, 0)
+
+
+def test_infrastructure_restarts_stop_at_their_own_budget() -> None:
+    evicted = pod(
+        rank=1, phase="Failed", reason="Evicted", pod_message="The node was low on resource: memory. "
+    )
+    status = _running(infraRestarts=4)
+    d = _decide(
+        _job(status, spec__runPolicy__maxInfrastructureRestarts=4), [pod(rank=0), evicted], after(100)
+    )
+    assert d.status.phase == Phase.FAILED and d.status.infra_restarts == 4
+    failed = _condition(d, "Failed")
+    assert (
+        failed.reason == "InfrastructureRestartLimitExceeded"
+        and "maxInfrastructureRestarts 4" in failed.message
+    )
+
+
+def test_an_infrastructure_restart_within_its_budget_is_recorded_with_its_class() -> None:
+    evicted = pod(rank=1, phase="Failed", reason="Evicted")
+    d = _decide(_job(_running(infraRestarts=3)), [pod(rank=0), evicted], after(100))
+    assert (d.status.infra_restarts, d.status.restart_class) == (4, "Infrastructure")
+
+
+def _restarting_after(cls: str, *, restarts: int, infra: int) -> dict[str, Any]:
+    return {**_restarting(after(0), restarts=restarts), "infraRestarts": infra, "restartClass": cls}
+
+
+@pytest.mark.parametrize(
+    ("cls", "restarts", "infra", "low", "high"),
+    [
+        ("Infrastructure", 0, 1, 5, 10),  # base 10 s, equal jitter
+        ("Infrastructure", 0, 4, 40, 60),  # doubles per infrastructure restart, cap 60
+        ("Application", 1, 6, 5, 10),  # a crash after many evictions waits the first delay
+    ],
+)
+def test_each_restart_class_backs_off_on_its_own_count(
+    cls: str, restarts: int, infra: int, low: float, high: float
+) -> None:
+    d = _decide(_job(_restarting_after(cls, restarts=restarts, infra=infra)), [], after(0))
+    assert d.requeue_after is not None and low <= d.requeue_after <= high

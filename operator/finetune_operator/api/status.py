@@ -100,7 +100,13 @@ class FineTuneJobStatus(ApiModel):
     attempt: int = Field(0, ge=0, description="Current gang attempt; 0 before the first pods exist.")
     restarts: int = Field(0, ge=0, description="Gang restarts counted toward runPolicy.maxRestarts.")
     infra_restarts: int = Field(
-        0, ge=0, description="Gang restarts after evictions, preemptions and lost nodes (not counted)."
+        0,
+        ge=0,
+        description="Gang restarts after evictions, preemptions and lost nodes "
+        "(counted toward runPolicy.maxInfrastructureRestarts, not maxRestarts).",
+    )
+    restart_class: Literal["Application", "Infrastructure"] | None = Field(
+        None, description="The class of the latest gang restart: its backoff doubles with that class's count."
     )
     ranks: RankCounts = Field(default_factory=RankCounts)
     start_time: Timestamp | None = None

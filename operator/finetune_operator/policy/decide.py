@@ -359,10 +359,16 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
         message = f"{cause.reason}: {cause.message}; maxRestarts {policy.max_restarts} reached"
         _fail(obs, d, current, "BackoffLimitExceeded", message)
         return
+    if not counted and st.infra_restarts >= policy.max_infrastructure_restarts:
+        limit = policy.max_infrastructure_restarts
+        message = f"{cause.reason}: {cause.message}; maxInfrastructureRestarts {limit} reached"
+        _fail(obs, d, current, "InfrastructureRestartLimitExceeded", message)
+        return
     if counted:
         st.restarts += 1
     else:
         st.infra_restarts += 1
+    st.restart_class = "Application" if counted else "Infrastructure"
     st.phase = Phase.RESTARTING
     set_condition(st, RESTARTING, True, cause.reason, cause.message, obs.now)
     set_condition(st, "Running", False, cause.reason, "", obs.now)
@@ -376,9 +382,12 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
 
 
 def _backoff(obs: Observed, st: FineTuneJobStatus) -> float:
+    """Each class backs off on its own count: an eviction loop slows down however few application
+    failures there were, and a lost node does not lengthen the next crash's delay."""
     policy = obs.job.spec.run_policy
+    count = st.infra_restarts if st.restart_class == "Infrastructure" else st.restarts
     return backoff_seconds(
-        restarts=max(0, st.restarts - 1),
+        restarts=max(0, count - 1),
         base=policy.backoff_base_seconds,
         cap=policy.backoff_cap_seconds,
         uid=obs.job.metadata.uid or obs.job.metadata.name,

@@ -46,6 +46,10 @@ async def test_a_lost_node_whose_surviving_rank_fails_first_is_one_uncounted_res
         status = await k8s.phase(NS, "demo", "Restarting")
         assert (status["restarts"], status["infraRestarts"]) == (0, 1)
         assert condition(status, "Restarting")["reason"] == "NodeLost"
+        await k8s.eventually(
+            lambda: [p["metadata"].get("deletionTimestamp") is not None for p in k8s.pods("demo")] == [True],
+            what="n1 alone, left Terminating",
+        )
         k8s.clock.jump(GRACE + 61)  # n1 stays Terminating (no kubelet): force-deleted
         status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
         assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (2, 0, 1)
@@ -95,3 +99,29 @@ async def test_a_sidecar_exiting_143_after_the_trainer_exited_0_leaves_the_job_s
         status = await k8s.phase(NS, "demo", "Succeeded")
         assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (1, 0, 0)
         assert {p["status"]["phase"] for p in k8s.pods("demo")} <= {"Failed"}  # as the kubelet computes it
+
+
+@pytest.mark.asyncio
+async def test_an_eviction_loop_stops_at_the_infrastructure_restart_budget() -> None:
+    """A job that fills its node's disk: evicted for node pressure on every attempt."""
+    filling = Rank(evicted=True, after=0.2, message="The node was low on resource: ephemeral-storage. ")
+    async with running(script(filling), job(**{"spec.runPolicy.maxInfrastructureRestarts": 2})) as k8s:
+        status = await k8s.phase(NS, "demo", "Failed", timeout=30)
+        failed = condition(status, "Failed")
+        assert failed["reason"] == "InfrastructureRestartLimitExceeded"
+        assert "The node was low on resource: ephemeral-storage" in failed["message"]
+        assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (3, 0, 2)
+
+
+@pytest.mark.asyncio
+async def test_an_eviction_for_the_pods_own_storage_limit_counts_toward_max_restarts() -> None:
+    over = Rank(
+        evicted=True,
+        after=0.2,
+        message='Container trainer exceeded its local ephemeral storage limit "10Gi". ',
+    )
+    async with running(script(over), job()) as k8s:
+        status = await k8s.phase(NS, "demo", "Failed", timeout=30)
+        failed = condition(status, "Failed")
+        assert failed["reason"] == "BackoffLimitExceeded" and "EvictedOverLimit" in failed["message"]
+        assert (status["restarts"], status["infraRestarts"]) == (0, 0)
