@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.cluster import CONFIGMAPS
 from tests.support.factories import manifest
 from tests.support.kubelet import Rank, script
 from tests.support.nodes import NODE_MONITOR_GRACE_PERIOD, TOLERATION_SECONDS
@@ -125,3 +126,28 @@ async def test_an_eviction_for_the_pods_own_storage_limit_counts_toward_max_rest
         failed = condition(status, "Failed")
         assert failed["reason"] == "BackoffLimitExceeded" and "EvictedOverLimit" in failed["message"]
         assert (status["restarts"], status["infraRestarts"]) == (0, 0)
+
+
+@pytest.mark.asyncio
+async def test_re_applying_a_deleted_jobs_name_adopts_none_of_the_old_incarnations_children() -> None:
+    """A real garbage collector works in the background and a deleted pod terminates gracefully:
+    the old pods and ConfigMap are still there when the same manifest is applied again."""
+    async with running(script(Rank(exit_code=None, stop_after=1.5)), job()) as k8s:
+        k8s.cluster.gc_delay = 0.5
+        await k8s.phase(NS, "demo", "Running")
+        old_uid = k8s.job(NS, "demo")["metadata"]["uid"]
+        await k8s.delete(NS, "demo")
+        await k8s.apply(job())
+        new_uid = await k8s.eventually(lambda: (k8s.job(NS, "demo") or {}).get("metadata", {}).get("uid"))
+        assert new_uid != old_uid
+        status = await k8s.eventually(
+            lambda: (
+                (s := k8s.status(NS, "demo")).get("phase") == "Running"
+                and all(p["metadata"]["ownerReferences"][0]["uid"] == new_uid for p in k8s.pods("demo"))
+                and s
+            ),
+            what="the new incarnation running its own pods",
+        )
+        assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (1, 0, 0)
+        config = k8s.cluster.get(CONFIGMAPS, NS, "demo-a1-config")
+        assert config is not None and config["metadata"]["ownerReferences"][0]["uid"] == new_uid

@@ -9,7 +9,8 @@ here (each gap is listed in docs/architecture.md, "Testing against the emulator"
   changes nothing else;
 - graceful pod deletion: a running pod gets deletionTimestamp = now + grace period and stays until the
   kubelet is done with it; gracePeriodSeconds=0 removes it at once;
-- garbage collection: deleting an object removes the objects its uid owns;
+- garbage collection: deleting an object deletes the objects its uid owns (pods on a node
+  gracefully, so they stay Terminating until their kubelet is done), at once or after `gc_delay`;
 - pods/log, from `pod_logs`;
 - admission: plugins that refuse a create as the API server would (tests/support/admission.py).
 It also records every request (for request counts and the RBAC check) and injects faults, and keeps
@@ -106,6 +107,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _writes: asyncio.Lock = attrs.field(factory=asyncio.Lock)
     _dropped: asyncio.Event = attrs.field(factory=asyncio.Event)
     on_call: Callable[[Call], None] | None = None
+    gc_delay: float = 0.0  # seconds before the garbage collector acts (a real one runs in the background)
+    _collections: set[asyncio.Task[None]] = attrs.field(factory=set)
     # admission plugins (tests/support/admission.py): each may refuse a create with an API error
     admission: list[Callable[..., kmock.KubernetesError | None]] = attrs.field(factory=list)
 
@@ -302,11 +305,35 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return self.get(PODS, request.namespace or "", request.name or "")
 
     async def _collect_owned(self, uid: str) -> None:
+        if self.gc_delay:
+            self._collections.add(task := asyncio.create_task(self._collect_later(uid)))
+            task.add_done_callback(self._collections.discard)
+        else:
+            await self._collect(uid)
+
+    async def _collect_later(self, uid: str) -> None:
+        await asyncio.sleep(self.gc_delay)
+        async with self._writes:
+            await self._collect(uid)
+
+    async def _collect(self, uid: str) -> None:
+        """The garbage collector deletes an owner's dependents as any client would: a pod on a
+        node is deleted gracefully (its kubelet finishes it), everything else at once."""
         for (resource, namespace, name), obj in list(self.objects.items()):
             if obj.deleted:
                 continue
-            owners = obj.raw.get("metadata", {}).get("ownerReferences") or []
-            if any(o.get("uid") == uid for o in owners):
+            meta = obj.raw.get("metadata", {})
+            if not any(o.get("uid") == uid for o in meta.get("ownerReferences") or []):
+                continue
+            if resource == PODS and (obj.raw.get("spec") or {}).get("nodeName"):
+                if not meta.get("deletionTimestamp"):
+                    grace = int(obj.raw["spec"].get("terminationGracePeriodSeconds", 30))
+                    marks = {
+                        "deletionTimestamp": timestamp(self.clock, grace),
+                        "deletionGracePeriodSeconds": grace,
+                    }
+                    await self.write(PODS, namespace or "", name, {"metadata": marks})
+            else:
                 await self.remove(resource, namespace or "", name)
 
     async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:

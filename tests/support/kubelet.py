@@ -38,6 +38,7 @@ class Rank:
     progress: bool = True  # rank 0 reports progress while it runs
     init_failure: tuple[int, str] | None = None  # an init container exits (code, message) first
     sidecar_exit: int | None = None  # a classic sidecar container exits so after the trainer
+    stop_after: float = 0.0  # seconds from SIGTERM to exit 143 (the emergency checkpoint)
 
 
 Script = Callable[[int, int], Rank]
@@ -142,6 +143,7 @@ class Kubelet:
             if reporter:
                 reporter.cancel()
         if deleting.is_set():
+            await asyncio.sleep(b.stop_after)
             await self._terminate(key, 143, "Error", "")
         elif b.node_lost:
             self.nodes.lose(f"node-{rank}")

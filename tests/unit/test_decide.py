@@ -397,3 +397,48 @@ def test_each_restart_class_backs_off_on_its_own_count(
 ) -> None:
     d = _decide(_job(_restarting_after(cls, restarts=restarts, infra=infra)), [], after(0))
     assert d.requeue_after is not None and low <= d.requeue_after <= high
+
+
+def test_unsuspend_waits_for_the_old_attempts_pods_to_be_gone() -> None:
+    """They may still be writing their emergency checkpoint, which the next attempt resumes from."""
+    status = {**_running(), "phase": "Suspended"}
+    d = _decide(_job(status), _gang(deleting=True), after(200))
+    assert not any(isinstance(a, CreateAttempt) for a in d.actions)
+    assert d.status.phase == Phase.SUSPENDED and d.status.attempt == 1 and d.requeue_after == pytest.approx(5)
+
+
+def _suspended_since(seconds: float, **extra: Any) -> dict[str, Any]:
+    suspended = {"type": "Suspended", "status": "True", "lastTransitionTime": after(seconds).isoformat()}
+    return {**_running(), "phase": "Suspended", "conditions": [suspended], **extra}
+
+
+def test_resuming_adds_the_time_spent_suspended_to_the_status() -> None:
+    d = _decide(_job(_suspended_since(1000)), [], after(4600))
+    assert d.status.suspended_seconds == pytest.approx(3600)
+
+
+def test_time_spent_suspended_does_not_count_toward_the_active_deadline() -> None:
+    status = _running(suspendedSeconds=3600.0)
+    policy = {"spec__runPolicy__activeDeadlineSeconds": 7200, "spec__runPolicy__progressTimeoutSeconds": None}
+    d = _decide(_job(status, **policy), _gang(), after(7300))
+    assert d.status.phase == Phase.RUNNING
+    late = _decide(_job(status, **policy), _gang(), after(10801))
+    assert late.status.phase == Phase.FAILED
+
+
+def test_pods_of_an_earlier_incarnation_of_the_same_name_are_not_adopted() -> None:
+    """Matched by the owner's uid: the old pods are the garbage collector's, and their names are
+    created again only once they are gone."""
+    old = [pod(rank=r, owner_uid="an-earlier-incarnation", deleting=True) for r in range(2)]
+    d = _decide(_job({"phase": "Starting", "attempt": 1}), old, after(5))
+    assert not any(isinstance(a, (CreateAttempt, DeletePods)) for a in d.actions)
+    assert d.status.phase == Phase.STARTING and d.status.ranks.total == 0
+    assert d.requeue_after == pytest.approx(5)
+    gone = _decide(_job({"phase": "Starting", "attempt": 1}), old[:1], after(6))
+    assert CreateAttempt(1, (1,)) in gone.actions
+
+
+def test_ranks_finishing_one_after_another_keep_the_job_running() -> None:
+    finishing = [pod(rank=0, phase="Succeeded", exit_code=0), pod(rank=1)]
+    d = _decide(_job(_running()), finishing, after(100))
+    assert d.status.phase == Phase.RUNNING and d.events == []

@@ -108,6 +108,9 @@ class FineTuneJobStatus(ApiModel):
     restart_class: Literal["Application", "Infrastructure"] | None = Field(
         None, description="The class of the latest gang restart: its backoff doubles with that class's count."
     )
+    suspended_seconds: float = Field(
+        0.0, ge=0, description="Time spent suspended; left out of activeDeadlineSeconds."
+    )
     ranks: RankCounts = Field(default_factory=RankCounts)
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None

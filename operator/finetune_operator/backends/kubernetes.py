@@ -59,6 +59,16 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch
 
 
+class StaleChild(RuntimeError):
+    """A child's name is held by an older incarnation's object; the pass is retried later."""
+
+
+def _owned_by_another(obj: dict[str, Any], uid: str | None) -> bool:
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    controller = next((o for o in owners if o.get("controller")), None)
+    return bool(uid and controller and controller.get("uid") != uid)
+
+
 def refusal(exc: ApiException) -> CreateRefused:
     """The API's Status (code, reason, message) of a refused create; the request body is left out,
     so nothing the pod carried (env, image, a secret's name) travels into status or events."""
@@ -148,21 +158,23 @@ class KubernetesBackend:
         return Observed(
             job=job,
             pods=pods,
-            service_exists=await self._service_exists(namespace, name),
+            service_exists=await self._service_exists(namespace, name, job.metadata.uid),
             now=now,
             progress=await self._progress(job, pods),
         )
 
-    async def _service_exists(self, namespace: str, job: str) -> bool:
+    async def _service_exists(self, namespace: str, job: str, uid: str | None) -> bool:
+        """An older incarnation's Service (the garbage collector has not removed it yet) is not
+        this job's: it is reported missing, so its creation is tried until the name is free."""
         try:
-            await self._call(
+            service = await self._json(
                 "get services", self.core.read_namespaced_service, naming.service_name(job), namespace
             )
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
-        return True
+        return not _owned_by_another(service, uid)
 
     async def _progress(self, job: FineTuneJob, pods: tuple[Any, ...]) -> ProgressReport | None:
         """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report."""
@@ -223,7 +235,10 @@ class KubernetesBackend:
                 await self._create("create services", self.core.create_namespaced_service, build_service(job))
             case act.CreateAttempt(attempt=attempt, ranks=ranks):
                 config = build_config_map(job, attempt)
-                await self._create("create configmaps", self.core.create_namespaced_config_map, config)
+                if not await self._create(
+                    "create configmaps", self.core.create_namespaced_config_map, config
+                ):
+                    await self._check_own_config(job, config["metadata"]["name"])
                 await self._bounded(
                     self._create(
                         "create pods",
@@ -265,18 +280,33 @@ class KubernetesBackend:
                     ),
                 )
 
-    async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> None:
+    async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> bool:
+        """Create; False when it already existed (names are deterministic: usually our own)."""
         try:
-            await self._tolerate(409, self._call(operation, fn, body["metadata"]["namespace"], body))
+            await self._call(operation, fn, body["metadata"]["namespace"], body)
         except ApiException as exc:
+            if exc.status == 409:
+                return False
             if exc.status in REFUSAL_CODES:
                 raise refusal(exc) from None
             raise
+        return True
 
-    async def _bounded(self, calls: Iterable[Awaitable[None]]) -> None:
+    async def _check_own_config(self, job: FineTuneJob, name: str) -> None:
+        """An existing attempt ConfigMap may be an older incarnation's (same job name, deleted, its
+        children not yet collected): its pods would read the old config. Wait for the collector."""
+        config = await self._json(
+            "get configmaps", self.core.read_namespaced_config_map, name, job.metadata.namespace
+        )
+        if _owned_by_another(config, job.metadata.uid):
+            raise StaleChild(
+                f"configmap {name} belongs to an earlier job of the same name; waiting for it to go"
+            )
+
+    async def _bounded(self, calls: Iterable[Awaitable[object]]) -> None:
         gate = asyncio.Semaphore(self.settings.create_concurrency)
 
-        async def one(call: Awaitable[None]) -> None:
+        async def one(call: Awaitable[object]) -> None:
             async with gate:
                 await call
 

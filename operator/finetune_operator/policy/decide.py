@@ -13,6 +13,7 @@ from typing import Literal
 
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.status import Condition, CreateRefusal, FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.builders.naming import pod_name
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -128,13 +129,24 @@ def decide(obs: Observed) -> Decision:
     if obs.progress is not None:
         st.progress = obs.progress.progress
         st.latest_checkpoint = obs.progress.latest_checkpoint or st.latest_checkpoint
-    current = [p for p in obs.pods if p.attempt == st.attempt]
-    stale = [p for p in obs.pods if p.attempt != st.attempt]
+    uid = job.metadata.uid
+    # Children are matched by the job's uid, not only by label: a job deleted and applied again under
+    # the same name must not adopt the old incarnation's still-terminating pods (the garbage
+    # collector removes those; they are left alone, and their names are not reused until gone).
+    mine = [p for p in obs.pods if p.owner_uid is None or uid is None or p.owner_uid == uid]
+    foreign = {p.name for p in obs.pods if p not in mine}
+    current = [p for p in mine if p.attempt == st.attempt]
+    stale = [p for p in mine if p.attempt != st.attempt]
     d.actions += _delete(stale, now)
     if st.phase in (Phase.SUCCEEDED, Phase.FAILED):
         _finished(obs, d, current)
     elif job.spec.run_policy.suspend:
         _suspend(obs, d, current)
+    elif st.phase == Phase.SUSPENDED and current:
+        # The old attempt's ranks may still be writing their emergency checkpoint: the next attempt
+        # resumes from it only once they are gone.
+        d.actions += _delete(current, now)
+        d.wake(5.0)
     elif st.attempt == 0 or st.phase == Phase.SUSPENDED:
         _start_attempt(obs, d, resumed=st.phase == Phase.SUSPENDED)
     elif _past_deadline(obs, st):
@@ -152,8 +164,28 @@ def decide(obs: Observed) -> Decision:
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         d.actions.insert(0, CreateService())
     _hold_refused_creates(obs, d)
+    _hold_names_taken(d, obs.job.metadata.name, foreign)
     _watch_terminating(obs, d)
     return d
+
+
+def _hold_names_taken(d: Decision, job: str, foreign: set[str]) -> None:
+    """Ranks whose pod name an older incarnation's pod still holds are created once it is gone."""
+    if not foreign:
+        return
+    held = False
+    actions: list[Action] = []
+    for action in d.actions:
+        if isinstance(action, CreateAttempt):
+            free = tuple(r for r in action.ranks if pod_name(job, action.attempt, r) not in foreign)
+            held = held or len(free) < len(action.ranks)
+            if free:
+                actions.append(CreateAttempt(action.attempt, free))
+        else:
+            actions.append(action)
+    d.actions = actions
+    if held:
+        d.wake(5.0)
 
 
 def _refusal(st: FineTuneJobStatus) -> CreateRefusal | None:
@@ -215,8 +247,11 @@ def _watch_terminating(obs: Observed, d: Decision) -> None:
 
 
 def _past_deadline(obs: Observed, st: FineTuneJobStatus) -> bool:
+    """activeDeadlineSeconds counts the time the job was active: suspended time is left out."""
     deadline = obs.job.spec.run_policy.active_deadline_seconds
-    return bool(deadline and st.start_time and (obs.now - st.start_time).total_seconds() >= deadline)
+    if not deadline or not st.start_time:
+        return False
+    return (obs.now - st.start_time).total_seconds() - st.suspended_seconds >= deadline
 
 
 def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None:
@@ -232,6 +267,9 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
         set_condition(st, CREATE_REFUSED, False, "NewAttempt", f"attempt {st.attempt} started", obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:
+        suspended = condition(st, SUSPENDED)
+        if suspended is not None and suspended.last_transition_time is not None:
+            st.suspended_seconds += max(0.0, (obs.now - suspended.last_transition_time).total_seconds())
         set_condition(
             st, SUSPENDED, False, "Resumed", "unsuspended: resuming from the latest checkpoint", obs.now
         )
@@ -291,7 +329,7 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         gang.outcome is Outcome.RUNNING
         and not missing
         and all(v.outcome is Outcome.RUNNING for v in verdicts)
-    ):
+    ) or (st.phase == Phase.RUNNING and _finishing(verdicts)):
         if _stalled(obs, st):
             seconds = policy.progress_timeout_seconds
             _begin_restart(
@@ -337,6 +375,13 @@ def _rooted_in_a_lost_node(
         return gang
     d.wake(left)
     return None
+
+
+def _finishing(verdicts: list[Verdict]) -> bool:
+    """Some ranks finished and the others still run: the job is still Running (not Starting)."""
+    return all(v.outcome in (Outcome.RUNNING, Outcome.SUCCEEDED) for v in verdicts) and any(
+        v.outcome is Outcome.RUNNING for v in verdicts
+    )
 
 
 def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:
