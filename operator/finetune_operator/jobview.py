@@ -66,6 +66,16 @@ def wide_row(body: dict[str, Any], now: datetime | None = None) -> dict[str, str
     return row
 
 
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s: a span a person reads at a glance."""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return ""
@@ -110,6 +120,16 @@ def describe(view: JobView, now: datetime | None = None) -> str:
             f" ({progress.get('percent', 0):.1f}%), loss {progress.get('loss', '-')},"
             f" eval loss {progress.get('evalLoss', '-')}, {progress.get('tokensPerSecond', 0):.0f} tokens/s,"
             f" ETA {progress.get('etaSeconds', '-')} s"
+        )
+    goodput = status.get("goodput") or {}
+    if goodput.get("percent") is not None:
+        lines.append(
+            f"Goodput:      {goodput['percent']:.1f}% training;"
+            f" queued {_duration(goodput.get('queuedSeconds', 0))},"
+            f" restarts {_duration(goodput.get('applicationRestartSeconds', 0))} application"
+            f" + {_duration(goodput.get('infrastructureRestartSeconds', 0))} infrastructure,"
+            f" checkpoint stalls {_duration(goodput.get('checkpointStallSeconds', 0))}"
+            f" of {_duration(goodput.get('productiveSeconds', 0))} training"
         )
     lines.append(
         f"Checkpoint:   step {checkpoint['step']} at {checkpoint.get('uri', '')}"

@@ -31,7 +31,15 @@ log = logging.getLogger("finetune_operator.reconcile")
 
 
 def status_changed(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> bool:
-    return (old or FineTuneJobStatus()).to_wire() != new.to_wire()
+    """Whether the status must be written. Goodput alone is not a reason: it is accounted up to
+    `now` on every pass, and the next write carries whatever accrued meanwhile."""
+
+    def wire(status: FineTuneJobStatus) -> dict[str, object]:
+        body = status.to_wire()
+        body.pop("goodput", None)
+        return body
+
+    return wire(old or FineTuneJobStatus()) != wire(new)
 
 
 class Reconciler:
@@ -62,6 +70,7 @@ class Reconciler:
                 log.info("%s/%s changed while it was reconciled; observing it again", *key)
                 return 0.0
             self.metrics.count_restarts(old, new)
+            self.metrics.count_time(key, old, new)
         # Events describe the transitions just recorded, so they go out before the actions: an
         # action that fails is retried by the next pass, which has no transition to tell again.
         for event in decision.events:

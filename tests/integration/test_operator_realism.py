@@ -151,3 +151,12 @@ async def test_re_applying_a_deleted_jobs_name_adopts_none_of_the_old_incarnatio
         assert (status["attempt"], status["restarts"], status["infraRestarts"]) == (1, 0, 0)
         config = k8s.cluster.get(CONFIGMAPS, NS, "demo-a1-config")
         assert config is not None and config["metadata"]["ownerReferences"][0]["uid"] == new_uid
+
+
+@pytest.mark.asyncio
+async def test_goodput_reaches_the_status_with_restart_time_by_class() -> None:
+    async with running(script(a1n0=Rank(evicted=True, after=0.3)), job()) as k8s:
+        status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
+        goodput = status["goodput"]
+        assert goodput["infrastructureRestartSeconds"] > 0 and goodput["productiveSeconds"] > 0
+        assert goodput["applicationRestartSeconds"] == 0 and 0 < goodput["percent"] < 100

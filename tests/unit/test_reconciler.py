@@ -82,6 +82,19 @@ async def test_a_refused_create_is_recorded_in_status_for_the_decide_step_and_th
 
 
 @pytest.mark.asyncio
+async def test_goodput_accrued_alone_is_no_reason_to_write_the_status() -> None:
+    """Accounted to `now` on every pass; the next real write carries the whole interval."""
+    first = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW))
+    await _reconciler(first).reconcile(("team-a", "demo"))
+    written = first.statuses[-1].model_dump(mode="json", by_alias=True, exclude_none=True)
+    later = NOW.replace(minute=5)
+    stored = job().model_copy(update={"status": FineTuneJobStatus.model_validate(written)})
+    again = RecordingBackend(Observed(stored, pods=(), service_exists=True, now=later))
+    await _reconciler(again).reconcile(("team-a", "demo"))
+    assert not any(entry[0] == "status" for entry in again.log if isinstance(entry, tuple))
+
+
+@pytest.mark.asyncio
 async def test_a_job_that_is_gone_is_left_alone() -> None:
     backend = RecordingBackend(None)
     assert await _reconciler(backend).reconcile(("team-a", "demo")) is None

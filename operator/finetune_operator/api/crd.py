@@ -43,6 +43,7 @@ PRINTER_COLUMNS = [
     ),
     _column("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
     _column("Attempt", "integer", ".status.attempt", "Current gang attempt", priority=1),
+    _column("Goodput", "number", ".status.goodput.percent", "Percent of the job's time spent training", 1),
     _column("ETA", "integer", ".status.progress.etaSeconds", "Seconds to the end of training", 1),
     _column("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput", 1),
     _column("Reason", "string", '.status.conditions[?(@.type=="Failed")].reason', "Why the job failed", 1),

@@ -61,6 +61,12 @@ class Progress(ApiModel):
     loss: float | None = Field(None, description="Training loss, averaged since the previous report.")
     eval_loss: float | None = Field(None, description="Latest evaluation loss.")
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all ranks.")
+    checkpoint_stall_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds training waited on checkpoint saves in this attempt (cumulative), "
+        "when the trainer reports it.",
+    )
     updated_at: Timestamp | None = Field(None, description="When rank 0 reported this.")
 
 
@@ -70,6 +76,38 @@ class CheckpointRef(ApiModel):
     step: int = Field(ge=0)
     uri: StorageUri
     time: Timestamp | None = None
+
+
+class Goodput(ApiModel):
+    """Where the job's wall-clock time went, suspended time left out: training, or lost to queueing
+    (waiting for the first attempt's pods, or a resumed one's), to restarts by class (from the
+    failure until every rank runs again), and to checkpoint stalls (as the trainer reports them)."""
+
+    productive_seconds: float = Field(
+        0.0, ge=0, description="Every rank running, checkpoint stalls included."
+    )
+    queued_seconds: float = Field(
+        0.0, ge=0, description="Waiting for the first (or a resumed) attempt to run."
+    )
+    application_restart_seconds: float = Field(
+        0.0, ge=0, description="From an application failure until every rank of the next attempt runs."
+    )
+    infrastructure_restart_seconds: float = Field(
+        0.0, ge=0, description="From an eviction, preemption or lost node until every rank runs again."
+    )
+    checkpoint_stall_seconds: float = Field(
+        0.0, ge=0, description="Training time spent waiting on checkpoint saves (trainer-reported)."
+    )
+    percent: float | None = Field(
+        None, ge=0, le=100, description="Productive time less checkpoint stalls, over all accounted time."
+    )
+    accounted_until: Timestamp | None = Field(None, description="The time the figures above run to.")
+    waiting_for: Literal["Queue", "Application", "Infrastructure"] | None = Field(
+        None, description="What the current Starting phase is charged to."
+    )
+    stalls_before_attempt: float = Field(
+        0.0, ge=0, description="Checkpoint stalls of the attempts before the current one."
+    )
 
 
 class CreateRefusal(ApiModel):
@@ -116,6 +154,7 @@ class FineTuneJobStatus(ApiModel):
     completion_time: Timestamp | None = None
     progress: Progress | None = None
     latest_checkpoint: CheckpointRef | None = None
+    goodput: Goodput | None = Field(None, description="Where the job's time went.")
     create_refusal: CreateRefusal | None = Field(
         None, description="The API server's latest refusal to create a child of the current attempt."
     )

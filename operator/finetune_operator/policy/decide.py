@@ -14,6 +14,7 @@ from typing import Literal
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.status import Condition, CreateRefusal, FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
+from finetune_operator.policy import goodput
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -129,6 +130,7 @@ def decide(obs: Observed) -> Decision:
     if obs.progress is not None:
         st.progress = obs.progress.progress
         st.latest_checkpoint = obs.progress.latest_checkpoint or st.latest_checkpoint
+    goodput.account(old, st, now)
     uid = job.metadata.uid
     # Children are matched by the job's uid, not only by label: a job deleted and applied again under
     # the same name must not adopt the old incarnation's still-terminating pods (the garbage
@@ -260,6 +262,8 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
         d.actions.append(DeleteAttemptConfig(st.attempt))
     st.attempt += 1
     st.start_time = st.start_time or obs.now
+    queued = resumed or st.attempt == 1
+    goodput.start_attempt(st, "Queue" if queued else (st.restart_class or "Application"))
     st.phase = Phase.STARTING
     st.ranks = RankCounts()
     if st.create_refusal is not None:  # an earlier attempt's: this one starts with a clean slate
