@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from finetune_operator.api import FineTuneJobStatus
-from finetune_operator.api.status import ACTIVE_PHASES, CreateRefusal
+from finetune_operator.api.status import ACTIVE_PHASES, CreateRefusal, Phase
 from finetune_operator.backends.base import Backend, CreateRefused, JobKey
+from finetune_operator.builders.naming import pod_name
 from finetune_operator.clock import Clock
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy.decide import decide
 from finetune_operator.settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from finetune_operator.progress_poll import ProgressPoller
 
 log = logging.getLogger("finetune_operator.reconcile")
 
@@ -48,6 +53,7 @@ class Reconciler:
     ) -> None:
         self.backend, self.clock, self.settings = backend, clock, settings
         self.metrics = metrics or Metrics()
+        self.poller: ProgressPoller | None = None  # on a cluster: reads Running jobs' progress
 
     async def reconcile(self, key: JobKey) -> float | None:
         """One pass; returns when the job wants looking at again (seconds), None for never."""
@@ -61,6 +67,8 @@ class Reconciler:
         observed = await self.backend.observe(key, self.clock.now())
         if observed is None:
             self.metrics.forget(key)
+            if self.poller is not None:
+                self.poller.track(key, None)
             return None
         job = observed.job
         decision = decide(observed)
@@ -90,6 +98,9 @@ class Reconciler:
                 await self._record_refusal(key, refused)
                 return 0.0  # decide on it now
         self.metrics.set_phase(key, new.phase)
+        if self.poller is not None:
+            rank0 = pod_name(key[1], new.attempt, 0) if new.phase == Phase.RUNNING else None
+            self.poller.track(key, rank0, new.progress.updated_at if new.progress else None)
         return self._next_look(decision.requeue_after, new)
 
     async def _record_refusal(self, key: JobKey, refused: CreateRefused) -> None:
@@ -118,6 +129,6 @@ class Reconciler:
         polls = [self.settings.resync_seconds]
         if requeue_after is not None:
             polls.append(requeue_after)
-        if status.phase == "Running":
+        if status.phase == "Running" and self.poller is None:
             polls.append(self.settings.progress_poll_seconds)
         return min(polls)

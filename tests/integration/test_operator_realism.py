@@ -5,6 +5,8 @@ taint eviction and pod GC controllers show it (tests/support/nodes.py), init con
 from __future__ import annotations
 
 import pytest
+from finetune_operator.api.status import Progress
+from finetune_operator.progress import ProgressReport, format_line
 
 from tests.support.cluster import CONFIGMAPS
 from tests.support.factories import manifest
@@ -160,3 +162,17 @@ async def test_goodput_reaches_the_status_with_restart_time_by_class() -> None:
         goodput = status["goodput"]
         assert goodput["infrastructureRestartSeconds"] > 0 and goodput["productiveSeconds"] > 0
         assert goodput["applicationRestartSeconds"] == 0 and 0 < goodput["percent"] < 100
+
+
+@pytest.mark.asyncio
+async def test_a_report_followed_by_more_than_200_lines_of_other_output_still_reaches_the_status() -> None:
+    async with running(script(Rank(exit_code=None, report_every=3600)), job()) as k8s:
+        await k8s.phase(NS, "demo", "Running")
+        report = ProgressReport(progress=Progress(step=99, total_steps=1000, updated_at=k8s.clock.now()))
+        noise = "".join(f"UserWarning: something chatty {i}\n" for i in range(300))
+        k8s.cluster.append_log((NS, "demo-a1-n0"), format_line(report) + "\n" + noise)
+        status = await k8s.eventually(
+            lambda: (s := k8s.status(NS, "demo")).get("progress", {}).get("step") == 99 and s,
+            what="step 99 in status",
+        )
+        assert status["phase"] == "Running"

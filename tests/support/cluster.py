@@ -11,7 +11,8 @@ here (each gap is listed in docs/architecture.md, "Testing against the emulator"
   kubelet is done with it; gracePeriodSeconds=0 removes it at once;
 - garbage collection: deleting an object deletes the objects its uid owns (pods on a node
   gracefully, so they stay Terminating until their kubelet is done), at once or after `gc_delay`;
-- pods/log, from `pod_logs`;
+- pods/log, from `pod_logs`, with tailLines, sinceSeconds and limitBytes (applied in that order,
+  limitBytes keeping the first bytes, as the kubelet's log reader does);
 - admission: plugins that refuse a create as the API server would (tests/support/admission.py).
 It also records every request (for request counts and the RBAC check) and injects faults, and keeps
 KMock's own request history to the requests in flight (it is scanned on every request).
@@ -101,6 +102,8 @@ def _matches(labels: dict[str, str], selector: str | None) -> bool:
 class ClusterEmulator(kmock.KubernetesEmulator):
     clock: Clock
     pod_logs: dict[tuple[str, str], str] = attrs.field(factory=dict)
+    # when each appended chunk of a pod's log begins: (time, offset), for sinceSeconds
+    _log_marks: dict[tuple[str, str], list[tuple[Any, int]]] = attrs.field(factory=dict)
     calls: list[Call] = attrs.field(factory=list)
     faults: list[Fault] = attrs.field(factory=list)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000))
@@ -169,6 +172,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 raw = self.objects[key].raw
                 self.objects[key].delete()
                 await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+    def append_log(self, key: tuple[str, str], text: str) -> None:
+        """What a container prints, stamped with the clock (the kubelet keeps a timestamp per line)."""
+        before = self.pod_logs.get(key, "")
+        self._log_marks.setdefault(key, []).append((self.clock.now(), len(before)))
+        self.pod_logs[key] = before + text
 
     def drop_watches(self) -> None:
         """End every open watch stream, as an API server restart or a load balancer would."""
@@ -340,11 +349,18 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.resource == PODS and request.subresource == "log":
             if self.get(PODS, request.namespace or "", request.name or "") is None:
                 raise kmock.KubernetesObjectNotFoundError()
-            text = self.pod_logs.get((request.namespace or "", request.name or ""), "")
+            key = (request.namespace or "", request.name or "")
+            text = self.pod_logs.get(key, "")
+            since = request.params.get("sinceSeconds")
+            if since:
+                start = self.clock.now() - timedelta(seconds=int(since))
+                text = text[next((at for t, at in self._log_marks.get(key, []) if t >= start), len(text)) :]
             tail = request.params.get("tailLines")
             if tail:
                 text = "".join(text.splitlines(keepends=True)[-int(tail) :])
-            return text.encode()
+            data = text.encode()
+            limit = request.params.get("limitBytes")
+            return data[: int(limit)] if limit else data
         return await super()._serve_fetch(request)
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:

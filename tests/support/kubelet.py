@@ -39,6 +39,7 @@ class Rank:
     init_failure: tuple[int, str] | None = None  # an init container exits (code, message) first
     sidecar_exit: int | None = None  # a classic sidecar container exits so after the trainer
     stop_after: float = 0.0  # seconds from SIGTERM to exit 143 (the emergency checkpoint)
+    report_every: float = 0.05  # rank 0's seconds between progress reports
 
 
 Script = Callable[[int, int], Rank]
@@ -135,7 +136,8 @@ class Kubelet:
             },
         )
         self.started.append(key[1])
-        reporter = asyncio.create_task(self._report(key)) if rank == 0 and b.progress else None
+        reports = rank == 0 and b.progress
+        reporter = asyncio.create_task(self._report(key, b.report_every)) if reports else None
         try:
             ended = b.exit_code is not None or b.evicted or b.node_lost
             await wait_event(deleting, b.after if ended else None)
@@ -198,8 +200,8 @@ class Kubelet:
             "state": state,
         }
 
-    async def _report(self, key: tuple[str, str]) -> None:
-        """Rank 0's progress lines, one every 50 ms, a checkpoint every 10 steps."""
+    async def _report(self, key: tuple[str, str], every: float) -> None:
+        """Rank 0's progress lines, one every `every` seconds, a checkpoint every 10 steps."""
         step = 0
         while True:
             step += 1
@@ -213,6 +215,5 @@ class Kubelet:
                 ),
                 latest_checkpoint=checkpoint,
             )
-            logs = self.cluster.pod_logs
-            logs[key] = logs.get(key, "") + "some trainer output\n" + format_line(report) + "\n"
-            await asyncio.sleep(0.05)
+            self.cluster.append_log(key, "some trainer output\n" + format_line(report) + "\n")
+            await asyncio.sleep(every)

@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import contract
-from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, parse_manifest
+from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, Phase, parse_manifest
 from finetune_operator.backends.base import REFUSAL_CODES, CreateRefused, JobKey
 from finetune_operator.builders import (
     build_config_map,
@@ -37,7 +37,7 @@ from finetune_operator.metrics import Metrics
 from finetune_operator.policy import actions as act
 from finetune_operator.policy.decide import Observed
 from finetune_operator.policy.observed import format_time, observe_pod, rank0_of_current_attempt
-from finetune_operator.progress import ProgressReport, parse_last
+from finetune_operator.progress import TAIL_BYTES, ProgressReport, parse_last
 from finetune_operator.settings import OperatorSettings
 
 log = logging.getLogger("finetune_operator.kubernetes")
@@ -95,6 +95,9 @@ class KubernetesBackend:
             thread_name_prefix="k8s-api",
         )
         self._instance = socket.gethostname()
+        # The resourceVersion of our own latest status write per job: its watch event is an echo
+        # of what we already know, and the handlers drop it instead of running a pass for it.
+        self.own_versions: dict[JobKey, str] = {}
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -155,12 +158,15 @@ class KubernetesBackend:
             label_selector=f"{contract.LABEL_JOB}={name}",
         )
         pods = tuple(observe_pod(p) for p in pods_list.get("items") or [])
+        # While Running, the Service was created before the attempt and progress is the poller's
+        # (progress_poll.py): a pass then costs a job read and a pod list, nothing more.
+        running = job.status is not None and job.status.phase == Phase.RUNNING
         return Observed(
             job=job,
             pods=pods,
-            service_exists=await self._service_exists(namespace, name, job.metadata.uid),
+            service_exists=running or await self._service_exists(namespace, name, job.metadata.uid),
             now=now,
-            progress=await self._progress(job, pods),
+            progress=await self._progress(job, pods, poller_reads_running=running),
         )
 
     async def _service_exists(self, namespace: str, job: str, uid: str | None) -> bool:
@@ -176,24 +182,75 @@ class KubernetesBackend:
             raise
         return not _owned_by_another(service, uid)
 
-    async def _progress(self, job: FineTuneJob, pods: tuple[Any, ...]) -> ProgressReport | None:
-        """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report."""
+    async def _progress(
+        self, job: FineTuneJob, pods: tuple[Any, ...], *, poller_reads_running: bool
+    ) -> ProgressReport | None:
+        """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report.
+        A rank 0 that finished is read here (its last report); a running one is the poller's."""
         rank0 = rank0_of_current_attempt(job, pods)
         if rank0 is None or rank0.phase not in ("Running", "Succeeded", "Failed"):
             return None
+        if poller_reads_running and rank0.phase == "Running":
+            return None
+        return await self.read_progress(job.metadata.namespace, rank0.name)
+
+    async def read_progress(
+        self, namespace: str, pod: str, since_seconds: int | None = None
+    ) -> ProgressReport | None:
+        """The newest report in a bounded read of the pod's log: the last LOG_TAIL_LINES lines, or
+        with `since_seconds` what the trainer wrote since then, at most TAIL_BYTES either way (the
+        kubelet streams a whole log otherwise). None when unreadable or without a report."""
+        bounds: dict[str, Any] = {"limit_bytes": TAIL_BYTES}
+        if since_seconds is None:
+            bounds["tail_lines"] = LOG_TAIL_LINES
+        else:
+            bounds["since_seconds"] = since_seconds
         try:
             response = await self._call(
                 "get pods/log",
                 self.core.read_namespaced_pod_log,
-                rank0.name,
-                job.metadata.namespace,
+                pod,
+                namespace,
                 container=contract.CONTAINER_NAME,
-                tail_lines=LOG_TAIL_LINES,
+                **bounds,
             )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.debug("log of %s unreadable: %s", rank0.name, type(exc).__name__)
+            log.debug("log of %s unreadable: %s", pod, type(exc).__name__)
             return None
         return parse_last(response.data.decode("utf-8", errors="replace"))
+
+    async def patch_progress(self, key: JobKey, report: ProgressReport) -> bool:
+        """Copy a report into status.progress/latestCheckpoint: a merge patch of those fields only,
+        unconditional (they are the trainer's word, which no decision rests on but the stall check,
+        which the next pass reads back). False when the job is gone."""
+        status: dict[str, Any] = {"progress": report.progress.to_wire()}
+        if report.latest_checkpoint is not None:
+            status["latestCheckpoint"] = report.latest_checkpoint.to_wire()
+        try:
+            response = await self._call(
+                "patch finetunejobs/status",
+                self.custom.patch_namespaced_custom_object_status,
+                contract.API_GROUP,
+                contract.API_VERSION,
+                key[0],
+                contract.PLURAL,
+                key[1],
+                {"status": status},
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        self._remember_version(key, response)
+        return True
+
+    def _remember_version(self, key: JobKey, response: Any) -> None:
+        try:
+            version = json.loads(response.data)["metadata"]["resourceVersion"]
+        except (KeyError, TypeError, ValueError):
+            return
+        self.own_versions[key] = str(version)
 
     # -- write -----------------------------------------------------------------------------------
 
@@ -203,7 +260,7 @@ class KubernetesBackend:
             "status": merge_patch(job.status.to_wire() if job.status else {}, status.to_wire()),
         }
         try:
-            await self._call(
+            response = await self._call(
                 "patch finetunejobs/status",
                 self.custom.patch_namespaced_custom_object_status,
                 contract.API_GROUP,
@@ -218,6 +275,7 @@ class KubernetesBackend:
             if exc.status in (404, 409):
                 return False
             raise
+        self._remember_version((job.metadata.namespace, job.metadata.name), response)
         return True
 
     async def apply(self, job: FineTuneJob, action: act.Action) -> None:
