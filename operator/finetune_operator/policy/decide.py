@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
 from finetune_operator.api import FineTuneJob
-from finetune_operator.api.status import Condition, CreateRefusal, FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
-from finetune_operator.policy import goodput
+from finetune_operator.policy import goodput, refusals
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -25,22 +24,13 @@ from finetune_operator.policy.actions import (
     Event,
 )
 from finetune_operator.policy.backoff import backoff_seconds
-from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, node_lost
+from finetune_operator.policy.conditions import condition, set_condition
+from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, rooted_in_a_lost_node
 from finetune_operator.policy.observed import ObservedPod
 from finetune_operator.progress import ProgressReport
 
 FORCE_DELETE_AFTER = timedelta(seconds=60)  # past a pod's deletion deadline: its node is gone
-RESTARTING, SUSPENDED, CREATE_REFUSED = "Restarting", "Suspended", "CreateRefused"
-# A refused create is tried again this often until the startup deadline, when the API's code says
-# the refusal can pass (403: a quota frees up, an admin fixes a LimitRange or a namespace label).
-# 400 and 422 say the object itself is wrong: the job fails at once.
-REFUSAL_RETRY_SECONDS = 30.0
-RETRIABLE_REFUSALS = frozenset({403})
-# How long a counted gang failure waits while another rank still looks running, for that rank's node
-# to show itself lost. The node lifecycle controller marks a silent node's pods NotReady after
-# nodeMonitorGracePeriod (40 s by default, checked every nodeMonitorPeriod, 5 s); the ranks on
-# healthy nodes fail within seconds of losing a peer, so they are seen first.
-NODE_LOSS_SETTLE_SECONDS = 60.0
+RESTARTING, SUSPENDED = "Restarting", "Suspended"
 
 
 @dataclass(frozen=True)
@@ -62,31 +52,6 @@ class Decision:
     def wake(self, seconds: float) -> None:
         seconds = max(1.0, seconds)
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
-
-
-def set_condition(
-    status: FineTuneJobStatus, kind: str, value: bool, reason: str, message: str, now: datetime
-) -> None:
-    text: Literal["True", "False"] = "True" if value else "False"
-    for i, condition in enumerate(status.conditions):
-        if condition.type == kind:
-            changed = condition.status != text
-            status.conditions[i] = condition.model_copy(
-                update={
-                    "status": text,
-                    "reason": reason,
-                    "message": message,
-                    "last_transition_time": now if changed else condition.last_transition_time,
-                }
-            )
-            return
-    status.conditions.append(
-        Condition(type=kind, status=text, reason=reason, message=message, last_transition_time=now)
-    )
-
-
-def condition(status: FineTuneJobStatus, kind: str) -> Condition | None:
-    return next((c for c in status.conditions if c.type == kind), None)
 
 
 def _delete(pods: list[ObservedPod], now: datetime) -> list[Action]:
@@ -190,52 +155,11 @@ def _hold_names_taken(d: Decision, job: str, foreign: set[str]) -> None:
         d.wake(5.0)
 
 
-def _refusal(st: FineTuneJobStatus) -> CreateRefusal | None:
-    refusal = st.create_refusal
-    return refusal if refusal is not None and refusal.attempt == st.attempt else None
-
-
 def _hold_refused_creates(obs: Observed, d: Decision) -> None:
-    """No create goes out within REFUSAL_RETRY_SECONDS of the last refusal: each refused try is a
-    status write, and an immediate retry would be refused the same way."""
-    refusal = _refusal(d.status)
-    if refusal is None or d.status.phase in (Phase.SUCCEEDED, Phase.FAILED):
-        return
-    left = REFUSAL_RETRY_SECONDS - (obs.now - refusal.last).total_seconds()
-    if left > 0:
+    left = refusals.hold_seconds(d.status, obs.now)
+    if left > 0 and d.status.phase not in (Phase.SUCCEEDED, Phase.FAILED):
         d.actions = [a for a in d.actions if not isinstance(a, (CreateService, CreateAttempt))]
         d.wake(left)
-
-
-def _refused(obs: Observed, d: Decision, current: list[ObservedPod], missing: list[int]) -> bool:
-    """The API server refused a child of this attempt: show it (condition, Warning event with the
-    API's reason), fail at once when the object is invalid or once the startup deadline has passed
-    since the first refusal, and otherwise keep trying. True when the job failed."""
-    st, now = d.status, obs.now
-    refusal = _refusal(st)
-    if refusal is None:
-        return False
-    if not missing and obs.service_exists:
-        st.create_refusal = None
-        set_condition(st, CREATE_REFUSED, False, "Created", f"attempt {st.attempt}: every child created", now)
-        return False
-    text = (
-        f"attempt {st.attempt}: the API server refused to create a child "
-        f"({refusal.code} {refusal.reason}): {refusal.message}"
-    )
-    shown = condition(st, CREATE_REFUSED)
-    if shown is None or shown.status != "True":
-        d.events.append(Event("Warning", CREATE_REFUSED, text))
-    set_condition(st, CREATE_REFUSED, True, refusal.reason, text, now)
-    timeout = obs.job.spec.run_policy.startup_timeout_seconds
-    if refusal.code not in RETRIABLE_REFUSALS:
-        _fail(obs, d, current, CREATE_REFUSED, text)
-        return True
-    if (now - refusal.since).total_seconds() >= timeout:
-        _fail(obs, d, current, CREATE_REFUSED, f"{text}; still refused after startupTimeoutSeconds {timeout}")
-        return True
-    d.wake((refusal.since + timedelta(seconds=timeout) - now).total_seconds())
-    return False
 
 
 def _watch_terminating(obs: Observed, d: Decision) -> None:
@@ -266,9 +190,7 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
     goodput.start_attempt(st, "Queue" if queued else (st.restart_class or "Application"))
     st.phase = Phase.STARTING
     st.ranks = RankCounts()
-    if st.create_refusal is not None:  # an earlier attempt's: this one starts with a clean slate
-        st.create_refusal = None
-        set_condition(st, CREATE_REFUSED, False, "NewAttempt", f"attempt {st.attempt} started", obs.now)
+    refusals.clear_for_new_attempt(st, obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:
         suspended = condition(st, SUSPENDED)
@@ -303,8 +225,18 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     policy, nodes = job.spec.run_policy, job.spec.resources.nodes
     verdicts = [classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds) for p in current]
     missing = sorted(set(range(nodes)) - {p.rank for p in current})
-    if _refused(obs, d, current, missing):
+    judged = refusals.judge(
+        st,
+        all_created=not missing and obs.service_exists,
+        startup_timeout=policy.startup_timeout_seconds,
+        now=now,
+    )
+    d.events += judged.events
+    if judged.fail is not None:
+        _fail(obs, d, current, refusals.CREATE_REFUSED, judged.fail)
         return
+    if judged.wake is not None:
+        d.wake(judged.wake)
     if missing and st.phase == Phase.RUNNING:
         verdicts.append(Verdict(Outcome.INFRA_RESTART, "PodMissing", f"rank pod(s) {missing} disappeared"))
     elif missing:
@@ -314,11 +246,13 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
             d.actions.append(DeleteAttemptConfig(st.attempt - 1))
         d.actions.append(CreateAttempt(st.attempt, tuple(missing)))
     st.ranks = _counts(current, verdicts)
-    gang: Verdict | None = gang_verdict(verdicts)
-    if gang is not None and gang.outcome is Outcome.RESTART:
-        gang = _rooted_in_a_lost_node(obs, d, current, verdicts, gang)
-    if gang is None:
-        return  # settling: a lost node may yet show itself
+    gang = gang_verdict(verdicts)
+    if gang.outcome is Outcome.RESTART:
+        rooted = rooted_in_a_lost_node(now, current, verdicts, gang)
+        if not isinstance(rooted, Verdict):
+            d.wake(rooted)
+            return  # settling: a lost node may yet show itself
+        gang = rooted
     if gang.outcome is Outcome.SUCCEEDED and not missing:
         st.phase, st.completion_time = Phase.SUCCEEDED, now
         set_condition(st, "Running", False, "Completed", "", now)
@@ -351,34 +285,6 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     else:
         st.phase = Phase.STARTING
         d.wake(policy.startup_timeout_seconds)
-
-
-def _rooted_in_a_lost_node(
-    obs: Observed, d: Decision, current: list[ObservedPod], verdicts: list[Verdict], gang: Verdict
-) -> Verdict | None:
-    """A counted gang failure whose root is a lost node is not counted. On a current control plane
-    the lost node's rank still looks Running (its Ready condition turns False only after the node
-    monitor grace period) while the ranks on healthy nodes already failed. So: a rank whose node
-    looks lost makes the failure NodeLost; while another rank still looks running, the verdict waits
-    NODE_LOSS_SETTLE_SECONDS from the first failure (None: decide nothing yet)."""
-    for pod in current:
-        why = node_lost(pod)
-        if why is not None:
-            message = f"rank {pod.rank} ({pod.name}): its node is lost ({why}); then {gang.message}"
-            return Verdict(Outcome.INFRA_RESTART, "NodeLost", message)
-    pairs = list(zip(current, verdicts, strict=False))
-    # Only a rank whose readiness the cluster reports can show a lost node (the local backend's
-    # processes have no node and no Ready condition: nothing to wait for).
-    if not any(v.outcome is Outcome.RUNNING and p.ready is not None for p, v in pairs):
-        return gang
-    failed = [p.finished_at for p, v in pairs if v.outcome is Outcome.RESTART and p.finished_at is not None]
-    if not failed:
-        return gang
-    left = NODE_LOSS_SETTLE_SECONDS - (obs.now - min(failed)).total_seconds()
-    if left <= 0:
-        return gang
-    d.wake(left)
-    return None
 
 
 def _finishing(verdicts: list[Verdict]) -> bool:

@@ -82,6 +82,11 @@ EXIT_VERDICTS = {
     contract.ExitCode.TERMINATED: (Outcome.INFRA_RESTART, "Terminated"),
 }
 SIGKILL_EXIT = 137  # the kernel's OOM killer sends SIGKILL; any other exit was not its kill
+# How long a counted gang failure waits while another rank still looks running, for that rank's node
+# to show itself lost. The node lifecycle controller marks a silent node's pods NotReady after
+# nodeMonitorGracePeriod (40 s by default, checked every nodeMonitorPeriod, 5 s); the ranks on
+# healthy nodes fail within seconds of losing a peer, so they are seen first.
+NODE_LOSS_SETTLE_SECONDS = 60.0
 
 
 def _age(pod: ObservedPod, now: datetime) -> float:
@@ -212,3 +217,28 @@ def gang_verdict(verdicts: list[Verdict]) -> Verdict:
         # A dead peer makes every survivor report Transient; the cause is the other verdict.
         candidates = [v for v in candidates if v.reason != "Transient"] or candidates
     return candidates[0]
+
+
+def rooted_in_a_lost_node(
+    now: datetime, pods: list[ObservedPod], verdicts: list[Verdict], gang: Verdict
+) -> Verdict | float:
+    """A counted gang failure whose root is a lost node is not counted. On a current control plane
+    the lost node's rank still looks Running (its Ready condition turns False only after the node
+    monitor grace period) while the ranks on healthy nodes already failed. So: a rank whose node
+    looks lost makes the failure NodeLost; while another rank still looks running, the verdict waits
+    NODE_LOSS_SETTLE_SECONDS from the first failure (returned: the seconds left to wait)."""
+    for pod in pods:
+        why = node_lost(pod)
+        if why is not None:
+            message = f"rank {pod.rank} ({pod.name}): its node is lost ({why}); then {gang.message}"
+            return Verdict(Outcome.INFRA_RESTART, "NodeLost", message)
+    pairs = list(zip(pods, verdicts, strict=False))
+    # Only a rank whose readiness the cluster reports can show a lost node (the local backend's
+    # processes have no node and no Ready condition: nothing to wait for).
+    if not any(v.outcome is Outcome.RUNNING and p.ready is not None for p, v in pairs):
+        return gang
+    failed = [p.finished_at for p, v in pairs if v.outcome is Outcome.RESTART and p.finished_at is not None]
+    if not failed:
+        return gang
+    left = NODE_LOSS_SETTLE_SECONDS - (now - min(failed)).total_seconds()
+    return gang if left <= 0 else left
