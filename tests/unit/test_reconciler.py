@@ -171,3 +171,24 @@ async def test_metrics_count_jobs_by_phase_and_restarts_by_class() -> None:
     assert _sample(metrics, "ftjob_reconcile_duration_seconds_count") == 1
     metrics.forget(("team-a", "demo"))
     assert _sample(metrics, "ftjob_jobs", phase="Starting") == 0
+
+
+def test_a_refusal_carries_the_apis_code_reason_and_message_and_never_the_request_body() -> None:
+    from finetune_operator.backends.kubernetes import refusal
+    from kubernetes.client.exceptions import ApiException
+
+    exc = ApiException(status=403, reason="Forbidden")
+    exc.body = (
+        '{"kind":"Status","code":403,"reason":"Forbidden","message":"pods \\"demo-a1-n0\\" is forbidden: '
+        'exceeded quota: gpus, requested: nvidia.com/gpu=8, used: nvidia.com/gpu=8, limited: nvidia.com/gpu=8"}'
+    )
+    refused = refusal(exc)
+    assert (refused.code, refused.reason) == (403, "Forbidden")
+    assert refused.message.startswith('pods "demo-a1-n0" is forbidden: exceeded quota: gpus')
+    garbled = ApiException(status=422, reason="Unprocessable Entity")
+    garbled.body = "<html>proxy error</html>"
+    assert (refusal(garbled).code, refusal(garbled).reason, refusal(garbled).message) == (
+        422,
+        "Unprocessable Entity",
+        "",
+    )
