@@ -180,7 +180,8 @@ def test_a_refusal_carries_the_apis_code_reason_and_message_and_never_the_reques
     exc = ApiException(status=403, reason="Forbidden")
     exc.body = (
         '{"kind":"Status","code":403,"reason":"Forbidden","message":"pods \\"demo-a1-n0\\" is forbidden: '
-        'exceeded quota: gpus, requested: nvidia.com/gpu=8, used: nvidia.com/gpu=8, limited: nvidia.com/gpu=8"}'
+        'exceeded quota: gpus, requested: nvidia.com/gpu=8, used: nvidia.com/gpu=8, '
+        'limited: nvidia.com/gpu=8"}'
     )
     refused = refusal(exc)
     assert (refused.code, refused.reason) == (403, "Forbidden")
