@@ -49,8 +49,8 @@ async def job_changed(
         runtime.queue.forget(key)
         runtime.metrics.forget(key)
         runtime.poller.track(key, None)
-        runtime.backend.own_versions.pop(key, None)
-    elif body.get("metadata", {}).get("resourceVersion") != runtime.backend.own_versions.get(key):
+        runtime.backend.forget_versions(key)
+    elif runtime.backend.needs_pass(key, body.get("metadata", {}).get("resourceVersion")):
         # The echo of our own latest status write is the state we just decided on or copied: no pass.
         runtime.queue.add(key)
 

@@ -55,6 +55,7 @@ class Runtime:
         )
         self.reconciler.poller = self.poller
         self.queue: WorkQueue[JobKey] = WorkQueue(self.clock, batch_seconds=EVENT_BATCH_SECONDS)
+        self.backend.on_change = self.queue.add
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: Any = None
 

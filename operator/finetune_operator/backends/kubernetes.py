@@ -9,6 +9,7 @@ raise: the work queue retries the pass with backoff, and the metrics count them 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -96,8 +97,13 @@ class KubernetesBackend:
         )
         self._instance = socket.gethostname()
         # The resourceVersion of our own latest status write per job: its watch event is an echo
-        # of what we already know, and the handlers drop it instead of running a pass for it.
+        # of what we already know, and the handlers drop it instead of running a pass for it. The
+        # event can arrive before the write's response: events arriving while a write is in flight
+        # are held and judged once its version is known (`on_change` gets those that were not ours).
         self.own_versions: dict[JobKey, str] = {}
+        self.on_change: Callable[[JobKey], None] = lambda key: None
+        self._writing: dict[JobKey, int] = {}
+        self._arrived: dict[JobKey, set[str]] = {}
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -227,6 +233,30 @@ class KubernetesBackend:
         if report.latest_checkpoint is not None:
             status["latestCheckpoint"] = report.latest_checkpoint.to_wire()
         try:
+            await self._write_status(key, {"status": status})
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def needs_pass(self, key: JobKey, version: str | None) -> bool:
+        """Whether a watch event of this job is news: not the echo of our own status write."""
+        if version is not None and version == self.own_versions.get(key):
+            return False
+        if self._writing.get(key) and version is not None:
+            self._arrived.setdefault(key, set()).add(version)
+            return False
+        return True
+
+    def forget_versions(self, key: JobKey) -> None:
+        self.own_versions.pop(key, None)
+        self._arrived.pop(key, None)
+
+    async def _write_status(self, key: JobKey, *args: Any) -> None:
+        """A status patch whose version is remembered, its early-arriving echo included."""
+        self._writing[key] = self._writing.get(key, 0) + 1
+        try:
             response = await self._call(
                 "patch finetunejobs/status",
                 self.custom.patch_namespaced_custom_object_status,
@@ -235,22 +265,17 @@ class KubernetesBackend:
                 key[0],
                 contract.PLURAL,
                 key[1],
-                {"status": status},
+                *args,
                 _content_type=MERGE_PATCH,
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        self._remember_version(key, response)
-        return True
-
-    def _remember_version(self, key: JobKey, response: Any) -> None:
-        try:
-            version = json.loads(response.data)["metadata"]["resourceVersion"]
-        except (KeyError, TypeError, ValueError):
-            return
-        self.own_versions[key] = str(version)
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self.own_versions[key] = str(json.loads(response.data)["metadata"]["resourceVersion"])
+        finally:
+            self._writing[key] -= 1
+            if not self._writing[key]:
+                del self._writing[key]
+                if self._arrived.pop(key, set()) - {self.own_versions.get(key)}:
+                    self.on_change(key)
 
     # -- write -----------------------------------------------------------------------------------
 
@@ -260,22 +285,11 @@ class KubernetesBackend:
             "status": merge_patch(job.status.to_wire() if job.status else {}, status.to_wire()),
         }
         try:
-            response = await self._call(
-                "patch finetunejobs/status",
-                self.custom.patch_namespaced_custom_object_status,
-                contract.API_GROUP,
-                contract.API_VERSION,
-                job.metadata.namespace,
-                contract.PLURAL,
-                job.metadata.name,
-                body,
-                _content_type=MERGE_PATCH,
-            )
+            await self._write_status((job.metadata.namespace, job.metadata.name), body)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
             raise
-        self._remember_version((job.metadata.namespace, job.metadata.name), response)
         return True
 
     async def apply(self, job: FineTuneJob, action: act.Action) -> None:
