@@ -8,8 +8,13 @@
    backoff the policy chose, against the apply -> pods time of the same size.
 3. 500 FineTuneJobs of 4 ranks applied at once, until all are Running: the operator process's peak
    RSS over its idle RSS, and its CPU seconds per job.
+4. Steady state of N Running jobs whose rank 0 reports progress: API requests, status writes and log
+   reads per Running job per poll interval (30 s, the default, unless --poll) and per minute, and the
+   operator's CPU per job, for this tree's operator and, in the same run, for a baseline tree
+   (`--baseline-src DIR`: e.g. `git archive <commit> operator | tar -x -C DIR`).
 
     .venv/bin/python benchmarks/operator_scale.py [--jobs 500] [--sizes 1 8 64 256]
+    .venv/bin/python benchmarks/operator_scale.py --only steady --jobs 500 --baseline-src /tmp/before
 """
 
 from __future__ import annotations
@@ -53,10 +58,13 @@ def job(name: str, nodes: int) -> dict[str, Any]:
 
 
 class Operator:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, src: Path | None = None, poll: float = 5.0) -> None:
+        """`src`: a tree holding another version's operator/ to run instead of this one."""
+        path = f"{src / 'operator'}:{REPO}" if src else str(REPO)
+        script = str(Path(__file__).with_name("_operator_process.py"))
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("_operator_process.py")), url, str(WORKERS)],
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            [sys.executable, script, url, str(WORKERS), str(poll)],
+            env={**os.environ, "PYTHONPATH": path},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -267,6 +275,78 @@ async def many_jobs(count: int, nodes: int) -> None:
     )
 
 
+async def steady_state(count: int, src: Path | None, window: float, poll: float) -> dict[str, float]:
+    """N one-rank jobs Running, rank 0 reporting every 2 s; the operator's requests over `window`."""
+    import aiohttp
+
+    clock = JumpingClock()
+    async with emulated_cluster(clock) as (cluster, url):
+        kubelet = Kubelet(cluster, clock, script(Rank(exit_code=None, report_every=2.0)))
+        kubelet_task = asyncio.create_task(kubelet.run())
+        operator = Operator(url, src, poll)
+        await wait_for(lambda: any(c.verb == "watch" for c in cluster.calls), 30, "operator watching")
+        async with aiohttp.ClientSession() as session:
+            for first in range(0, count, 50):
+                await asyncio.gather(
+                    *(
+                        post(session, url, f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs",
+                             job(f"steady-{i}", 1))
+                        for i in range(first, min(count, first + 50))
+                    )
+                )  # fmt: skip
+
+        def running() -> int:
+            return sum(
+                1
+                for (resource, _, _), obj in list(cluster.objects.items())
+                if resource == JOBS
+                and not obj.deleted
+                and (obj.last.raw.get("status") or {}).get("phase") == "Running"
+            )
+
+        await wait_for(lambda: running() == count, 900, f"{count} jobs Running")
+        await asyncio.sleep(2 * poll)  # past the transition passes
+        first, cpu = len(cluster.calls), operator.cpu_seconds()
+        started = time.perf_counter()
+        await asyncio.sleep(window)
+        took = time.perf_counter() - started
+        calls = [c for c in cluster.calls[first:] if c.from_operator and c.verb != "watch"]
+        cpu = operator.cpu_seconds() - cpu
+        still = running()
+        await operator.stop()
+        kubelet_task.cancel()
+    polls = took / poll
+    per_poll = {
+        "requests": len(calls) / count / polls,
+        "status writes": sum(c.resource == "finetunejobs/status" for c in calls) / count / polls,
+        "log reads": sum(c.resource == "pods/log" for c in calls) / count / polls,
+        "job reads": sum(c.resource == "finetunejobs" and c.verb == "get" for c in calls) / count / polls,
+        "pod lists": sum(c.resource == "pods" and c.verb == "list" for c in calls) / count / polls,
+    }
+    return {**per_poll, "cpu ms per job per poll": 1000 * cpu / count / polls, "running at end": still}
+
+
+async def steady(count: int, baseline: Path | None, window: float, poll: float) -> None:
+    runs = [("this tree", None)] + ([("baseline", baseline)] if baseline else [])
+    results = {label: await steady_state(count, src, window, poll) for label, src in runs}
+    keys = list(results["this tree"])
+    rows = []
+    for key in keys:
+        now = results["this tree"][key]
+        row = [key, f"{now:.2f}"]
+        if baseline:
+            before = results["baseline"][key]
+            row += [f"{before:.2f}", f"{now / before:.2f}" if before else "-"]
+        rows.append(row)
+    per_minute = 60 / poll
+    minute = ["requests per job per minute", f"{results['this tree']['requests'] * per_minute:.2f}"]
+    if baseline:
+        minute += [f"{results['baseline']['requests'] * per_minute:.2f}", ""]
+    rows.append(minute)
+    header = ["per Running job per poll interval", "this tree"] + (["baseline", "ratio"] if baseline else [])
+    print_table(f"{count} Running jobs, {window:.0f} s window, poll every {poll:.0f} s", header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,9 +354,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--only", choices=["create", "many", "steady"])
+    parser.add_argument("--baseline-src", type=Path, help="a tree whose operator/ is the baseline")
+    parser.add_argument("--window", type=float, default=90.0, help="steady-state measuring window, s")
+    parser.add_argument("--poll", type=float, default=30.0, help="the operator's progress poll, s")
     args = parser.parse_args()
-    asyncio.run(creation_and_restart(args.sizes))
-    asyncio.run(many_jobs(args.jobs, args.ranks))
+    if args.only in (None, "create"):
+        asyncio.run(creation_and_restart(args.sizes))
+    if args.only in (None, "many"):
+        asyncio.run(many_jobs(args.jobs, args.ranks))
+    if args.only in (None, "steady"):
+        asyncio.run(steady(args.jobs, args.baseline_src, args.window, args.poll))
 
 
 if __name__ == "__main__":

@@ -40,13 +40,18 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
-async def job_changed(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+async def job_changed(
+    type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any
+) -> None:
     runtime: Runtime = memo["runtime"]
     key = (namespace or "", name)
     if type == "DELETED":
         runtime.queue.forget(key)
         runtime.metrics.forget(key)
-    else:
+        runtime.poller.track(key, None)
+        runtime.backend.forget_versions(key)
+    elif runtime.backend.needs_pass(key, body.get("metadata", {}).get("resourceVersion")):
+        # The echo of our own latest status write is the state we just decided on or copied: no pass.
         runtime.queue.add(key)
 
 

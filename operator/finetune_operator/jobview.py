@@ -102,6 +102,16 @@ def list_cluster(namespace: str | None, kubeconfig: str | None = None) -> list[d
     return sorted(items, key=lambda b: (b["metadata"].get("namespace", ""), b["metadata"]["name"]))
 
 
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s: a span a person reads at a glance."""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def table(rows: list[dict[str, str]]) -> str:
     if not rows:
         return ""
@@ -127,15 +137,16 @@ def describe(view: JobView, now: datetime | None = None) -> str:
     body = view.body
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     progress, checkpoint = status.get("progress") or {}, status.get("latestCheckpoint") or {}
-    resources = spec.get("resources") or {}
+    resources, policy = spec.get("resources") or {}, spec.get("runPolicy") or {}
     lines = [
         f"Name:         {meta['name']}",
         f"Namespace:    {meta.get('namespace', 'default')}",
         f"Created:      {meta.get('creationTimestamp', '')} ({age(meta.get('creationTimestamp'), now)} ago)",
         f"Phase:        {status.get('phase', 'Pending')}",
         f"Attempt:      {status.get('attempt', 0)}   restarts {status.get('restarts', 0)}"
-        f" (max {(spec.get('runPolicy') or {}).get('maxRestarts', '?')}),"
-        f" infrastructure restarts {status.get('infraRestarts', 0)}",
+        f" (max {policy.get('maxRestarts', '?')}),"
+        f" infrastructure restarts {status.get('infraRestarts', 0)}"
+        f" (max {policy.get('maxInfrastructureRestarts', '?')})",
         f"Ranks:        {resources.get('nodes', '?')} node(s) x {resources.get('gpusPerNode', '?')} GPU(s); "
         + ", ".join(f"{k} {v}" for k, v in (status.get("ranks") or {}).items()),
     ]
@@ -145,6 +156,16 @@ def describe(view: JobView, now: datetime | None = None) -> str:
             f" ({progress.get('percent', 0):.1f}%), loss {progress.get('loss', '-')},"
             f" eval loss {progress.get('evalLoss', '-')}, {progress.get('tokensPerSecond', 0):.0f} tokens/s,"
             f" ETA {progress.get('etaSeconds', '-')} s"
+        )
+    goodput = status.get("goodput") or {}
+    if goodput.get("percent") is not None:
+        lines.append(
+            f"Goodput:      {goodput['percent']:.1f}% training;"
+            f" queued {_duration(goodput.get('queuedSeconds', 0))},"
+            f" restarts {_duration(goodput.get('applicationRestartSeconds', 0))} application"
+            f" + {_duration(goodput.get('infrastructureRestartSeconds', 0))} infrastructure,"
+            f" checkpoint stalls {_duration(goodput.get('checkpointStallSeconds', 0))}"
+            f" of {_duration(goodput.get('productiveSeconds', 0))} training"
         )
     lines.append(
         f"Checkpoint:   step {checkpoint['step']} at {checkpoint.get('uri', '')}"

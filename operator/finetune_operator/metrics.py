@@ -3,12 +3,22 @@ operators in one process)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter as Tally
 from collections.abc import Hashable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from finetune_operator.api import FineTuneJobStatus, Phase
+from finetune_operator.api.status import Goodput
+
+TIME_KINDS = {
+    "productive": "productive_seconds",
+    "queued": "queued_seconds",
+    "application_restart": "application_restart_seconds",
+    "infrastructure_restart": "infrastructure_restart_seconds",
+    "checkpoint_stall": "checkpoint_stall_seconds",
+}
 
 
 class Metrics:
@@ -38,6 +48,19 @@ class Metrics:
             ["operation", "code"],
             registry=self.registry,
         )
+        self.job_time = Counter(
+            "ftjob_job_time_seconds",
+            "Wall-clock time of FineTuneJobs by what it went to: productive (every rank running), "
+            "queued, application_restart, infrastructure_restart, checkpoint_stall (part of productive)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.goodput = Gauge(
+            "ftjob_goodput_percent",
+            "Per job: productive time less checkpoint stalls over all accounted time (status.goodput)",
+            ["namespace", "name"],
+            registry=self.registry,
+        )
         self._phases: dict[Hashable, str] = {}
         for phase in Phase:
             self.jobs.labels(phase.value).set(0)
@@ -49,6 +72,21 @@ class Metrics:
     def forget(self, key: Hashable) -> None:
         if self._phases.pop(key, None) is not None:
             self._publish()
+        if isinstance(key, tuple) and len(key) == 2:
+            with contextlib.suppress(KeyError):
+                self.goodput.remove(*key)
+
+    def count_time(self, key: tuple[str, str], old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> None:
+        """Add what the written goodput accrued since the previous write; publish the job's percent."""
+        before, after = (old.goodput if old else None) or Goodput(), new.goodput
+        if after is None:
+            return
+        for kind, field in TIME_KINDS.items():
+            grown = getattr(after, field) - getattr(before, field)
+            if grown > 0:
+                self.job_time.labels(kind).inc(grown)
+        if after.percent is not None:
+            self.goodput.labels(*key).set(after.percent)
 
     def _publish(self) -> None:
         tally = Tally(self._phases.values())

@@ -6,26 +6,45 @@ so they are created), whereas pods created before a status that never got writte
 strangers and deleted. The write is conditional on the job being unchanged since it was observed, so
 two passes that decided from the same state (a retry, a second replica) cannot both count a restart:
 the loser observes again and finds the restart already recorded.
+
+A create the API server refuses (quota, LimitRange, Pod Security, a webhook, invalid fields) is not
+retried blindly: the refusal (the API's code, reason and message) is recorded in
+status.createRefusal, and the decide step, which sees it as observed state, shows it as a
+condition and an event, retries a retriable one until the startup deadline, and fails an invalid
+one at once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from finetune_operator.api import FineTuneJobStatus
-from finetune_operator.api.status import ACTIVE_PHASES
-from finetune_operator.backends.base import Backend, JobKey
+from finetune_operator.api.status import ACTIVE_PHASES, CreateRefusal, Phase
+from finetune_operator.backends.base import Backend, CreateRefused, JobKey
+from finetune_operator.builders.naming import pod_name
 from finetune_operator.clock import Clock
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy.decide import decide
 from finetune_operator.settings import OperatorSettings
 
+if TYPE_CHECKING:
+    from finetune_operator.progress_poll import ProgressPoller
+
 log = logging.getLogger("finetune_operator.reconcile")
 
 
 def status_changed(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> bool:
-    return (old or FineTuneJobStatus()).to_wire() != new.to_wire()
+    """Whether the status must be written. Goodput alone is not a reason: it is accounted up to
+    `now` on every pass, and the next write carries whatever accrued meanwhile."""
+
+    def wire(status: FineTuneJobStatus) -> dict[str, object]:
+        body = status.to_wire()
+        body.pop("goodput", None)
+        return body
+
+    return wire(old or FineTuneJobStatus()) != wire(new)
 
 
 class Reconciler:
@@ -34,6 +53,7 @@ class Reconciler:
     ) -> None:
         self.backend, self.clock, self.settings = backend, clock, settings
         self.metrics = metrics or Metrics()
+        self.poller: ProgressPoller | None = None  # on a cluster: reads Running jobs' progress
 
     async def reconcile(self, key: JobKey) -> float | None:
         """One pass; returns when the job wants looking at again (seconds), None for never."""
@@ -47,6 +67,8 @@ class Reconciler:
         observed = await self.backend.observe(key, self.clock.now())
         if observed is None:
             self.metrics.forget(key)
+            if self.poller is not None:
+                self.poller.track(key, None)
             return None
         job = observed.job
         decision = decide(observed)
@@ -56,6 +78,7 @@ class Reconciler:
                 log.info("%s/%s changed while it was reconciled; observing it again", *key)
                 return 0.0
             self.metrics.count_restarts(old, new)
+            self.metrics.count_time(key, old, new)
         # Events describe the transitions just recorded, so they go out before the actions: an
         # action that fails is retried by the next pass, which has no transition to tell again.
         for event in decision.events:
@@ -68,9 +91,37 @@ class Reconciler:
                 extra={"job": f"{key[0]}/{key[1]}", "reason": event.reason},
             )
         for action in decision.actions:
-            await self.backend.apply(job, action)
+            try:
+                await self.backend.apply(job, action)
+            except CreateRefused as refused:
+                log.warning("%s/%s: a create was refused: %s %s", *key, refused.code, refused.reason)
+                await self._record_refusal(key, refused)
+                return 0.0  # decide on it now
         self.metrics.set_phase(key, new.phase)
+        if self.poller is not None:
+            rank0 = pod_name(key[1], new.attempt, 0) if new.phase == Phase.RUNNING else None
+            self.poller.track(key, rank0, new.progress.updated_at if new.progress else None)
         return self._next_look(decision.requeue_after, new)
+
+    async def _record_refusal(self, key: JobKey, refused: CreateRefused) -> None:
+        """Write the refusal into the status, on the job as it is now (this pass already wrote its
+        status, so the one it observed is stale). A conflict just leaves it to the next pass."""
+        observed = await self.backend.observe(key, self.clock.now())
+        if observed is None:
+            return
+        job, now = observed.job, observed.now
+        status = (job.status or FineTuneJobStatus()).model_copy(deep=True)
+        old = status.create_refusal
+        same = old is not None and old.attempt == status.attempt and old.code == refused.code
+        status.create_refusal = CreateRefusal(
+            attempt=status.attempt,
+            code=refused.code,
+            reason=refused.reason,
+            message=refused.message,
+            since=old.since if same and old is not None else now,
+            last=now,
+        )
+        await self.backend.write_status(job, status)
 
     def _next_look(self, requeue_after: float | None, status: FineTuneJobStatus) -> float | None:
         if status.phase not in ACTIVE_PHASES:
@@ -78,6 +129,6 @@ class Reconciler:
         polls = [self.settings.resync_seconds]
         if requeue_after is not None:
             polls.append(requeue_after)
-        if status.phase == "Running":
+        if status.phase == "Running" and self.poller is None:
             polls.append(self.settings.progress_poll_seconds)
         return min(polls)

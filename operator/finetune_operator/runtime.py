@@ -14,6 +14,7 @@ from finetune_operator.backends.base import JobKey
 from finetune_operator.backends.kubernetes import KubernetesBackend
 from finetune_operator.clock import Clock, SystemClock
 from finetune_operator.metrics import Metrics
+from finetune_operator.progress_poll import ProgressPoller
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.workqueue import WorkQueue
@@ -46,7 +47,15 @@ class Runtime:
         self.metrics = Metrics()
         self.backend = KubernetesBackend(api, settings, self.metrics)
         self.reconciler = Reconciler(self.backend, self.clock, settings, self.metrics)
+        self.poller = ProgressPoller(
+            self.backend,
+            self.clock,
+            settings.progress_poll_seconds,
+            settings.workers + settings.create_concurrency,
+        )
+        self.reconciler.poller = self.poller
         self.queue: WorkQueue[JobKey] = WorkQueue(self.clock, batch_seconds=EVENT_BATCH_SECONDS)
+        self.backend.on_change = self.queue.add
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: Any = None
 
@@ -54,6 +63,7 @@ class Runtime:
         if self.settings.metrics_port:
             self._metrics_server = self.metrics.serve(self.settings.metrics_port)
         self._tasks.append(asyncio.create_task(self.queue.run_timers(), name="ftjob-timers"))
+        self._tasks.append(asyncio.create_task(self.poller.run(), name="ftjob-progress"))
         self._tasks += [
             asyncio.create_task(self.queue.run_worker(self.reconciler.reconcile), name=f"ftjob-worker-{i}")
             for i in range(self.settings.workers)

@@ -11,6 +11,7 @@ import pytest
 from finetune_operator import contract
 
 from tests.support.chart import VARIANTS, of_kind, render
+from tests.support.cluster import CONFIGMAPS
 from tests.support.factories import manifest
 from tests.support.kubelet import Rank, script
 from tests.support.operator import operator_env, with_settings
@@ -39,7 +40,7 @@ NAMESPACED_MODE_EXTRA = {("", "namespaces", "list"), ("", "namespaces", "watch")
 async def _record_a_whole_job_life() -> set[Grant]:
     behaviour = script(
         a1n1=Rank(exit_code=1, after=2.0, message="RuntimeError at step 3"),
-        a1n0=Rank(exit_code=None),
+        a1n0=Rank(exit_code=75, after=2.5),  # its peer died: its collective times out
         default=Rank(exit_code=0, after=2.0),
     )
     job = manifest(
@@ -56,8 +57,27 @@ async def _record_a_whole_job_life() -> set[Grant]:
         peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
         async with k8s.session.post(f"{k8s.url}/apis/kopf.dev/v1/clusterkopfpeerings", json=peering) as r:
             assert r.status in (200, 201), await r.text()
+        # An earlier job of the same name left its attempt ConfigMap for the garbage collector:
+        # the operator reads its owner (configmaps get) and waits until it is gone.
+        stale = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "rbac-a1-config",
+                "namespace": "team-a",
+                "ownerReferences": [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                                     "name": "rbac", "uid": "an-earlier-incarnation", "controller": True}],
+            },
+        }  # fmt: skip
+        async with k8s.session.post(f"{k8s.url}/api/v1/namespaces/team-a/configmaps", json=stale) as r:
+            assert r.status in (200, 201), await r.text()
         await k8s.start_operator(with_settings(network_policy=True), peering=PEERING)
         await k8s.apply(job)
+        await k8s.eventually(
+            lambda: any(c.resource == "configmaps" and c.verb == "get" for c in k8s.cluster.calls),
+            what="the stale ConfigMap's owner read",
+        )
+        await k8s.cluster.remove(CONFIGMAPS, "team-a", "rbac-a1-config")  # the collector catches up
         await k8s.eventually(lambda: len(k8s.pods("rbac")) == 2, what="attempt 1 running")
         await k8s.eventually(
             lambda: k8s.job("team-a", "rbac") is None, timeout=40, what="job succeeded and deleted by its TTL"
@@ -96,6 +116,7 @@ def test_the_recording_saw_the_whole_life_of_a_job(recorded: set[Grant]) -> None
         ("", "pods", "delete"),
         ("", "pods/log", "get"),
         ("", "configmaps", "delete"),
+        ("", "configmaps", "get"),
         (contract.API_GROUP, contract.PLURAL, "delete"),
         ("networking.k8s.io", "networkpolicies", "create"),
         ("kopf.dev", "clusterkopfpeerings", "patch"),

@@ -192,24 +192,6 @@ async def test_an_active_deadline_set_on_a_running_job_takes_effect() -> None:
 
 
 @pytest.mark.asyncio
-async def test_pods_stuck_terminating_on_a_lost_node_are_force_deleted_and_the_gang_restarts() -> None:
-    async with running(script(a1n1=Rank(node_lost=True), a1n0=Rank(exit_code=None)), job()) as k8s:
-        await k8s.eventually(lambda: k8s.status(NS, "demo").get("phase") == "Restarting")
-        await k8s.eventually(
-            lambda: (
-                [(p["metadata"]["name"], "deletionTimestamp" in p["metadata"]) for p in k8s.pods("demo")]
-                == [("demo-a1-n1", True)]
-            ),
-            what="n1 alone, left terminating",
-        )
-        k8s.clock.jump(120 + 61)  # past the grace period, then the force-delete margin
-        status = await k8s.phase(NS, "demo", "Succeeded", timeout=30)
-        assert (status["infraRestarts"], status["restarts"]) == (1, 0)
-        force = [c for c in k8s.cluster.calls if c.verb == "delete" and c.name == "demo-a1-n1"]
-        assert len(force) >= 2
-
-
-@pytest.mark.asyncio
 async def test_with_network_policies_on_the_jobs_policy_exists_before_its_service_and_pods() -> None:
     """The Service's absence is what brings the create back: a pass that fails after the policy and
     before the Service is finished by the next one, and no rank pod ever runs unprotected."""

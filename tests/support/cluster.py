@@ -9,8 +9,11 @@ here (each gap is listed in docs/architecture.md, "Testing against the emulator"
   changes nothing else;
 - graceful pod deletion: a running pod gets deletionTimestamp = now + grace period and stays until the
   kubelet is done with it; gracePeriodSeconds=0 removes it at once;
-- garbage collection: deleting an object removes the objects its uid owns;
-- pods/log, from `pod_logs`.
+- garbage collection: deleting an object deletes the objects its uid owns (pods on a node
+  gracefully, so they stay Terminating until their kubelet is done), at once or after `gc_delay`;
+- pods/log, from `pod_logs`, with tailLines, sinceSeconds and limitBytes (applied in that order,
+  limitBytes keeping the first bytes, as the kubelet's log reader does);
+- admission: plugins that refuse a create as the API server would (tests/support/admission.py).
 It also records every request (for request counts and the RBAC check) and injects faults, and keeps
 KMock's own request history to the requests in flight (it is scanned on every request).
 """
@@ -99,12 +102,18 @@ def _matches(labels: dict[str, str], selector: str | None) -> bool:
 class ClusterEmulator(kmock.KubernetesEmulator):
     clock: Clock
     pod_logs: dict[tuple[str, str], str] = attrs.field(factory=dict)
+    # when each appended chunk of a pod's log begins: (time, offset), for sinceSeconds
+    _log_marks: dict[tuple[str, str], list[tuple[Any, int]]] = attrs.field(factory=dict)
     calls: list[Call] = attrs.field(factory=list)
     faults: list[Fault] = attrs.field(factory=list)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000))
     _writes: asyncio.Lock = attrs.field(factory=asyncio.Lock)
     _dropped: asyncio.Event = attrs.field(factory=asyncio.Event)
     on_call: Callable[[Call], None] | None = None
+    gc_delay: float = 0.0  # seconds before the garbage collector acts (a real one runs in the background)
+    _collections: set[asyncio.Task[None]] = attrs.field(factory=set)
+    # admission plugins (tests/support/admission.py): each may refuse a create with an API error
+    admission: list[Callable[..., kmock.KubernetesError | None]] = attrs.field(factory=list)
 
     def declare(self) -> None:
         info = kmock.ResourceInfo
@@ -164,6 +173,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 self.objects[key].delete()
                 await self._buses[resource].put({"type": "DELETED", "object": raw})
 
+    def append_log(self, key: tuple[str, str], text: str) -> None:
+        """What a container prints, stamped with the clock (the kubelet keeps a timestamp per line)."""
+        before = self.pod_logs.get(key, "")
+        self._log_marks.setdefault(key, []).append((self.clock.now(), len(before)))
+        self.pod_logs[key] = before + text
+
     def drop_watches(self) -> None:
         """End every open watch stream, as an API server restart or a load balancer would."""
         self._dropped.set()
@@ -213,6 +228,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.action in (kmock.action.LIST, kmock.action.WATCH, kmock.action.FETCH):
             return await super()._handle(request)
         async with self._writes:
+            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                for admit in self.admission:
+                    refusal = admit(self, request.resource, request.namespace or "", request.data)
+                    if refusal is not None:
+                        raise refusal
             request = await self._prepare(request)
             if request.action == kmock.action.DELETE and request.resource == PODS:
                 held = await self._delete_gracefully(request)
@@ -294,22 +314,53 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return self.get(PODS, request.namespace or "", request.name or "")
 
     async def _collect_owned(self, uid: str) -> None:
+        if self.gc_delay:
+            self._collections.add(task := asyncio.create_task(self._collect_later(uid)))
+            task.add_done_callback(self._collections.discard)
+        else:
+            await self._collect(uid)
+
+    async def _collect_later(self, uid: str) -> None:
+        await asyncio.sleep(self.gc_delay)
+        async with self._writes:
+            await self._collect(uid)
+
+    async def _collect(self, uid: str) -> None:
+        """The garbage collector deletes an owner's dependents as any client would: a pod on a
+        node is deleted gracefully (its kubelet finishes it), everything else at once."""
         for (resource, namespace, name), obj in list(self.objects.items()):
             if obj.deleted:
                 continue
-            owners = obj.raw.get("metadata", {}).get("ownerReferences") or []
-            if any(o.get("uid") == uid for o in owners):
+            meta = obj.raw.get("metadata", {})
+            if not any(o.get("uid") == uid for o in meta.get("ownerReferences") or []):
+                continue
+            if resource == PODS and (obj.raw.get("spec") or {}).get("nodeName"):
+                if not meta.get("deletionTimestamp"):
+                    grace = int(obj.raw["spec"].get("terminationGracePeriodSeconds", 30))
+                    marks = {
+                        "deletionTimestamp": timestamp(self.clock, grace),
+                        "deletionGracePeriodSeconds": grace,
+                    }
+                    await self.write(PODS, namespace or "", name, {"metadata": marks})
+            else:
                 await self.remove(resource, namespace or "", name)
 
     async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
         if request.resource == PODS and request.subresource == "log":
             if self.get(PODS, request.namespace or "", request.name or "") is None:
                 raise kmock.KubernetesObjectNotFoundError()
-            text = self.pod_logs.get((request.namespace or "", request.name or ""), "")
+            key = (request.namespace or "", request.name or "")
+            text = self.pod_logs.get(key, "")
+            since = request.params.get("sinceSeconds")
+            if since:
+                start = self.clock.now() - timedelta(seconds=int(since))
+                text = text[next((at for t, at in self._log_marks.get(key, []) if t >= start), len(text)) :]
             tail = request.params.get("tailLines")
             if tail:
                 text = "".join(text.splitlines(keepends=True)[-int(tail) :])
-            return text.encode()
+            data = text.encode()
+            limit = request.params.get("limitBytes")
+            return data[: int(limit)] if limit else data
         return await super()._serve_fetch(request)
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:

@@ -2,8 +2,10 @@
 
 Each pod's behaviour is chosen by (attempt, rank) when it is created: run and exit with a code and a
 termination message, be OOMKilled or evicted, hang in ImagePullBackOff or unschedulable, run until
-deleted, or lose its node. Rank 0 of a running pod prints FTJOB_PROGRESS lines into its log as the
-trainer does. A deleted pod is terminated (exit 143) and then removed, unless its node is lost.
+deleted, fail in an init container, finish beside a sidecar that exits 143 after it, or lose its
+node. Rank 0 of a running pod prints FTJOB_PROGRESS lines into its log as the trainer does. A deleted
+pod is terminated (exit 143) and then removed, unless its node is lost: then this kubelet stops
+writing anything, and the node lifecycle (tests/support/nodes.py) does what the control plane does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from finetune_operator.progress import ProgressReport, format_line
 
 from tests.support.clock import JumpingClock
 from tests.support.cluster import PODS, ClusterEmulator, timestamp
+from tests.support.nodes import NodeLifecycle
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class Rank:
     evicted: bool = False
     node_lost: bool = False
     progress: bool = True  # rank 0 reports progress while it runs
+    init_failure: tuple[int, str] | None = None  # an init container exits (code, message) first
+    sidecar_exit: int | None = None  # a classic sidecar container exits so after the trainer
+    stop_after: float = 0.0  # seconds from SIGTERM to exit 143 (the emergency checkpoint)
+    report_every: float = 0.05  # rank 0's seconds between progress reports
 
 
 Script = Callable[[int, int], Rank]
@@ -54,12 +61,15 @@ class Kubelet:
         self._pods: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._deleting: dict[tuple[str, str], asyncio.Event] = {}
         self.started: list[str] = []  # pod names in the order they started running
+        self.nodes = NodeLifecycle(cluster, clock)
 
     async def run(self) -> None:
+        lifecycle = asyncio.create_task(self.nodes.run())
         try:
             async for event in self.cluster._buses[PODS]:
                 self._on(event["type"], event["object"])
         finally:
+            lifecycle.cancel()
             for task in self._pods.values():
                 task.cancel()
 
@@ -94,17 +104,40 @@ class Kubelet:
             return await self.cluster.remove(PODS, *key)
         scheduled = {"type": "PodScheduled", "status": "True"}
         await self._write(key, {"spec": {"nodeName": f"node-{rank}"}, "status": {"conditions": [scheduled]}})
+        if b.init_failure:
+            # restartPolicy Never: a failed init container fails the pod; the trainer never starts
+            # (pkg/kubelet/kubelet_pods.go: the trainer waits in PodInitializing).
+            code, message = b.init_failure
+            init = {"terminated": {"exitCode": code, "reason": "Error", "message": message,
+                                   "finishedAt": timestamp(self.clock)}}  # fmt: skip
+            status = {
+                "phase": "Failed",
+                "initContainerStatuses": [{**self._container(init), "name": "mesh-init"}],
+                "containerStatuses": [self._container({"waiting": {"reason": "PodInitializing"}})],
+            }
+            await self._write(key, {"status": status})
+            await deleting.wait()
+            return await self.cluster.remove(PODS, *key)
         if b.waiting:
             state = {"waiting": {"reason": b.waiting, "message": f"{b.waiting} for the trainer image"}}
             await self._write(key, {"status": {"containerStatuses": [self._container(state)]}})
             await deleting.wait()
             return await self.cluster.remove(PODS, *key)
         running = {"running": {"startedAt": timestamp(self.clock)}}
+        ready = {"type": "Ready", "status": "True", "lastTransitionTime": timestamp(self.clock)}
         await self._write(
-            key, {"status": {"phase": "Running", "containerStatuses": [self._container(running)]}}
+            key,
+            {
+                "status": {
+                    "phase": "Running",
+                    "conditions": [scheduled, ready],
+                    "containerStatuses": [self._container(running)],
+                }
+            },
         )
         self.started.append(key[1])
-        reporter = asyncio.create_task(self._report(key)) if rank == 0 and b.progress else None
+        reports = rank == 0 and b.progress
+        reporter = asyncio.create_task(self._report(key, b.report_every)) if reports else None
         try:
             ended = b.exit_code is not None or b.evicted or b.node_lost
             await wait_event(deleting, b.after if ended else None)
@@ -112,16 +145,24 @@ class Kubelet:
             if reporter:
                 reporter.cancel()
         if deleting.is_set():
+            await asyncio.sleep(b.stop_after)
             await self._terminate(key, 143, "Error", "")
         elif b.node_lost:
-            await self._write(key, {"status": {"phase": "Unknown", "reason": "NodeLost"}})
-            return  # its kubelet is gone: nothing will ever finish a deletion
+            self.nodes.lose(f"node-{rank}")
+            return  # its kubelet is gone: it writes nothing more, and nothing finishes a deletion
         elif b.evicted:
-            disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
-            await self._write(
-                key,
-                {"status": {"phase": "Failed", "reason": "Evicted", "conditions": [scheduled, disruption]}},
-            )
+            # pkg/kubelet/eviction/eviction_manager.go evictPod: Failed, reason Evicted, the eviction
+            # message (the rank's `message`: node pressure or its own limit) in status and condition
+            said = b.message or "The node was low on resource: memory. "
+            disruption = {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                          "message": said}  # fmt: skip
+            evicted = {
+                "phase": "Failed",
+                "reason": "Evicted",
+                "message": said,
+                "conditions": [scheduled, disruption],
+            }
+            await self._write(key, {"status": evicted})
         else:
             assert b.exit_code is not None
             reason = b.reason or ("Completed" if b.exit_code == 0 else "Error")
@@ -134,10 +175,18 @@ class Kubelet:
         if message:
             terminated["message"] = message + "\n"
         phase = "Succeeded" if code == 0 else "Failed"
-        await self._write(
-            key,
-            {"status": {"phase": phase, "containerStatuses": [self._container({"terminated": terminated})]}},
-        )
+        containers = [self._container({"terminated": terminated})]
+        sidecar = self.behaviour(*self._rank_of(key)).sidecar_exit if code == 0 else None
+        if sidecar is not None:
+            # A classic sidecar stopped after the trainer: its exit enters the phase (getPhase).
+            stopped = {"exitCode": sidecar, "reason": "Error", "finishedAt": timestamp(self.clock)}
+            containers.append({**self._container({"terminated": stopped}), "name": "mesh-proxy"})
+            phase = "Succeeded" if sidecar == 0 else "Failed"
+        await self._write(key, {"status": {"phase": phase, "containerStatuses": containers}})
+
+    def _rank_of(self, key: tuple[str, str]) -> tuple[int, int]:
+        labels = (self.cluster.get(PODS, *key) or {}).get("metadata", {}).get("labels") or {}
+        return int(labels.get(contract.LABEL_ATTEMPT, 0)), int(labels.get(contract.LABEL_RANK, 0))
 
     @staticmethod
     def _container(state: dict[str, Any]) -> dict[str, Any]:
@@ -151,8 +200,8 @@ class Kubelet:
             "state": state,
         }
 
-    async def _report(self, key: tuple[str, str]) -> None:
-        """Rank 0's progress lines, one every 50 ms, a checkpoint every 10 steps."""
+    async def _report(self, key: tuple[str, str], every: float) -> None:
+        """Rank 0's progress lines, one every `every` seconds, a checkpoint every 10 steps."""
         step = 0
         while True:
             step += 1
@@ -166,6 +215,5 @@ class Kubelet:
                 ),
                 latest_checkpoint=checkpoint,
             )
-            logs = self.cluster.pod_logs
-            logs[key] = logs.get(key, "") + "some trainer output\n" + format_line(report) + "\n"
-            await asyncio.sleep(0.05)
+            self.cluster.append_log(key, "some trainer output\n" + format_line(report) + "\n")
+            await asyncio.sleep(every)

@@ -1,4 +1,9 @@
-"""Rank pods in the states a kubelet reports, as the API returns them: tests state only what differs."""
+"""Rank pods in the states a kubelet reports, as the API returns them: tests state only what differs.
+
+The defaults follow what the kubelet writes (pkg/kubelet/status/generate.go, kubelet_pods.go): a
+Running pod is bound to a node and Ready while its containers run; a pod that has not started shows
+its trainer waiting in ContainerCreating; a terminated container carries its finishedAt.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,36 @@ from typing import Any
 from finetune_operator import contract
 
 CREATED = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+JOB_UID = "3f1c2d4e-0000-4000-8000-000000000001"
 
 
 def _iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container(name: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "ready": "running" in state, "started": "running" in state, "state": state}
+
+
+def running_state() -> dict[str, Any]:
+    return {"running": {"startedAt": _iso(CREATED)}}
+
+
+def terminated_state(
+    code: int, reason: str | None = None, message: str | None = None, at: float = 60
+) -> dict[str, Any]:
+    terminated: dict[str, Any] = {
+        "exitCode": code,
+        "reason": reason or ("Completed" if code == 0 else "Error"),
+        "finishedAt": _iso(CREATED + timedelta(seconds=at)),
+    }
+    if message:
+        terminated["message"] = message + "\n"
+    return {"terminated": terminated}
+
+
+def waiting_state(reason: str, message: str | None = None) -> dict[str, Any]:
+    return {"waiting": {"reason": reason, **({"message": message} if message else {})}}
 
 
 def pod(
@@ -20,45 +51,88 @@ def pod(
     attempt: int = 1,
     phase: str = "Running",
     reason: str | None = None,
+    pod_message: str | None = None,
     waiting: tuple[str, str] | None = None,
     exit_code: int | None = None,
     terminated_reason: str | None = None,
     message: str | None = None,
+    finished_at: float = 60,
     conditions: list[dict[str, Any]] | None = None,
     deleting: bool = False,
+    ready: bool | None = None,
+    scheduled: bool | None = None,
+    init_statuses: list[dict[str, Any]] | None = None,
+    init_specs: list[dict[str, Any]] | None = None,
+    sidecars: list[dict[str, Any]] | None = None,
+    owner_uid: str = JOB_UID,
 ) -> dict[str, Any]:
-    state: dict[str, Any] = {"running": {"startedAt": _iso(CREATED)}}
-    if waiting:
-        state = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
     if exit_code is not None:
-        terminated: dict[str, Any] = {"exitCode": exit_code, "reason": terminated_reason or "Error"}
-        if message:
-            terminated["message"] = message + "\n"
-        state = {"terminated": terminated}
+        state = terminated_state(exit_code, terminated_reason, message, finished_at)
+    elif waiting:
+        state = waiting_state(*waiting)
+    elif phase == "Running":
+        state = running_state()
+    else:
+        state = waiting_state("ContainerCreating")
     meta: dict[str, Any] = {
         "name": f"demo-a{attempt}-n{rank}",
+        "uid": f"pod-{attempt}-{rank}",
         "creationTimestamp": _iso(CREATED),
         "labels": {
             contract.LABEL_JOB: "demo",
             contract.LABEL_ATTEMPT: str(attempt),
             contract.LABEL_RANK: str(rank),
         },
+        "ownerReferences": [
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "demo",
+                "uid": owner_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
     }
     if deleting:
         meta["deletionTimestamp"] = _iso(CREATED + timedelta(minutes=5))
+    bound = scheduled if scheduled is not None else phase != "Pending" or waiting is not None
+    all_conditions = list(conditions or [])
+    if bound and not any(c["type"] == "PodScheduled" for c in all_conditions):
+        all_conditions.append({"type": "PodScheduled", "status": "True"})
+    is_ready = ready if ready is not None else phase == "Running" and "running" in state
+    if bound and not any(c["type"] == "Ready" for c in all_conditions):
+        ready_condition = {"type": "Ready", "status": "True" if is_ready else "False"}
+        if not is_ready:
+            ready_condition["reason"] = (
+                "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+            )
+        all_conditions.append(ready_condition)
     status: dict[str, Any] = {
         "phase": phase,
-        "conditions": conditions or [],
-        "containerStatuses": [{"name": contract.CONTAINER_NAME, "state": state}],
+        "conditions": all_conditions,
+        "containerStatuses": [container(contract.CONTAINER_NAME, state), *(sidecars or [])],
     }
+    if init_statuses:
+        status["initContainerStatuses"] = init_statuses
     if reason:
         status["reason"] = reason
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": status}
+    if pod_message:
+        status["message"] = pod_message
+    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [{"name": contract.CONTAINER_NAME}]}
+    if init_specs:
+        spec["initContainers"] = init_specs
+    if bound:
+        spec["nodeName"] = f"node-{rank}"
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": status}
 
 
-def disrupted(reason: str, **kw: Any) -> dict[str, Any]:
-    condition = {"type": "DisruptionTarget", "status": "True", "reason": reason}
-    return pod(conditions=[condition], **kw)
+def disrupted(cause: str, message: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A pod with DisruptionTarget=True for `cause` (the condition's reason)."""
+    condition = {"type": "DisruptionTarget", "status": "True", "reason": cause}
+    if message:
+        condition["message"] = message
+    return pod(conditions=[condition, *kw.pop("conditions", [])], **kw)
 
 
 def unschedulable(**kw: Any) -> dict[str, Any]:
@@ -68,7 +142,7 @@ def unschedulable(**kw: Any) -> dict[str, Any]:
         "reason": "Unschedulable",
         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
     }
-    return pod(phase="Pending", conditions=[condition], **kw)
+    return pod(phase="Pending", conditions=[condition], scheduled=False, **kw)
 
 
 def after(seconds: float) -> datetime:

@@ -46,7 +46,10 @@ class TestList:
         (tmp_path / "runs" / "not-a-run").mkdir()
         assert main(["list", "--root", str(tmp_path / "runs")]) == 0
         header, *rows = capsys.readouterr().out.splitlines()
-        columns = ["NAME", "PHASE", "NODES", "STEP", "PROGRESS", "LOSS", "RESTARTS", "CHECKPOINT", "AGE"]
+        columns = [
+            "NAME", "PHASE", "NODES", "STEP", "PROGRESS", "LOSS",
+            "RESTARTS", "INFRA-RESTARTS", "CHECKPOINT", "AGE",
+        ]  # fmt: skip
         assert header.split() == columns
         assert [r.split()[:3] for r in rows] == [["alpha", "Succeeded", "2"], ["beta", "Restarting", "2"]]
 

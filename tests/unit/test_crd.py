@@ -84,7 +84,17 @@ def test_printer_columns_tell_the_story(committed_crd: dict[str, Any]) -> None:
         for c in committed_crd["spec"]["versions"][0]["additionalPrinterColumns"]
         if not c.get("priority")
     ]
-    assert columns == ["Phase", "Nodes", "Step", "Progress", "Loss", "Restarts", "Checkpoint", "Age"]
+    assert columns == [
+        "Phase",
+        "Nodes",
+        "Step",
+        "Progress",
+        "Loss",
+        "Restarts",
+        "Infra-Restarts",
+        "Checkpoint",
+        "Age",
+    ]
 
 
 def test_every_cel_rule_compiles(committed_crd: dict[str, Any]) -> None:

@@ -3,11 +3,13 @@ write when nothing changed; nothing done when the status write finds the job cha
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from finetune_operator.api import FineTuneJob, FineTuneJobStatus
+from finetune_operator.backends.base import CreateRefused
 from finetune_operator.backends.kubernetes import merge_patch
 from finetune_operator.policy.actions import Action, CreateAttempt, CreateService, Event
 from finetune_operator.policy.decide import Observed
@@ -21,19 +23,25 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class RecordingBackend:
-    def __init__(self, observed: Observed | None, *, conflict: bool = False) -> None:
-        self.observed, self.conflict = observed, conflict
+    def __init__(
+        self, observed: Observed | None, *, conflict: bool = False, refuse: CreateRefused | None = None
+    ) -> None:
+        self.observed, self.conflict, self.refuse = observed, conflict, refuse
         self.log: list[Any] = []
+        self.statuses: list[FineTuneJobStatus] = []
 
     async def observe(self, key: tuple[str, str], now: datetime) -> Observed | None:
         return self.observed
 
     async def write_status(self, job: FineTuneJob, status: FineTuneJobStatus) -> bool:
         self.log.append(("status", status.phase))
+        self.statuses.append(status)
         return not self.conflict
 
     async def apply(self, job: FineTuneJob, action: Action) -> None:
         self.log.append(action)
+        if self.refuse is not None and isinstance(action, CreateAttempt):
+            raise self.refuse
 
     async def emit(self, job: FineTuneJob, event: Event) -> None:
         self.log.append(("event", event.reason))
@@ -60,6 +68,31 @@ async def test_a_status_write_refused_as_a_conflict_stops_the_pass_and_asks_for_
     backend = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW), conflict=True)
     again = await _reconciler(backend).reconcile(("team-a", "demo"))
     assert backend.log == [("status", "Starting")] and again == 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_refused_create_is_recorded_in_status_for_the_decide_step_and_the_pass_ends() -> None:
+    quota = CreateRefused(403, "Forbidden", 'pods "demo-a1-n0" is forbidden: exceeded quota: gpus')
+    backend = RecordingBackend(Observed(job(), pods=(), service_exists=True, now=NOW), refuse=quota)
+    again = await _reconciler(backend).reconcile(("team-a", "demo"))
+    assert again == 0.0  # decide on the refusal now
+    assert backend.log[-1] == ("status", None)  # the refusal, written on the job as observed again
+    refusal = backend.statuses[-1].create_refusal
+    assert refusal is not None and (refusal.code, refusal.reason) == (403, "Forbidden")
+    assert refusal.message.endswith("exceeded quota: gpus")
+
+
+@pytest.mark.asyncio
+async def test_goodput_accrued_alone_is_no_reason_to_write_the_status() -> None:
+    """Accounted to `now` on every pass; the next real write carries the whole interval."""
+    first = RecordingBackend(Observed(job(), pods=(), service_exists=False, now=NOW))
+    await _reconciler(first).reconcile(("team-a", "demo"))
+    written = first.statuses[-1].model_dump(mode="json", by_alias=True, exclude_none=True)
+    later = NOW.replace(minute=5)
+    stored = job().model_copy(update={"status": FineTuneJobStatus.model_validate(written)})
+    again = RecordingBackend(Observed(stored, pods=(), service_exists=True, now=later))
+    await _reconciler(again).reconcile(("team-a", "demo"))
+    assert not any(entry[0] == "status" for entry in again.log if isinstance(entry, tuple))
 
 
 @pytest.mark.asyncio
@@ -139,3 +172,68 @@ async def test_metrics_count_jobs_by_phase_and_restarts_by_class() -> None:
     assert _sample(metrics, "ftjob_reconcile_duration_seconds_count") == 1
     metrics.forget(("team-a", "demo"))
     assert _sample(metrics, "ftjob_jobs", phase="Starting") == 0
+
+
+def test_a_refusal_carries_the_apis_code_reason_and_message_and_never_the_request_body() -> None:
+    from finetune_operator.backends.kubernetes import refusal
+    from kubernetes.client.exceptions import ApiException
+
+    exc = ApiException(status=403, reason="Forbidden")
+    exc.body = (
+        '{"kind":"Status","code":403,"reason":"Forbidden","message":"pods \\"demo-a1-n0\\" is forbidden: '
+        "exceeded quota: gpus, requested: nvidia.com/gpu=8, used: nvidia.com/gpu=8, "
+        'limited: nvidia.com/gpu=8"}'
+    )
+    refused = refusal(exc)
+    assert (refused.code, refused.reason) == (403, "Forbidden")
+    assert refused.message.startswith('pods "demo-a1-n0" is forbidden: exceeded quota: gpus')
+    garbled = ApiException(status=422, reason="Unprocessable Entity")
+    garbled.body = "<html>proxy error</html>"
+    assert (refusal(garbled).code, refusal(garbled).reason, refusal(garbled).message) == (
+        422,
+        "Unprocessable Entity",
+        "",
+    )
+
+
+class _Response:
+    def __init__(self, version: str) -> None:
+        self.data = json.dumps({"metadata": {"resourceVersion": version}}).encode()
+
+
+def _backend_whose_writes_see(events: list[str], version: str) -> Any:
+    """A KubernetesBackend whose status patch returns `version` and meanwhile sees watch `events`."""
+    from finetune_operator.backends.kubernetes import KubernetesBackend
+    from finetune_operator.metrics import Metrics
+    from kubernetes import client
+
+    backend = KubernetesBackend(client.ApiClient(), OperatorSettings(metrics_port=None), Metrics())
+    changed: list[tuple[str, str]] = []
+    backend.on_change = changed.append
+    backend.changed = changed
+
+    async def call(operation: str, fn: Any, *args: Any, **kwargs: Any) -> _Response:
+        for event in events:
+            assert backend.needs_pass(("team-a", "demo"), event) is False  # held while writing
+        return _Response(version)
+
+    backend._call = call
+    return backend
+
+
+@pytest.mark.asyncio
+async def test_the_echo_of_our_own_status_write_runs_no_pass_even_when_it_arrives_first() -> None:
+    backend = _backend_whose_writes_see(["v2"], "v2")
+    await backend._write_status(("team-a", "demo"), {"status": {}})
+    assert backend.changed == []
+    assert backend.needs_pass(("team-a", "demo"), "v2") is False  # arriving after the response
+    assert backend.needs_pass(("team-a", "demo"), "v3") is True  # someone else's change
+    backend.close()
+
+
+@pytest.mark.asyncio
+async def test_another_change_arriving_while_we_write_still_runs_a_pass() -> None:
+    backend = _backend_whose_writes_see(["v2", "v3"], "v3")
+    await backend._write_status(("team-a", "demo"), {"status": {}})
+    assert backend.changed == [("team-a", "demo")]
+    backend.close()

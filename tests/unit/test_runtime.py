@@ -30,11 +30,13 @@ async def _slow_to_die() -> None:
 
 
 @pytest.mark.asyncio
-async def test_stop_ends_every_worker_and_the_timers_and_closes_the_backend() -> None:
+async def test_stop_ends_every_worker_the_timers_and_the_poller_and_closes_the_backend() -> None:
     runtime, closed = _runtime()
     runtime.start()
     tasks = list(runtime._tasks)
-    assert runtime.healthy() and len(tasks) == TEST_SETTINGS.workers + 1
+    assert (
+        runtime.healthy() and len(tasks) == TEST_SETTINGS.workers + 2
+    )  # + the timers and the progress poller
     await asyncio.wait_for(runtime.stop(), timeout=5)
     assert all(t.done() for t in tasks) and not runtime.healthy()
     assert closed == ["backend"]

@@ -33,13 +33,17 @@ PRINTER_COLUMNS = [
     _column("Loss", "number", ".status.progress.loss", "Training loss"),
     _column("Restarts", "integer", ".status.restarts", "Gang restarts counted toward maxRestarts"),
     _column(
+        "Infra-Restarts",
+        "integer",
+        ".status.infraRestarts",
+        "Gang restarts after evictions, preemptions and lost nodes (toward maxInfrastructureRestarts)",
+    ),
+    _column(
         "Checkpoint", "integer", ".status.latestCheckpoint.step", "Step of the latest committed checkpoint"
     ),
     _column("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
     _column("Attempt", "integer", ".status.attempt", "Current gang attempt", priority=1),
-    _column(
-        "Infra-Restarts", "integer", ".status.infraRestarts", "Restarts after evictions and lost nodes", 1
-    ),
+    _column("Goodput", "number", ".status.goodput.percent", "Percent of the job's time spent training", 1),
     _column("ETA", "integer", ".status.progress.etaSeconds", "Seconds to the end of training", 1),
     _column("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput", 1),
     _column("Reason", "string", '.status.conditions[?(@.type=="Failed")].reason', "Why the job failed", 1),

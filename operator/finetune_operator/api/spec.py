@@ -451,10 +451,22 @@ class RunPolicy(ApiModel):
         3,
         ge=0,
         le=1000,
-        description="Gang restarts after application failures; infrastructure ones don't count.",
+        description="Gang restarts after application failures; infrastructure ones count toward "
+        "maxInfrastructureRestarts instead.",
+    )
+    max_infrastructure_restarts: int = Field(
+        20,
+        ge=0,
+        le=10000,
+        description="Gang restarts after evictions, preemptions and lost nodes before the job fails "
+        "(InfrastructureRestartLimitExceeded): a job that fills its node's disk is not restarted for ever.",
     )
     backoff_base_seconds: int = Field(
-        10, ge=1, le=3600, description="First restart delay; doubles each time."
+        10,
+        ge=1,
+        le=3600,
+        description="First restart delay; doubles with each restart of the same class "
+        "(application or infrastructure: each class has its own count).",
     )
     backoff_cap_seconds: int = Field(300, ge=1, le=86400, description="Longest restart delay.")
     startup_timeout_seconds: int = Field(

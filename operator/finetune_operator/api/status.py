@@ -61,6 +61,12 @@ class Progress(ApiModel):
     loss: float | None = Field(None, description="Training loss, averaged since the previous report.")
     eval_loss: float | None = Field(None, description="Latest evaluation loss.")
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all ranks.")
+    checkpoint_stall_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds training waited on checkpoint saves in this attempt (cumulative), "
+        "when the trainer reports it.",
+    )
     updated_at: Timestamp | None = Field(None, description="When rank 0 reported this.")
 
 
@@ -70,6 +76,55 @@ class CheckpointRef(ApiModel):
     step: int = Field(ge=0)
     uri: StorageUri
     time: Timestamp | None = None
+
+
+class Goodput(ApiModel):
+    """Where the job's wall-clock time went, suspended time left out: training, or lost to queueing
+    (waiting for the first attempt's pods, or a resumed one's), to restarts by class (from the
+    failure until every rank runs again), and to checkpoint stalls (as the trainer reports them)."""
+
+    productive_seconds: float = Field(
+        0.0, ge=0, description="Every rank running, checkpoint stalls included."
+    )
+    queued_seconds: float = Field(
+        0.0, ge=0, description="Waiting for the first (or a resumed) attempt to run."
+    )
+    application_restart_seconds: float = Field(
+        0.0, ge=0, description="From an application failure until every rank of the next attempt runs."
+    )
+    infrastructure_restart_seconds: float = Field(
+        0.0, ge=0, description="From an eviction, preemption or lost node until every rank runs again."
+    )
+    checkpoint_stall_seconds: float = Field(
+        0.0, ge=0, description="Training time spent waiting on checkpoint saves (trainer-reported)."
+    )
+    percent: float | None = Field(
+        None, ge=0, le=100, description="Productive time less checkpoint stalls, over all accounted time."
+    )
+    accounted_until: Timestamp | None = Field(None, description="The time the figures above run to.")
+    waiting_for: Literal["Queue", "Application", "Infrastructure"] | None = Field(
+        None, description="What the current Starting phase is charged to."
+    )
+    stalls_before_attempt: float = Field(
+        0.0, ge=0, description="Checkpoint stalls of the attempts before the current one."
+    )
+
+
+class CreateRefusal(ApiModel):
+    """The API server refused to create a child of the current attempt (admission: ResourceQuota,
+    LimitRange, Pod Security, a webhook; or validation). Recorded by the apply step, so the decide
+    step sees it as observed state."""
+
+    attempt: int = Field(ge=0, description="The attempt whose child was refused.")
+    code: int = Field(ge=100, le=599, description="The HTTP status of the refusal (403, 422, ...).")
+    reason: Annotated[str, Field(max_length=128)] = Field(
+        description="The API's reason for it (Forbidden, Invalid, BadRequest)."
+    )
+    message: Annotated[str, Field(max_length=1024)] = Field(
+        description="The API's message (never the request body)."
+    )
+    since: Timestamp = Field(description="The first refusal of this attempt.")
+    last: Timestamp = Field(description="The latest refusal.")
 
 
 class FineTuneJobStatus(ApiModel):
@@ -83,10 +138,23 @@ class FineTuneJobStatus(ApiModel):
     attempt: int = Field(0, ge=0, description="Current gang attempt; 0 before the first pods exist.")
     restarts: int = Field(0, ge=0, description="Gang restarts counted toward runPolicy.maxRestarts.")
     infra_restarts: int = Field(
-        0, ge=0, description="Gang restarts after evictions, preemptions and lost nodes (not counted)."
+        0,
+        ge=0,
+        description="Gang restarts after evictions, preemptions and lost nodes "
+        "(counted toward runPolicy.maxInfrastructureRestarts, not maxRestarts).",
+    )
+    restart_class: Literal["Application", "Infrastructure"] | None = Field(
+        None, description="The class of the latest gang restart: its backoff doubles with that class's count."
+    )
+    suspended_seconds: float = Field(
+        0.0, ge=0, description="Time spent suspended; left out of activeDeadlineSeconds."
     )
     ranks: RankCounts = Field(default_factory=RankCounts)
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None
     progress: Progress | None = None
     latest_checkpoint: CheckpointRef | None = None
+    goodput: Goodput | None = Field(None, description="Where the job's time went.")
+    create_refusal: CreateRefusal | None = Field(
+        None, description="The API server's latest refusal to create a child of the current attempt."
+    )

@@ -11,6 +11,19 @@ from finetune_operator.policy.decide import Observed
 
 JobKey = tuple[str, str]  # (namespace, name)
 
+# Refusals that are the object's or the namespace's policy, not a passing API trouble: 403 (quota,
+# LimitRange, Pod Security, a webhook's denial), 400 (a webhook's default code) and 422 (invalid
+# fields). Retrying them blindly loops for ever; they are recorded in status instead.
+REFUSAL_CODES = frozenset({400, 403, 422})
+
+
+class CreateRefused(Exception):
+    """The API server refused to create a child; carries the API's own code, reason and message."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(f"{code} {reason}: {message}")
+        self.code, self.reason, self.message = code, reason, message
+
 
 class Backend(Protocol):
     async def observe(self, key: JobKey, now: datetime) -> Observed | None:

@@ -9,6 +9,7 @@ raise: the work queue retries the pass with backoff, and the metrics count them 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -24,8 +25,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import contract
-from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, parse_manifest
-from finetune_operator.backends.base import JobKey
+from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, Phase, parse_manifest
+from finetune_operator.backends.base import REFUSAL_CODES, CreateRefused, JobKey
 from finetune_operator.builders import (
     build_config_map,
     build_network_policy,
@@ -37,7 +38,7 @@ from finetune_operator.metrics import Metrics
 from finetune_operator.policy import actions as act
 from finetune_operator.policy.decide import Observed
 from finetune_operator.policy.observed import format_time, observe_pod, rank0_of_current_attempt
-from finetune_operator.progress import ProgressReport, parse_last
+from finetune_operator.progress import TAIL_BYTES, ProgressReport, parse_last
 from finetune_operator.settings import OperatorSettings
 
 log = logging.getLogger("finetune_operator.kubernetes")
@@ -59,6 +60,31 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch
 
 
+class StaleChild(RuntimeError):
+    """A child's name is held by an older incarnation's object; the pass is retried later."""
+
+
+def _owned_by_another(obj: dict[str, Any], uid: str | None) -> bool:
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    controller = next((o for o in owners if o.get("controller")), None)
+    return bool(uid and controller and controller.get("uid") != uid)
+
+
+def refusal(exc: ApiException) -> CreateRefused:
+    """The API's Status (code, reason, message) of a refused create; the request body is left out,
+    so nothing the pod carried (env, image, a secret's name) travels into status or events."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    code = int(body.get("code") or exc.status)
+    reason = str(body.get("reason") or exc.reason or "Refused")
+    message = str(body.get("message") or "")[:EVENT_MESSAGE_LIMIT]
+    return CreateRefused(code, reason, message)
+
+
 class KubernetesBackend:
     def __init__(self, api: client.ApiClient, settings: OperatorSettings, metrics: Metrics) -> None:
         self.core = client.CoreV1Api(api)
@@ -70,6 +96,14 @@ class KubernetesBackend:
             thread_name_prefix="k8s-api",
         )
         self._instance = socket.gethostname()
+        # The resourceVersion of our own latest status write per job: its watch event is an echo
+        # of what we already know, and the handlers drop it instead of running a pass for it. The
+        # event can arrive before the write's response: events arriving while a write is in flight
+        # are held and judged once its version is known (`on_change` gets those that were not ours).
+        self.own_versions: dict[JobKey, str] = {}
+        self.on_change: Callable[[JobKey], None] = lambda key: None
+        self._writing: dict[JobKey, int] = {}
+        self._arrived: dict[JobKey, set[str]] = {}
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -130,43 +164,118 @@ class KubernetesBackend:
             label_selector=f"{contract.LABEL_JOB}={name}",
         )
         pods = tuple(observe_pod(p) for p in pods_list.get("items") or [])
+        # While Running, the Service was created before the attempt and progress is the poller's
+        # (progress_poll.py): a pass then costs a job read and a pod list, nothing more.
+        running = job.status is not None and job.status.phase == Phase.RUNNING
         return Observed(
             job=job,
             pods=pods,
-            service_exists=await self._service_exists(namespace, name),
+            service_exists=running or await self._service_exists(namespace, name, job.metadata.uid),
             now=now,
-            progress=await self._progress(job, pods),
+            progress=await self._progress(job, pods, poller_reads_running=running),
         )
 
-    async def _service_exists(self, namespace: str, job: str) -> bool:
+    async def _service_exists(self, namespace: str, job: str, uid: str | None) -> bool:
+        """An older incarnation's Service (the garbage collector has not removed it yet) is not
+        this job's: it is reported missing, so its creation is tried until the name is free."""
         try:
-            await self._call(
+            service = await self._json(
                 "get services", self.core.read_namespaced_service, naming.service_name(job), namespace
             )
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
-        return True
+        return not _owned_by_another(service, uid)
 
-    async def _progress(self, job: FineTuneJob, pods: tuple[Any, ...]) -> ProgressReport | None:
-        """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report."""
+    async def _progress(
+        self, job: FineTuneJob, pods: tuple[Any, ...], *, poller_reads_running: bool
+    ) -> ProgressReport | None:
+        """The newest report in the rank-0 pod's log tail; a log that cannot be read is no report.
+        A rank 0 that finished is read here (its last report); a running one is the poller's."""
         rank0 = rank0_of_current_attempt(job, pods)
         if rank0 is None or rank0.phase not in ("Running", "Succeeded", "Failed"):
             return None
+        if poller_reads_running and rank0.phase == "Running":
+            return None
+        return await self.read_progress(job.metadata.namespace, rank0.name)
+
+    async def read_progress(
+        self, namespace: str, pod: str, since_seconds: int | None = None
+    ) -> ProgressReport | None:
+        """The newest report in a bounded read of the pod's log: the last LOG_TAIL_LINES lines, or
+        with `since_seconds` what the trainer wrote since then, at most TAIL_BYTES either way (the
+        kubelet streams a whole log otherwise). None when unreadable or without a report."""
+        bounds: dict[str, Any] = {"limit_bytes": TAIL_BYTES}
+        if since_seconds is None:
+            bounds["tail_lines"] = LOG_TAIL_LINES
+        else:
+            bounds["since_seconds"] = since_seconds
         try:
             response = await self._call(
                 "get pods/log",
                 self.core.read_namespaced_pod_log,
-                rank0.name,
-                job.metadata.namespace,
+                pod,
+                namespace,
                 container=contract.CONTAINER_NAME,
-                tail_lines=LOG_TAIL_LINES,
+                **bounds,
             )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.debug("log of %s unreadable: %s", rank0.name, type(exc).__name__)
+            log.debug("log of %s unreadable: %s", pod, type(exc).__name__)
             return None
         return parse_last(response.data.decode("utf-8", errors="replace"))
+
+    async def patch_progress(self, key: JobKey, report: ProgressReport) -> bool:
+        """Copy a report into status.progress/latestCheckpoint: a merge patch of those fields only,
+        unconditional (they are the trainer's word, which no decision rests on but the stall check,
+        which the next pass reads back). False when the job is gone."""
+        status: dict[str, Any] = {"progress": report.progress.to_wire()}
+        if report.latest_checkpoint is not None:
+            status["latestCheckpoint"] = report.latest_checkpoint.to_wire()
+        try:
+            await self._write_status(key, {"status": status})
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def needs_pass(self, key: JobKey, version: str | None) -> bool:
+        """Whether a watch event of this job is news: not the echo of our own status write."""
+        if version is not None and version == self.own_versions.get(key):
+            return False
+        if self._writing.get(key) and version is not None:
+            self._arrived.setdefault(key, set()).add(version)
+            return False
+        return True
+
+    def forget_versions(self, key: JobKey) -> None:
+        self.own_versions.pop(key, None)
+        self._arrived.pop(key, None)
+
+    async def _write_status(self, key: JobKey, *args: Any) -> None:
+        """A status patch whose version is remembered, its early-arriving echo included."""
+        self._writing[key] = self._writing.get(key, 0) + 1
+        try:
+            response = await self._call(
+                "patch finetunejobs/status",
+                self.custom.patch_namespaced_custom_object_status,
+                contract.API_GROUP,
+                contract.API_VERSION,
+                key[0],
+                contract.PLURAL,
+                key[1],
+                *args,
+                _content_type=MERGE_PATCH,
+            )
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self.own_versions[key] = str(json.loads(response.data)["metadata"]["resourceVersion"])
+        finally:
+            self._writing[key] -= 1
+            if not self._writing[key]:
+                del self._writing[key]
+                if self._arrived.pop(key, set()) - {self.own_versions.get(key)}:
+                    self.on_change(key)
 
     # -- write -----------------------------------------------------------------------------------
 
@@ -176,17 +285,7 @@ class KubernetesBackend:
             "status": merge_patch(job.status.to_wire() if job.status else {}, status.to_wire()),
         }
         try:
-            await self._call(
-                "patch finetunejobs/status",
-                self.custom.patch_namespaced_custom_object_status,
-                contract.API_GROUP,
-                contract.API_VERSION,
-                job.metadata.namespace,
-                contract.PLURAL,
-                job.metadata.name,
-                body,
-                _content_type=MERGE_PATCH,
-            )
+            await self._write_status((job.metadata.namespace, job.metadata.name), body)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False
@@ -208,7 +307,10 @@ class KubernetesBackend:
                 await self._create("create services", self.core.create_namespaced_service, build_service(job))
             case act.CreateAttempt(attempt=attempt, ranks=ranks):
                 config = build_config_map(job, attempt)
-                await self._create("create configmaps", self.core.create_namespaced_config_map, config)
+                if not await self._create(
+                    "create configmaps", self.core.create_namespaced_config_map, config
+                ):
+                    await self._check_own_config(job, config["metadata"]["name"])
                 await self._bounded(
                     self._create(
                         "create pods",
@@ -250,13 +352,33 @@ class KubernetesBackend:
                     ),
                 )
 
-    async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> None:
-        await self._tolerate(409, self._call(operation, fn, body["metadata"]["namespace"], body))
+    async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> bool:
+        """Create; False when it already existed (names are deterministic: usually our own)."""
+        try:
+            await self._call(operation, fn, body["metadata"]["namespace"], body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            if exc.status in REFUSAL_CODES:
+                raise refusal(exc) from None
+            raise
+        return True
 
-    async def _bounded(self, calls: Iterable[Awaitable[None]]) -> None:
+    async def _check_own_config(self, job: FineTuneJob, name: str) -> None:
+        """An existing attempt ConfigMap may be an older incarnation's (same job name, deleted, its
+        children not yet collected): its pods would read the old config. Wait for the collector."""
+        config = await self._json(
+            "get configmaps", self.core.read_namespaced_config_map, name, job.metadata.namespace
+        )
+        if _owned_by_another(config, job.metadata.uid):
+            raise StaleChild(
+                f"configmap {name} belongs to an earlier job of the same name; waiting for it to go"
+            )
+
+    async def _bounded(self, calls: Iterable[Awaitable[object]]) -> None:
         gate = asyncio.Semaphore(self.settings.create_concurrency)
 
-        async def one(call: Awaitable[None]) -> None:
+        async def one(call: Awaitable[object]) -> None:
             async with gate:
                 await call
 

@@ -234,14 +234,20 @@ class LocalBackend:
         Path(env[contract.ENV_TERMINATION_LOG]).unlink(missing_ok=True)
         process = self.spawn(command, env, log)
         self.children[name] = process
+        started = format_time(datetime.now(UTC))
         record = {
             "metadata": {
                 "name": name,
                 "namespace": job.metadata.namespace,
                 "labels": naming.rank_labels(job.metadata.name, attempt, rank),
-                "creationTimestamp": format_time(datetime.now(UTC)),
+                "creationTimestamp": started,
             },
-            "status": {"phase": "Running"},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {"name": contract.CONTAINER_NAME, "state": {"running": {"startedAt": started}}}
+                ],
+            },
             "local": {"pid": process.pid, "port": port},
         }
         _write_json(self.pod_path(name), record)
@@ -297,7 +303,11 @@ class LocalBackend:
             return {"phase": "Failed", "reason": "NodeLost", "message": "its process ended unobserved"}
         termination = self.workdir / "pods" / f"{name}.termination"
         message = termination.read_text(errors="replace").strip() if termination.exists() else ""
-        state = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        state = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "finishedAt": format_time(datetime.now(UTC)),
+        }
         if message:
             state["message"] = message
         return {

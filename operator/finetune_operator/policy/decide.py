@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
 from finetune_operator.api import FineTuneJob
-from finetune_operator.api.status import Condition, FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.builders.naming import pod_name
+from finetune_operator.policy import goodput, refusals
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -23,7 +24,8 @@ from finetune_operator.policy.actions import (
     Event,
 )
 from finetune_operator.policy.backoff import backoff_seconds
-from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict
+from finetune_operator.policy.conditions import condition, set_condition
+from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, rooted_in_a_lost_node
 from finetune_operator.policy.observed import ObservedPod
 from finetune_operator.progress import ProgressReport
 
@@ -50,31 +52,6 @@ class Decision:
     def wake(self, seconds: float) -> None:
         seconds = max(1.0, seconds)
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
-
-
-def set_condition(
-    status: FineTuneJobStatus, kind: str, value: bool, reason: str, message: str, now: datetime
-) -> None:
-    text: Literal["True", "False"] = "True" if value else "False"
-    for i, condition in enumerate(status.conditions):
-        if condition.type == kind:
-            changed = condition.status != text
-            status.conditions[i] = condition.model_copy(
-                update={
-                    "status": text,
-                    "reason": reason,
-                    "message": message,
-                    "last_transition_time": now if changed else condition.last_transition_time,
-                }
-            )
-            return
-    status.conditions.append(
-        Condition(type=kind, status=text, reason=reason, message=message, last_transition_time=now)
-    )
-
-
-def condition(status: FineTuneJobStatus, kind: str) -> Condition | None:
-    return next((c for c in status.conditions if c.type == kind), None)
 
 
 def _delete(pods: list[ObservedPod], now: datetime) -> list[Action]:
@@ -118,13 +95,25 @@ def decide(obs: Observed) -> Decision:
     if obs.progress is not None:
         st.progress = obs.progress.progress
         st.latest_checkpoint = obs.progress.latest_checkpoint or st.latest_checkpoint
-    current = [p for p in obs.pods if p.attempt == st.attempt]
-    stale = [p for p in obs.pods if p.attempt != st.attempt]
+    goodput.account(old, st, now)
+    uid = job.metadata.uid
+    # Children are matched by the job's uid, not only by label: a job deleted and applied again under
+    # the same name must not adopt the old incarnation's still-terminating pods (the garbage
+    # collector removes those; they are left alone, and their names are not reused until gone).
+    mine = [p for p in obs.pods if p.owner_uid is None or uid is None or p.owner_uid == uid]
+    foreign = {p.name for p in obs.pods if p not in mine}
+    current = [p for p in mine if p.attempt == st.attempt]
+    stale = [p for p in mine if p.attempt != st.attempt]
     d.actions += _delete(stale, now)
     if st.phase in (Phase.SUCCEEDED, Phase.FAILED):
         _finished(obs, d, current)
     elif job.spec.run_policy.suspend:
         _suspend(obs, d, current)
+    elif st.phase == Phase.SUSPENDED and current:
+        # The old attempt's ranks may still be writing their emergency checkpoint: the next attempt
+        # resumes from it only once they are gone.
+        d.actions += _delete(current, now)
+        d.wake(5.0)
     elif st.attempt == 0 or st.phase == Phase.SUSPENDED:
         _start_attempt(obs, d, resumed=st.phase == Phase.SUSPENDED)
     elif _past_deadline(obs, st):
@@ -141,8 +130,36 @@ def decide(obs: Observed) -> Decision:
         _attempt(obs, d, current)
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         d.actions.insert(0, CreateService())
+    _hold_refused_creates(obs, d)
+    _hold_names_taken(d, obs.job.metadata.name, foreign)
     _watch_terminating(obs, d)
     return d
+
+
+def _hold_names_taken(d: Decision, job: str, foreign: set[str]) -> None:
+    """Ranks whose pod name an older incarnation's pod still holds are created once it is gone."""
+    if not foreign:
+        return
+    held = False
+    actions: list[Action] = []
+    for action in d.actions:
+        if isinstance(action, CreateAttempt):
+            free = tuple(r for r in action.ranks if pod_name(job, action.attempt, r) not in foreign)
+            held = held or len(free) < len(action.ranks)
+            if free:
+                actions.append(CreateAttempt(action.attempt, free))
+        else:
+            actions.append(action)
+    d.actions = actions
+    if held:
+        d.wake(5.0)
+
+
+def _hold_refused_creates(obs: Observed, d: Decision) -> None:
+    left = refusals.hold_seconds(d.status, obs.now)
+    if left > 0 and d.status.phase not in (Phase.SUCCEEDED, Phase.FAILED):
+        d.actions = [a for a in d.actions if not isinstance(a, (CreateService, CreateAttempt))]
+        d.wake(left)
 
 
 def _watch_terminating(obs: Observed, d: Decision) -> None:
@@ -156,8 +173,11 @@ def _watch_terminating(obs: Observed, d: Decision) -> None:
 
 
 def _past_deadline(obs: Observed, st: FineTuneJobStatus) -> bool:
+    """activeDeadlineSeconds counts the time the job was active: suspended time is left out."""
     deadline = obs.job.spec.run_policy.active_deadline_seconds
-    return bool(deadline and st.start_time and (obs.now - st.start_time).total_seconds() >= deadline)
+    if not deadline or not st.start_time:
+        return False
+    return (obs.now - st.start_time).total_seconds() - st.suspended_seconds >= deadline
 
 
 def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None:
@@ -166,10 +186,16 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
         d.actions.append(DeleteAttemptConfig(st.attempt))
     st.attempt += 1
     st.start_time = st.start_time or obs.now
+    queued = resumed or st.attempt == 1
+    goodput.start_attempt(st, "Queue" if queued else (st.restart_class or "Application"))
     st.phase = Phase.STARTING
     st.ranks = RankCounts()
+    refusals.clear_for_new_attempt(st, obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:
+        suspended = condition(st, SUSPENDED)
+        if suspended is not None and suspended.last_transition_time is not None:
+            st.suspended_seconds += max(0.0, (obs.now - suspended.last_transition_time).total_seconds())
         set_condition(
             st, SUSPENDED, False, "Resumed", "unsuspended: resuming from the latest checkpoint", obs.now
         )
@@ -199,6 +225,18 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     policy, nodes = job.spec.run_policy, job.spec.resources.nodes
     verdicts = [classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds) for p in current]
     missing = sorted(set(range(nodes)) - {p.rank for p in current})
+    judged = refusals.judge(
+        st,
+        all_created=not missing and obs.service_exists,
+        startup_timeout=policy.startup_timeout_seconds,
+        now=now,
+    )
+    d.events += judged.events
+    if judged.fail is not None:
+        _fail(obs, d, current, refusals.CREATE_REFUSED, judged.fail)
+        return
+    if judged.wake is not None:
+        d.wake(judged.wake)
     if missing and st.phase == Phase.RUNNING:
         verdicts.append(Verdict(Outcome.INFRA_RESTART, "PodMissing", f"rank pod(s) {missing} disappeared"))
     elif missing:
@@ -209,6 +247,12 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         d.actions.append(CreateAttempt(st.attempt, tuple(missing)))
     st.ranks = _counts(current, verdicts)
     gang = gang_verdict(verdicts)
+    if gang.outcome is Outcome.RESTART:
+        rooted = rooted_in_a_lost_node(now, current, verdicts, gang)
+        if not isinstance(rooted, Verdict):
+            d.wake(rooted)
+            return  # settling: a lost node may yet show itself
+        gang = rooted
     if gang.outcome is Outcome.SUCCEEDED and not missing:
         st.phase, st.completion_time = Phase.SUCCEEDED, now
         set_condition(st, "Running", False, "Completed", "", now)
@@ -223,7 +267,7 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         gang.outcome is Outcome.RUNNING
         and not missing
         and all(v.outcome is Outcome.RUNNING for v in verdicts)
-    ):
+    ) or (st.phase == Phase.RUNNING and _finishing(verdicts)):
         if _stalled(obs, st):
             seconds = policy.progress_timeout_seconds
             _begin_restart(
@@ -241,6 +285,13 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     else:
         st.phase = Phase.STARTING
         d.wake(policy.startup_timeout_seconds)
+
+
+def _finishing(verdicts: list[Verdict]) -> bool:
+    """Some ranks finished and the others still run: the job is still Running (not Starting)."""
+    return all(v.outcome in (Outcome.RUNNING, Outcome.SUCCEEDED) for v in verdicts) and any(
+        v.outcome is Outcome.RUNNING for v in verdicts
+    )
 
 
 def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:
@@ -263,10 +314,16 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
         message = f"{cause.reason}: {cause.message}; maxRestarts {policy.max_restarts} reached"
         _fail(obs, d, current, "BackoffLimitExceeded", message)
         return
+    if not counted and st.infra_restarts >= policy.max_infrastructure_restarts:
+        limit = policy.max_infrastructure_restarts
+        message = f"{cause.reason}: {cause.message}; maxInfrastructureRestarts {limit} reached"
+        _fail(obs, d, current, "InfrastructureRestartLimitExceeded", message)
+        return
     if counted:
         st.restarts += 1
     else:
         st.infra_restarts += 1
+    st.restart_class = "Application" if counted else "Infrastructure"
     st.phase = Phase.RESTARTING
     set_condition(st, RESTARTING, True, cause.reason, cause.message, obs.now)
     set_condition(st, "Running", False, cause.reason, "", obs.now)
@@ -280,9 +337,12 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
 
 
 def _backoff(obs: Observed, st: FineTuneJobStatus) -> float:
+    """Each class backs off on its own count: an eviction loop slows down however few application
+    failures there were, and a lost node does not lengthen the next crash's delay."""
     policy = obs.job.spec.run_policy
+    count = st.infra_restarts if st.restart_class == "Infrastructure" else st.restarts
     return backoff_seconds(
-        restarts=max(0, st.restarts - 1),
+        restarts=max(0, count - 1),
         base=policy.backoff_base_seconds,
         cap=policy.backoff_cap_seconds,
         uid=obs.job.metadata.uid or obs.job.metadata.name,

@@ -44,12 +44,36 @@ DISRUPTIONS = {
     "TerminationByKubelet": "Evicted",
 }
 NODE_GONE_REASONS = {"NodeLost", "NodeShutdown", "Shutdown", "Terminated"}
+# The node shutdown manager's pod reason and message (pkg/kubelet/nodeshutdown/nodeshutdown_manager_linux.go;
+# "Shutdown" before 1.22). It leaves a pod that had already succeeded in phase Succeeded.
+SHUTDOWN_REASONS = {"Terminated", "Shutdown"}
+# The eviction manager's messages for a pod over its OWN limits (pkg/kubelet/eviction/helpers.go:
+# containerEphemeralStorageMessageFmt, podEphemeralStorageMessageFmt, emptyDirMessageFmt). Such an
+# eviction is the job's doing and repeats every attempt; a node-pressure one ("The node was low on
+# resource", "The node had condition") is not. Only status.message tells them apart.
+OWN_LIMIT_MESSAGES = (
+    "exceeded its local ephemeral storage limit",
+    "Pod ephemeral local storage usage exceeds the total limit of containers",
+    "Usage of EmptyDir volume",
+)
+# Waiting reasons the kubelet does not get past by itself: pkg/kubelet/images/types.go (image errors)
+# and pkg/kubelet/container/sync_result.go (sandbox, config, run errors). Everything waiting that is not
+# ContainerCreating/PodInitializing is treated this way; these are the documented ones.
 CLUSTER_CONFIG_WAITING = {
     "ImagePullBackOff",
     "ErrImagePull",
+    "ErrImageNeverPull",
+    "ImageInspectError",
+    "RegistryUnavailable",
     "InvalidImageName",
+    "SignatureValidationFailed",
     "CreateContainerConfigError",  # e.g. the credentials Secret is missing
     "CreateContainerError",
+    "CreatePodSandboxError",
+    "ConfigPodSandboxError",
+    "RunContainerError",
+    "PreStartHookError",
+    "CrashLoopBackOff",  # a native sidecar that keeps dying before the trainer starts
 }
 EXIT_VERDICTS = {
     contract.ExitCode.INVALID_CONFIG: (Outcome.FAIL, "InvalidConfig"),
@@ -57,49 +81,124 @@ EXIT_VERDICTS = {
     contract.ExitCode.TRANSIENT: (Outcome.RESTART, "Transient"),
     contract.ExitCode.TERMINATED: (Outcome.INFRA_RESTART, "Terminated"),
 }
+SIGKILL_EXIT = 137  # the kernel's OOM killer sends SIGKILL; any other exit was not its kill
+# How long a counted gang failure waits while another rank still looks running, for that rank's node
+# to show itself lost. The node lifecycle controller marks a silent node's pods NotReady after
+# nodeMonitorGracePeriod (40 s by default, checked every nodeMonitorPeriod, 5 s); the ranks on
+# healthy nodes fail within seconds of losing a peer, so they are seen first.
+NODE_LOSS_SETTLE_SECONDS = 60.0
 
 
 def _age(pod: ObservedPod, now: datetime) -> float:
     return (now - pod.created_at).total_seconds() if pod.created_at else 0.0
 
 
+def _said(*parts: str | None) -> str:
+    text = next((p for p in parts if p), "")
+    return f": {text}" if text else ""
+
+
+def _over_own_limit(pod: ObservedPod) -> bool:
+    evicted = pod.reason == "Evicted" or pod.disruption == "TerminationByKubelet"
+    text = f"{pod.message or ''} {pod.disruption_message or ''}"
+    return evicted and any(m in text for m in OWN_LIMIT_MESSAGES)
+
+
+def node_lost(pod: ObservedPod) -> str | None:
+    """Why this pod's node looks lost, or None. A current control plane leaves a lost node's pods in
+    phase Running and only flips their Ready condition to False (pkg/controller/nodelifecycle:
+    MarkPodsNotReady after nodeMonitorGracePeriod), then taint eviction deletes them with
+    DisruptionTarget=DeletionByTaintManager (pkg/controller/tainteviction) and pod GC fails those of
+    deleted nodes with DeletionByPodGC (pkg/controller/podgc). A running trainer in a pod that is not
+    Ready is that first sign: the kubelet itself would report a running container without a
+    readiness probe as ready."""
+    if pod.phase == "Unknown" or pod.reason == "NodeLost":
+        return pod.reason or "Unknown"
+    if pod.disruption in ("DeletionByTaintManager", "DeletionByPodGC"):
+        return pod.disruption
+    if pod.phase == "Running" and pod.running and pod.ready is False:
+        return "NotReady"
+    return None
+
+
 def classify(pod: ObservedPod, *, now: datetime, startup_timeout_seconds: int) -> Verdict:
+    """One rank pod's verdict. The rules run in this order:
+    1. a trainer that exited 0 finished its rank, whatever a sidecar, an eviction or a node shutdown
+       did afterwards (the shutdown manager keeps a Succeeded pod Succeeded, but a sidecar's 143 or a
+       late OOMKilled label can still fail the pod);
+    2. an eviction for the pod's own storage limits counts; other disruptions, evictions and lost
+       nodes do not;
+    3. a failed init container counts (the pod never ran the trainer);
+    4. the trainer's exit: OOMKilled only as the kernel's SIGKILL (137), never for a pod being deleted;
+    5. failed without a trainer exit (node admission), or deleted by someone else: not counted;
+    6. waiting: non-recovering waits, unschedulable, or scheduled but never started fail past the
+       startup deadline; before it everything waits.
+    """
     who = f"rank {pod.rank} ({pod.name})"
+    if pod.exit_code == 0 or (pod.phase == "Succeeded" and pod.init_failure is None):
+        return Verdict(Outcome.SUCCEEDED, "Completed")
+    if _over_own_limit(pod):
+        message = (
+            f"{who} was evicted for exceeding its own limits{_said(pod.message, pod.disruption_message)}"
+        )
+        return Verdict(Outcome.RESTART, "EvictedOverLimit", message)
+    if pod.reason in SHUTDOWN_REASONS and (pod.disruption or pod.phase == "Failed"):
+        return Verdict(Outcome.INFRA_RESTART, "NodeShutdown", f"{who}{_said(pod.message, 'node shutdown')}")
     if pod.disruption:
         reason = DISRUPTIONS.get(pod.disruption, "Disrupted")
-        return Verdict(Outcome.INFRA_RESTART, reason, f"{who}: {pod.disruption}")
+        return Verdict(
+            Outcome.INFRA_RESTART, reason, f"{who}: {pod.disruption}{_said(pod.disruption_message)}"
+        )
     if pod.reason == "Evicted":
-        return Verdict(Outcome.INFRA_RESTART, "Evicted", f"{who} was evicted")
+        return Verdict(Outcome.INFRA_RESTART, "Evicted", f"{who} was evicted{_said(pod.message)}")
     if pod.reason in NODE_GONE_REASONS or pod.phase == "Unknown":
         return Verdict(
             Outcome.INFRA_RESTART, "NodeLost", f"{who}: its node is gone ({pod.reason or 'Unknown'})"
         )
-    if pod.phase == "Succeeded" or (pod.exit_code == 0 and pod.phase != "Failed"):
-        return Verdict(Outcome.SUCCEEDED, "Completed")
+    if pod.init_failure is not None:
+        init = pod.init_failure
+        message = f"{who}: init container {init.container} exited {init.exit_code}{_said(init.message)}"
+        return Verdict(Outcome.RESTART, "InitContainerFailed", message)
     if pod.exit_code is not None:
         return _exited(pod, who)
     if pod.phase == "Failed":
         # Failed before the trainer ran (node admission: OutOfcpu, UnexpectedAdmissionError...).
-        return Verdict(Outcome.INFRA_RESTART, pod.reason or "PodFailed", f"{who} failed on its node")
+        return Verdict(
+            Outcome.INFRA_RESTART, pod.reason or "PodFailed", f"{who} failed on its node{_said(pod.message)}"
+        )
     if pod.deleting:
         return Verdict(Outcome.INFRA_RESTART, "PodDeleted", f"{who} is being deleted by someone else")
-    late = _age(pod, now) > startup_timeout_seconds
-    if pod.waiting_reason in CLUSTER_CONFIG_WAITING:
-        message = f"{who}: {pod.waiting_reason}: {pod.waiting_message or ''}".rstrip(": ")
-        return Verdict(Outcome.FAIL if late else Outcome.PENDING, pod.waiting_reason or "", message)
-    if pod.unschedulable:
-        message = f"{who} cannot be scheduled: {pod.unschedulable}"
-        return Verdict(Outcome.FAIL if late else Outcome.PENDING, "Unschedulable", message)
-    if pod.phase == "Running":
+    if pod.running:
         return Verdict(Outcome.RUNNING, "Running")
-    return Verdict(Outcome.PENDING, "Pending")
+    return _waiting(pod, who, late=_age(pod, now) > startup_timeout_seconds, limit=startup_timeout_seconds)
+
+
+def _waiting(pod: ObservedPod, who: str, *, late: bool, limit: int) -> Verdict:
+    outcome = Outcome.FAIL if late else Outcome.PENDING
+    blocked = pod.blocked_by
+    if blocked is not None:
+        which = "" if blocked.container == contract.CONTAINER_NAME else f" (container {blocked.container})"
+        return Verdict(outcome, blocked.reason, f"{who}{which}: {blocked.reason}{_said(blocked.message)}")
+    if pod.unschedulable:
+        return Verdict(outcome, "Unschedulable", f"{who} cannot be scheduled: {pod.unschedulable}")
+    if pod.scheduled:
+        # e.g. a volume that never mounts: the kubelet shows nothing but ContainerCreating.
+        doing = pod.waiting_reason or "not started"
+        return Verdict(
+            outcome, "StartupTimeout", f"{who} scheduled but not started within {limit}s ({doing})"
+        )
+    return Verdict(outcome, "Pending", f"{who} not scheduled within {limit}s")
 
 
 def _exited(pod: ObservedPod, who: str) -> Verdict:
     code = pod.exit_code
     assert code is not None
     said = pod.termination_message
-    if pod.terminated_reason == "OOMKilled":
+    if pod.deleting and code in (SIGKILL_EXIT, contract.ExitCode.TERMINATED):
+        return Verdict(
+            Outcome.INFRA_RESTART, "PodDeleted", f"{who} was deleted by someone else (exit {code})"
+        )
+    if pod.terminated_reason == "OOMKilled" and code == SIGKILL_EXIT:
         return Verdict(Outcome.RESTART, "OOMKilled", f"{who} ran out of memory (OOMKilled)")
     outcome, reason = EXIT_VERDICTS.get(code, (Outcome.RESTART, "RankFailed"))  # type: ignore[call-overload]
     return Verdict(outcome, reason, f"{who} exited {code}: {said}" if said else f"{who} exited {code}")
@@ -118,3 +217,28 @@ def gang_verdict(verdicts: list[Verdict]) -> Verdict:
         # A dead peer makes every survivor report Transient; the cause is the other verdict.
         candidates = [v for v in candidates if v.reason != "Transient"] or candidates
     return candidates[0]
+
+
+def rooted_in_a_lost_node(
+    now: datetime, pods: list[ObservedPod], verdicts: list[Verdict], gang: Verdict
+) -> Verdict | float:
+    """A counted gang failure whose root is a lost node is not counted. On a current control plane
+    the lost node's rank still looks Running (its Ready condition turns False only after the node
+    monitor grace period) while the ranks on healthy nodes already failed. So: a rank whose node
+    looks lost makes the failure NodeLost; while another rank still looks running, the verdict waits
+    NODE_LOSS_SETTLE_SECONDS from the first failure (returned: the seconds left to wait)."""
+    for pod in pods:
+        why = node_lost(pod)
+        if why is not None:
+            message = f"rank {pod.rank} ({pod.name}): its node is lost ({why}); then {gang.message}"
+            return Verdict(Outcome.INFRA_RESTART, "NodeLost", message)
+    pairs = list(zip(pods, verdicts, strict=False))
+    # Only a rank whose readiness the cluster reports can show a lost node (the local backend's
+    # processes have no node and no Ready condition: nothing to wait for).
+    if not any(v.outcome is Outcome.RUNNING and p.ready is not None for p, v in pairs):
+        return gang
+    failed = [p.finished_at for p, v in pairs if v.outcome is Outcome.RESTART and p.finished_at is not None]
+    if not failed:
+        return gang
+    left = NODE_LOSS_SETTLE_SECONDS - (now - min(failed)).total_seconds()
+    return gang if left <= 0 else left

@@ -1,0 +1,63 @@
+"""Goodput: where a job's time went, accounted by the decide step, purely.
+
+Each pass charges the time since `goodput.accountedUntil` to what the job was doing according to the
+status it started from (its phase before this pass decided anything): Running is productive,
+Restarting and the Starting that follows a restart are lost to that restart's class, the Starting of
+the first attempt or of a resumed one is queueing, and Suspended or finished time is not accounted.
+A pass whose only change is goodput need not write it: the next write charges the whole interval
+since the last one, so nothing is lost and the figures cost no extra status writes.
+
+Checkpoint stalls come from the trainer's progress report (cumulative per attempt), so they are
+counted inside productive time and shown apart; the percentage subtracts them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from finetune_operator.api.status import FineTuneJobStatus, Goodput, Phase
+
+WAITING = {"Queue": "queued_seconds", "Application": "application_restart_seconds",
+           "Infrastructure": "infrastructure_restart_seconds"}  # fmt: skip
+
+
+def _bucket(before: FineTuneJobStatus, goodput: Goodput) -> str | None:
+    if before.phase == Phase.RUNNING:
+        return "productive_seconds"
+    if before.phase == Phase.RESTARTING:
+        return WAITING["Infrastructure" if before.restart_class == "Infrastructure" else "Application"]
+    if before.phase in (Phase.PENDING, Phase.STARTING, None):
+        return WAITING[goodput.waiting_for or "Queue"]
+    return None  # suspended or finished
+
+
+def account(before: FineTuneJobStatus, after: FineTuneJobStatus, now: datetime) -> None:
+    """Charge the time since the last accounting to `before`'s activity, into `after.goodput`."""
+    goodput = (after.goodput or Goodput()).model_copy()
+    since = goodput.accounted_until
+    bucket = _bucket(before, goodput)
+    if since is not None and bucket is not None and now > since:
+        setattr(goodput, bucket, getattr(goodput, bucket) + (now - since).total_seconds())
+    if after.progress is not None and after.progress.checkpoint_stall_seconds is not None:
+        goodput.checkpoint_stall_seconds = (
+            goodput.stalls_before_attempt + after.progress.checkpoint_stall_seconds
+        )
+    goodput.accounted_until = now
+    total = (
+        goodput.productive_seconds
+        + goodput.queued_seconds
+        + goodput.application_restart_seconds
+        + goodput.infrastructure_restart_seconds
+    )
+    useful = max(0.0, goodput.productive_seconds - goodput.checkpoint_stall_seconds)
+    goodput.percent = round(100.0 * useful / total, 2) if total > 0 else None
+    after.goodput = goodput
+
+
+def start_attempt(status: FineTuneJobStatus, charged_to: str) -> None:
+    """A new attempt begins: its Starting time is charged to `charged_to`, and the previous
+    attempt's checkpoint stalls are kept (the trainer's count starts again)."""
+    goodput = (status.goodput or Goodput()).model_copy()
+    goodput.waiting_for = charged_to  # type: ignore[assignment]
+    goodput.stalls_before_attempt = goodput.checkpoint_stall_seconds
+    status.goodput = goodput

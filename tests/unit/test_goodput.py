@@ -1,0 +1,64 @@
+"""Goodput accounting: each pass charges the time since the last one to what the job was doing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from finetune_operator.api.status import FineTuneJobStatus, Phase, Progress
+from finetune_operator.policy.goodput import account, start_attempt
+
+from tests.support.pods import after
+
+
+def _status(phase: Phase | None, *, until: float | None, **extra: Any) -> FineTuneJobStatus:
+    goodput = {"accountedUntil": after(until).isoformat()} if until is not None else {}
+    goodput.update(extra.pop("goodput", {}))
+    return FineTuneJobStatus.model_validate({"phase": phase, "goodput": goodput, **extra})
+
+
+def _charged(before: FineTuneJobStatus, seconds: float) -> FineTuneJobStatus:
+    after_ = before.model_copy(deep=True)
+    account(before, after_, after(seconds))
+    return after_
+
+
+@pytest.mark.parametrize(
+    ("phase", "extra", "field"),
+    [
+        (Phase.RUNNING, {}, "productive_seconds"),
+        (Phase.STARTING, {}, "queued_seconds"),
+        (Phase.PENDING, {}, "queued_seconds"),
+        (Phase.RESTARTING, {"restartClass": "Infrastructure"}, "infrastructure_restart_seconds"),
+        (Phase.RESTARTING, {"restartClass": "Application"}, "application_restart_seconds"),
+        (Phase.STARTING, {"goodput": {"waitingFor": "Infrastructure"}}, "infrastructure_restart_seconds"),
+    ],
+)
+def test_time_is_charged_to_what_the_job_was_doing(phase: Phase, extra: dict[str, Any], field: str) -> None:
+    charged = _charged(_status(phase, until=0, **extra), 30)
+    assert charged.goodput is not None and getattr(charged.goodput, field) == pytest.approx(30)
+    assert charged.goodput.accounted_until == after(30)
+
+
+@pytest.mark.parametrize("phase", [Phase.SUSPENDED, Phase.SUCCEEDED, Phase.FAILED])
+def test_suspended_and_finished_time_is_not_accounted(phase: Phase) -> None:
+    charged = _charged(_status(phase, until=0), 3600)
+    assert charged.goodput is not None and charged.goodput.percent is None
+    assert charged.goodput.accounted_until == after(3600)
+
+
+def test_the_percentage_is_productive_time_less_checkpoint_stalls_over_all_time() -> None:
+    before = _status(Phase.RUNNING, until=100, goodput={"productiveSeconds": 100, "queuedSeconds": 100})
+    before.progress = Progress(step=10, checkpoint_stall_seconds=20.0)
+    charged = _charged(before, 200)
+    assert charged.goodput is not None
+    assert (charged.goodput.productive_seconds, charged.goodput.checkpoint_stall_seconds) == (200, 20)
+    assert charged.goodput.percent == pytest.approx(60.0)  # (200 - 20) / 300
+
+
+def test_checkpoint_stalls_of_earlier_attempts_are_kept_when_the_trainer_counts_again() -> None:
+    status = _status(Phase.RUNNING, until=0, goodput={"checkpointStallSeconds": 50})
+    start_attempt(status, "Application")
+    status.progress = Progress(step=1, checkpoint_stall_seconds=5.0)
+    charged = _charged(status, 10)
+    assert charged.goodput is not None and charged.goodput.checkpoint_stall_seconds == pytest.approx(55)
