@@ -28,6 +28,8 @@ from finetune_trainer.checkpoint_store import (
     TornCheckpoint,
     step_dir,
 )
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.failures import InputMissing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Checkpointer:
         job_uri: str,
         keep_last: int,
         on_commit: Callable[[int, str, datetime], None],
+        phases: Coordinator,
         after_commit: Callable[[], None] = lambda: None,
         device: Any = None,
     ) -> None:
@@ -63,6 +66,7 @@ class Checkpointer:
         self.on_commit = on_commit
         self.after_commit = after_commit
         self.device = device
+        self.phases = phases
         self.resumed_from: int | None = None
         self.run_id: str = dist.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
@@ -73,7 +77,9 @@ class Checkpointer:
 
     def save(self, step: int, position: dict[str, Any], *, block: bool) -> None:
         started = time.perf_counter()
-        self.wait()
+        # The previous checkpoint's upload may outlast any collective timeout: the node's ranks wait
+        # for it on the rendezvous store before the save's own collectives.
+        self.phases.per_node(f"the upload of step {self.last_saved}", self.wait)
         waited = time.perf_counter() - started
         self.local_root.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(
@@ -87,8 +93,7 @@ class Checkpointer:
             )
             self._thread.start()
         if block:
-            self.wait()
-            dist.barrier()
+            self.phases.per_node(f"the upload and commit of step {step}", self.wait)
         if self.ranks.is_main:
             blocked = time.perf_counter() - started
             log.info(
@@ -145,29 +150,27 @@ class Checkpointer:
         elsewhere = None
         if resume not in ("latest", "none"):
             elsewhere = open_elsewhere(resume.rstrip("/").rsplit("/checkpoints/", 1)[0])
-        outcome: tuple[str, Any] = ("ok", None)
-        if self.ranks.is_main:
-            try:
-                outcome = ("ok", self._candidates(resume, elsewhere))
-            except ResumeSourceNotFound as exc:
-                outcome = ("missing", str(exc))
-        status, value = dist.broadcast(outcome)
-        if status == "missing":
-            raise ResumeSourceNotFound(value)
+        candidates = self.phases.on_main(
+            "the checkpoint listing", lambda: self._candidates(resume, elsewhere)
+        )
         target = self.local_root / "resume"
         started = time.perf_counter()
-        for signed_step in value:
+        for signed_step in candidates:
             source = self.store if signed_step >= 0 or elsewhere is None else elsewhere
             step = abs(signed_step)
-            problem = ""
-            if self.ranks.is_node_main:
+
+            def download(source: CheckpointStore = source, step: int = step) -> str:
                 shutil.rmtree(target, ignore_errors=True)
                 try:
                     source.download(source.manifest(step), target / tag(step))
                 except TornCheckpoint as exc:
-                    problem = str(exc)
-                    log.warning("skipping checkpoint step %d: %s", step, problem)
-            if dist.all_reduce([1.0 if problem else 0.0], "max", self.device)[0]:
+                    log.warning("skipping checkpoint step %d: %s", step, exc)
+                    return str(exc)
+                return ""
+
+            # Each node downloads while its ranks wait on the rendezvous store: a 70B checkpoint takes
+            # longer than a collective may. One torn copy anywhere moves every rank to the next older.
+            if any(self.phases.per_node(f"the download of step {step}", download)):
                 continue
             _, client_state = self.engine.load_checkpoint(
                 str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
@@ -184,7 +187,7 @@ class Checkpointer:
         return None
 
 
-class ResumeSourceNotFound(Exception):
+class ResumeSourceNotFound(InputMissing):
     """checkpoint.resume names a checkpoint that is not committed and intact: exit 3."""
 
 

@@ -18,10 +18,11 @@ from typing import Any
 from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
 from finetune_operator.api.spec import DatasetSource, DatasetSpec
 
+from finetune_trainer.failures import InputMissing
 from finetune_trainer.storage import ObjectNotFound, open_store
 
 
-class DataNotFound(Exception):
+class DataNotFound(InputMissing):
     """A source is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 

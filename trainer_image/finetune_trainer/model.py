@@ -1,7 +1,8 @@
 """The base model and tokenizer: fetched once per node, loaded for full fine-tuning or LoRA.
 
 An `s3://` model is downloaded by each node's local rank 0 into the node's scratch cache (marked
-complete only after the last file), while the node's other ranks wait at a barrier; `file://` is read
+complete only after the last file), while every other rank waits for the nodes' outcomes on the
+rendezvous store (coordination.py); `file://` is read
 in place; a hub id is left to transformers, which the cluster must be able to reach.
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.failures import InputMissing
 from finetune_trainer.storage import ObjectNotFound, open_store
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = ".complete"
 
 
-class ModelNotFound(Exception):
+class ModelNotFound(InputMissing):
     """The model or tokenizer is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 
@@ -41,8 +43,9 @@ def _fetch_s3(uri: str, dest: Path) -> None:
     (dest / COMPLETE_MARKER).touch()
 
 
-def local_source(uri: str, cache: Path, ranks: dist.Ranks, device: Any) -> str:
-    """A path (or hub id) transformers can load from; the node's download happens here once."""
+def local_source(uri: str, cache: Path, phases: Coordinator) -> str:
+    """A path (or hub id) transformers can load from; the node's download happens here once, while
+    the node's other ranks wait on the rendezvous store (a download outlasts any collective timeout)."""
     if uri.startswith("file://"):
         path = Path(uri[len("file://") :])
         if not path.is_dir():
@@ -50,16 +53,8 @@ def local_source(uri: str, cache: Path, ranks: dist.Ranks, device: Any) -> str:
         return str(path)
     if uri.startswith("s3://"):
         dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
-        error: str | None = None
-        if ranks.is_node_main:
-            try:
-                _fetch_s3(uri, dest)
-            except ModelNotFound as exc:
-                error = str(exc)
         # Every rank learns of a failed download instead of waiting for files that never come.
-        errors = dist.all_reduce([1.0 if error else 0.0], "max", device)
-        if errors[0]:
-            raise ModelNotFound(error or f"model {uri}: the download failed on another node")
+        phases.per_node(f"the download of {uri}", lambda: _fetch_s3(uri, dest))
         return str(dest)
     return uri
 

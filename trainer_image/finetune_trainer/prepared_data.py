@@ -21,8 +21,8 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import sha256_of
+from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data import DataNotFound, DataReport, fetch_source, load_records, mix, split
 from finetune_trainer.encoding import EncodingReport, Example, encode_all, pack
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
@@ -126,36 +126,30 @@ def _read(store: ObjectStore, key: str, workdir: Path) -> dict[str, Any] | None:
     return payload
 
 
-def prepare(
-    config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path, ranks: dist.Ranks, device: Any
-) -> PreparedData:
-    outcome: tuple[str, str] = ("ok", "")
-    if ranks.is_main:
-        try:
-            files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
-            key = cache_key(config, files, tokenizer)
-            if _read(store, key, scratch / "cache" / key) is not None:
-                log.info("tokenized cache %s found: not tokenizing again", key)
-            else:
-                train, validation, report = build(config, files, tokenizer)
-                payload = {"train": train, "validation": validation, "report": report}
-                _commit(store, key, payload, scratch / "cache" / key)
-                log.info("data: %s", json.dumps(report))
-            outcome = ("ok", key)
-        except DataNotFound as exc:
-            outcome = ("missing", str(exc))
-    status, value = dist.broadcast(outcome)
-    if status == "missing":
-        raise DataNotFound(value)
-    key = value
+def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path,
+            phases: Coordinator) -> PreparedData:  # fmt: skip
+    def build_or_reuse() -> str:
+        files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
+        key = cache_key(config, files, tokenizer)
+        if _read(store, key, scratch / "cache" / key) is not None:
+            log.info("tokenized cache %s found: not tokenizing again", key)
+        else:
+            train, validation, report = build(config, files, tokenizer)
+            payload = {"train": train, "validation": validation, "report": report}
+            _commit(store, key, payload, scratch / "cache" / key)
+            log.info("data: %s", json.dumps(report))
+        return key
+
+    # Rank 0 fetches and tokenizes while the others wait on the rendezvous store, not in a collective.
+    key = phases.on_main("tokenization", build_or_reuse)
     local = scratch / "cache" / key / EXAMPLES_FILE
-    # One download per node (rank 0 already holds the file it built or read); the node's other
-    # ranks wait, and every rank learns if any node could not read the cache.
-    ok = True
-    if ranks.is_node_main and not local.exists():
-        ok = _read(store, key, local.parent) is not None
-    if not dist.all_reduce([0.0 if ok else 1.0], "max", device)[0] == 0.0:
-        raise DataNotFound(f"tokenized cache {key} is torn or vanished from the job's store")
+
+    def download() -> None:
+        # One download per node (rank 0 already holds the file it built or read).
+        if not local.exists() and _read(store, key, local.parent) is None:
+            raise DataNotFound(f"tokenized cache {key} is torn or vanished from the job's store")
+
+    phases.per_node("the tokenized cache's download", download)
     with local.open("rb") as f:
         payload = pickle.load(f)
     return PreparedData(

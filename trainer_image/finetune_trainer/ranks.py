@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-
 
 @dataclass(frozen=True)
 class Ranks:
@@ -61,19 +59,30 @@ def on_cpu() -> bool:
     return bool(get_accelerator().device_name() == "cpu")
 
 
-def init(ranks: Ranks) -> Any:
-    """Start the process group (gloo on CPU, NCCL on GPUs) and return this rank's device."""
+def init(ranks: Ranks, collective_timeout: timedelta) -> Any:
+    """Start the process group (gloo on CPU, NCCL on GPUs) and return this rank's device.
+
+    `collective_timeout` bounds every collective (runPolicy.collectiveTimeoutSeconds): a training
+    step's all-reduce takes seconds, so a peer that hangs ends the run soon after. Work that grows
+    with model or data size is never awaited in a collective (coordination.py)."""
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     backend = "gloo" if on_cpu() else accelerator.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout)
     if on_cpu():
         return torch.device("cpu")
     accelerator.set_device(ranks.local_rank)
     return torch.device(accelerator.device_name(ranks.local_rank))
+
+
+def default_store() -> Any:
+    """The key-value store of the gang's rendezvous (torchrun's TCPStore), shared by every rank."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
 
 
 def broadcast(value: Any) -> Any:

@@ -19,9 +19,13 @@ from urllib.parse import urlparse
 
 from finetune_operator import contract
 
+from finetune_trainer.failures import Transient
 
-class StorageUnavailable(Exception):
+
+class StorageUnavailable(Transient):
     """Storage could not be reached or refused us; the trainer exits 75 (transient) on it."""
+
+    prefix = "storage unavailable: "
 
 
 class ObjectNotFound(Exception):

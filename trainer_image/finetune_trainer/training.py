@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ from finetune_operator.api import TrainerConfig
 from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
+from finetune_trainer.coordination import Coordinator
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate
 from finetune_trainer.export import export, exported_step
+from finetune_trainer.failures import Terminated
 from finetune_trainer.model import load_model, load_tokenizer, local_source
 from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.reporting import Reporter
@@ -32,10 +35,6 @@ from finetune_trainer.step_plan import StepPlan, plan
 from finetune_trainer.storage import open_store
 
 log = logging.getLogger("finetune_trainer")
-
-
-class Terminated(Exception):
-    """SIGTERM (or Ctrl-C) was answered with an emergency checkpoint; the rank exits 143."""
 
 
 class StopFlag:
@@ -64,7 +63,8 @@ class Run:
         self.config = config
         self.stop = StopFlag()
         self.ranks = dist.from_env()
-        self.device = dist.init(self.ranks)
+        self.device = dist.init(self.ranks, timedelta(seconds=config.timeouts.collective_seconds))
+        self.phases = Coordinator(dist.default_store(), self.ranks, deadline=config.timeouts.phase_seconds)
         self.scratch = scratch_dir(config, self.ranks)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.step = 0
@@ -80,14 +80,14 @@ class Run:
 
         config, ranks = self.config, self.ranks
         job_store = self._open(config.checkpoint.job_uri)
-        model_source = local_source(config.model.source, self.scratch / "models", ranks, self.device)
+        model_source = local_source(config.model.source, self.scratch / "models", self.phases)
         tokenizer_source = (
-            local_source(config.model.tokenizer, self.scratch / "models", ranks, self.device)
+            local_source(config.model.tokenizer, self.scratch / "models", self.phases)
             if config.model.tokenizer
             else model_source
         )
         tokenizer = load_tokenizer(config, tokenizer_source)
-        data = prepare(config, tokenizer, job_store, self.scratch, ranks, self.device)
+        data = prepare(config, tokenizer, job_store, self.scratch, self.phases)
         steps = plan(config, len(data.train))
         ds_config = deepspeed_config(config, cpu=dist.on_cpu())
         model, keep_alive = load_model(config, model_source, ds_config)
@@ -125,6 +125,7 @@ class Run:
             keep_last=config.checkpoint.keep_last,
             on_commit=reporter.committed,
             after_commit=lambda: self._upload_tensorboard(reporter, job_store),
+            phases=self.phases,
             device=self.device,
         )
         position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(self._open(uri)))
@@ -143,11 +144,11 @@ class Run:
         checkpointer.wait()
         output = self._open(config.output_uri)
         # Rank 0 decides for all: a rank that looked later could see the new export's manifest and
-        # skip the gather (a collective under ZeRO-3) and the barrier the others are waiting in.
-        exported = dist.broadcast(exported_step(output) == steps.total_steps if ranks.is_main else None)
+        # skip the gather (a collective under ZeRO-3) the others are waiting in.
+        exported = self.phases.on_main("the export check", lambda: exported_step(output) == steps.total_steps)
         if not exported:
             export(config, engine, step=steps.total_steps, base_source=model_source, tokenizer=tokenizer,
-                   store=output, scratch=self.scratch)  # fmt: skip
+                   store=output, scratch=self.scratch, phases=self.phases)  # fmt: skip
         reporter.close()
         self._upload_tensorboard(reporter, job_store)
         del keep_alive
