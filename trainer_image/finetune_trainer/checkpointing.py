@@ -1,10 +1,12 @@
 """Saving and resuming the DeepSpeed engine through the checkpoint store, without stalling training.
 
-Save: every rank writes its DeepSpeed files to the node's scratch disk (a collective), then the
-node's local rank 0 uploads the node's files in a background thread while training goes on; on rank 0
-that thread then waits for every node's report, commits MANIFEST.json and applies keepLast. A new
-save first waits for the previous upload, so local disk holds at most two checkpoints and commits
-happen in step order.
+Save: training blocks only while every rank snapshots its DeepSpeed state to host memory (DeepSpeed's
+save_checkpoint through `snapshot.SnapshotEngine`). Behind training, each rank writes its snapshot
+to the node's scratch disk and marks it written; the node's local rank 0 waits for its node's marks,
+uploads the node's files, and on rank 0 then waits for every node's report, commits MANIFEST.json
+and applies keepLast. A new save first waits for all of that (on the rendezvous store, not in a
+collective), so at most one snapshot is held in host memory, local disk holds at most two
+checkpoints, and commits happen in step order.
 
 Resume: rank 0 picks the newest committed checkpoint whose files are all there; every node downloads
 and verifies it; if any node finds a checksum wrong, all ranks move on to the next older one.
@@ -30,6 +32,7 @@ from finetune_trainer.checkpoint_store import (
 )
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing
+from finetune_trainer.snapshot import SnapshotEngine, test_pause, write, written_marker
 
 log = logging.getLogger(__name__)
 
@@ -72,58 +75,111 @@ class Checkpointer:
         self.last_saved: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # DeepSpeed's writes go through this engine, which only snapshots (snapshot.py).
+        self.snapshots = SnapshotEngine()
+        engine.checkpoint_engine = self.snapshots
 
     # -- saving ------------------------------------------------------------------------------
 
     def save(self, step: int, position: dict[str, Any], *, block: bool) -> None:
+        """Training blocks for the previous checkpoint's tail (at most one snapshot is ever held) and
+        for the snapshot to host memory; the write, the upload and the commit run behind it."""
         started = time.perf_counter()
-        # The previous checkpoint's upload may outlast any collective timeout: the node's ranks wait
-        # for it on the rendezvous store before the save's own collectives.
-        self.phases.per_node(f"the upload of step {self.last_saved}", self.wait)
+        self._wait_for_background(f"the checkpoint of step {self.last_saved}")
         waited = time.perf_counter() - started
+        local = self.local_root / tag(step)
+        if self.ranks.is_node_main:
+            # Leftovers of the same step from a killed attempt must not be uploaded as this run's, nor
+            # its ranks' "written" marks taken for ours. DeepSpeed's first barrier orders this before
+            # any rank of this run writes.
+            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
         self.local_root.mkdir(parents=True, exist_ok=True)
+        self.snapshots.step = step
         self.engine.save_checkpoint(
             str(self.local_root), tag=tag(step), client_state={"data_position": position}, save_latest=False
         )
-        dist.barrier()  # every rank of the node has written its files before the node uploads them
+        snapshots = self.snapshots.take()
+        snapshotted = time.perf_counter() - started - waited
         self.last_saved = step
-        if self.ranks.is_node_main:
-            self._thread = threading.Thread(
-                target=self._upload, args=(step, position), name=f"upload-step-{step}", daemon=True
-            )
-            self._thread.start()
+        self._thread = threading.Thread(
+            target=self._background, args=(step, position, snapshots), name=f"checkpoint-{step}", daemon=True
+        )
+        self._thread.start()
         if block:
-            self.phases.per_node(f"the upload and commit of step {step}", self.wait)
+            self._wait_for_background(f"the write, upload and commit of step {step}")
         if self.ranks.is_main:
             blocked = time.perf_counter() - started
             log.info(
-                "checkpoint step %d: training blocked %.3fs (previous upload %.3fs, local save %.3fs)%s",
-                step, blocked, waited, blocked - waited, " until committed" if block else "",
+                "checkpoint step %d: training blocked %.3fs (previous checkpoint %.3fs, snapshot %.3fs)%s",
+                step, blocked, waited, snapshotted, " until committed" if block else "",
             )  # fmt: skip
+
+    def _wait_for_background(self, what: str) -> None:
+        """Each rank's own write first; then every node's upload (and rank 0's commit), awaited on the
+        rendezvous store: an upload may outlast any collective timeout."""
+        if not self.ranks.is_node_main:
+            self.wait()
+        self.phases.per_node(what, self.wait)
+
+    def _background(self, step: int, position: dict[str, Any], snapshots: list[tuple[str, Any]]) -> None:
+        marker = written_marker(self.local_root, step, self.ranks.local_rank)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            started = time.perf_counter()
+            test_pause("write", step)
+            for path, state in snapshots:
+                write(path, state)
+            snapshots.clear()  # the host copy goes as soon as it is on disk
+            marker.write_text("")
+            if self.ranks.is_main:
+                log.info("checkpoint step %d: local write %.3fs", step, time.perf_counter() - started)
+        except BaseException as exc:
+            marker.write_text(f"rank {self.ranks.rank}: {type(exc).__name__}: {exc}"[:500] or "failed")
+            self._error = exc
+            return
+        if self.ranks.is_node_main:
+            try:
+                self._wait_for_local_writes(step)
+                test_pause("upload", step)
+                self._upload(step, position)
+            except BaseException as exc:
+                self._error = exc
+
+    def _wait_for_local_writes(self, step: int) -> None:
+        """The node uploads once every local rank's files are on disk (their marks, read from disk)."""
+        deadline = time.monotonic() + self.phases.deadline
+        marks = [written_marker(self.local_root, step, r) for r in range(self.ranks.local_world_size)]
+        while not all(m.exists() for m in marks):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"step {step}: the node's ranks did not finish writing in time")
+            time.sleep(0.02)
+        failed = [text for m in marks if (text := m.read_text())]
+        if failed:
+            raise RuntimeError(f"checkpoint step {step}: a rank could not write its files: {failed[0]}")
 
     def _upload(self, step: int, position: dict[str, Any]) -> None:
         local = self.local_root / tag(step)
-        try:
-            self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
-            if self.ranks.is_main:
-                reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT, self.run_id)
-                manifest = self.store.commit(
-                    step, reports, world_size=self.ranks.world_size, data_position=position
-                )
-                self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
-                deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
-                # From this commit on the run can resume from its own newer checkpoint, so the one
-                # it started from falls under keepLast like any other.
-                self.resumed_from = None
-                if deleted:
-                    log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
-                self.after_commit()
-            shutil.rmtree(local, ignore_errors=True)
-        except BaseException as exc:
-            self._error = exc
+        self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
+        if self.ranks.is_main:
+            reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT, self.run_id)
+            manifest = self.store.commit(
+                step, reports, world_size=self.ranks.world_size, data_position=position
+            )
+            self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
+            deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
+            # From this commit on the run can resume from its own newer checkpoint, so the one
+            # it started from falls under keepLast like any other.
+            self.resumed_from = None
+            if deleted:
+                log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
+            self.after_commit()
+        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 
     def wait(self) -> None:
-        """Block until the running upload (and commit) finished; its failure surfaces here."""
+        """Block until this rank's background checkpoint (write; on a node's local rank 0 also the
+        upload, and on rank 0 the commit) finished; its failure surfaces here."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
