@@ -7,7 +7,8 @@ One scenario, six launches of two CPU ranks each:
   write:     relaunched, resumes; SIGKILL to rank 0 while that checkpoint is written to local disk
              behind training;
   killed:    SIGKILL to rank 0 (the node's uploader) while a checkpoint is half uploaded over a slow link;
-  preempted: relaunched, resumes, then SIGTERM to the launcher as the kubelet sends it -> exit 143;
+  preempted: relaunched, resumes, then SIGTERM to the launcher as the kubelet sends it, while a checkpoint
+             is being snapshotted -> emergency checkpoint, exit 143;
   finished:  the newest checkpoint corrupted first; relaunched, skips it, resumes and finishes.
 """
 
@@ -160,19 +161,17 @@ def scenario(
         killed = run.finish()
         committed_at_kill = store.committed_steps()
 
-    # Preempted during its first step after resuming; the slow link keeps the rest of the run (its
-    # checkpoints wait for the previous upload) from finishing before the signal lands.
-    first_new_step = f"INFO step {max(committed_at_kill) + 1}/"
-    with slow_link(upstream.hostname or "", upstream.port or 0, upload_delay=0.03) as slow_url:
-        config = trainer_config(
-            ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": slow_url}
-        )
-        run = start(config, root / "preempted", env={**trace_env, contract.ENV_ATTEMPT: "4"})
-        run.wait_for(lambda out: first_new_step in out)
-        run.signal(signal.SIGTERM)
-        preempted = run.finish()
+    # Preempted while its first checkpoint after resuming is held in its snapshot: the steps after it
+    # are still to come, so the signal lands mid-training however fast the steps run.
+    resumed_at = max(committed_at_kill)
+    pause = re.compile(r"checkpoint step (\d+): paused [\d.]+s in snapshot")
+    held = {**trace_env, ENV_TEST_PAUSE: "snapshot:3", contract.ENV_ATTEMPT: "4"}
+    run = start(direct, root / "preempted", env=held)
+    run.wait_for(lambda out: any(int(s) > resumed_at for s in pause.findall(out)))
+    run.signal(signal.SIGTERM)
+    preempted = run.finish()
     committed_at_preemption = store.committed_steps()
-    config = trainer_config(ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": s3.url})
+    config = direct
 
     corrupted = committed_at_preemption[-1]
     _corrupt_one_file(store, corrupted, root)

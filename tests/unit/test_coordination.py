@@ -132,3 +132,20 @@ def test_a_long_phase_is_waited_for_past_any_collective_timeout() -> None:
     assert waiter.on_main("the download", lambda: None) == "done"
     thread.join(10)
     assert clock.now >= 1200
+
+
+def test_the_collective_timeout_bounds_every_group_deepspeed_creates() -> None:
+    """DeepSpeed's ZeRO groups come from torch's new_group, which takes the module's default timeout
+    (torch/distributed/distributed_c10d.py, _get_default_timeout), not init_process_group's."""
+    from datetime import timedelta
+
+    from finetune_trainer.ranks import bound_every_group
+    from torch.distributed import Backend, distributed_c10d
+
+    saved = (distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout)
+    try:
+        bound_every_group(timedelta(seconds=7))
+        assert distributed_c10d._get_default_timeout(Backend.GLOO) == timedelta(seconds=7)
+        assert distributed_c10d._get_default_timeout(Backend.NCCL) == timedelta(seconds=7)
+    finally:
+        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = saved

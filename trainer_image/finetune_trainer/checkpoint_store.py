@@ -195,9 +195,16 @@ class CheckpointStore:
             out.append(manifest)
         return out
 
-    def download(self, manifest: CheckpointManifest, dest: Path) -> None:
-        """Fetch a checkpoint and verify every checksum; TornCheckpoint if any file does not match."""
+    def download(
+        self, manifest: CheckpointManifest, dest: Path, wanted: Callable[[str], bool] | None = None
+    ) -> int:
+        """Fetch a checkpoint's files (those `wanted`, or all) and verify every checksum; the bytes
+        fetched. TornCheckpoint if any file does not match."""
+        fetched = 0
         for entry in manifest.files:
+            if wanted is not None and not wanted(entry.path):
+                continue
+            fetched += entry.size
             local = dest / entry.path
             try:
                 self.store.get_file(f"{step_dir(manifest.step)}/{entry.path}", local)
@@ -206,6 +213,7 @@ class CheckpointStore:
             if local.stat().st_size != entry.size or sha256_of(local) != entry.sha256:
                 raise TornCheckpoint(f"step {manifest.step}: {entry.path} does not match its checksum")
         (dest / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+        return fetched
 
     # -- retention ---------------------------------------------------------------------------
 

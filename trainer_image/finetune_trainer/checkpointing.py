@@ -15,6 +15,7 @@ and verifies it; if any node finds a checksum wrong, all ranks move on to the ne
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import (
+    CheckpointManifest,
     CheckpointStore,
     TornCheckpoint,
     step_dir,
@@ -215,19 +217,26 @@ class Checkpointer:
             source = self.store if signed_step >= 0 or elsewhere is None else elsewhere
             step = abs(signed_step)
 
-            def download(source: CheckpointStore = source, step: int = step) -> str:
+            def download(source: CheckpointStore = source, step: int = step) -> tuple[str, int, int]:
                 shutil.rmtree(target, ignore_errors=True)
+                manifest = source.manifest(step)
                 try:
-                    source.download(source.manifest(step), target / tag(step))
+                    fetched = source.download(manifest, target / tag(step), self._node_files(manifest))
                 except TornCheckpoint as exc:
                     log.warning("skipping checkpoint step %d: %s", step, exc)
-                    return str(exc)
-                return ""
+                    return str(exc), 0, 0
+                return "", fetched, sum(f.size for f in manifest.files)
 
             # Each node downloads while its ranks wait on the rendezvous store: a 70B checkpoint takes
             # longer than a collective may. One torn copy anywhere moves every rank to the next older.
-            if any(self.phases.per_node(f"the download of step {step}", download)):
+            outcomes = self.phases.per_node(f"the download of step {step}", download)
+            if any(problem for problem, _, _ in outcomes):
                 continue
+            if self.ranks.is_main:  # the resume benchmark reads this line
+                log.info(
+                    "downloaded checkpoint step %d: %s of %d bytes",
+                    step, ", ".join(f"node {n} {b}" for n, (_, b, _) in enumerate(outcomes)), outcomes[0][2],
+                )  # fmt: skip
             _, client_state = self.engine.load_checkpoint(
                 str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -241,6 +250,32 @@ class Checkpointer:
             position: dict[str, Any] = (client_state or {}).get("data_position", {})
             return position
         return None
+
+
+    def _node_files(self, manifest: CheckpointManifest) -> Callable[[str], bool] | None:
+        reads_all = self.engine.zero_elastic_checkpoint() or self.engine.load_universal_checkpoint()
+        return node_files(self.ranks, manifest.world_size, reads_all)
+
+
+def node_files(ranks: dist.Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
+    """The files a node's ranks load: their own ZeRO shards plus the shared files, when the world
+    size is unchanged; None (every file) otherwise. DeepSpeed 0.19 reads only the loading rank's
+    `zero_pp_rank_<rank>_*` files (`_get_all_zero_checkpoint_state_dicts`, and `_get_ckpt_name` under
+    ZeRO-3), except for elastic and universal checkpoints (`reads_all`), which read them all."""
+    if saved_world_size != ranks.world_size or reads_all:
+        return None
+    first = ranks.node_rank * ranks.local_world_size
+    mine = range(first, first + ranks.local_world_size)
+    return lambda path: (rank := shard_rank(path)) is None or rank in mine
+
+
+SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
+
+
+def shard_rank(path: str) -> int | None:
+    """The data-parallel rank a DeepSpeed file belongs to, or None for a file every rank reads."""
+    match = SHARD.match(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
 
 
 class ResumeSourceNotFound(InputMissing):

@@ -3,8 +3,9 @@
 Rank 0 fetches the sources and derives the cache key from their bytes, the tokenizer and every
 setting that shapes the examples. When `<job>/cache/tokenized-<key>/` is committed (its MANIFEST.json
 written last, like a checkpoint) nobody tokenizes; otherwise rank 0 cleans, splits, mixes, encodes
-and packs, then commits the cache. Every node then reads the same examples, so a restarted attempt,
-on any node, starts training without tokenizing again.
+and packs, then commits the cache. Every node then downloads the same files once, and every rank
+memory-maps them (example_table.py): a node's ranks share one copy through the page cache, and a
+restarted attempt, on any node, starts training without tokenizing again.
 """
 
 from __future__ import annotations
@@ -13,32 +14,34 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
+import shutil
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.checkpoint_store import sha256_of
+from finetune_trainer.checkpoint_store import FileEntry, sha256_of, upload_tree
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data import DataNotFound, DataReport, fetch_source, load_records, mix, split
 from finetune_trainer.encoding import EncodingReport, Example, encode_all, pack
+from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-EXAMPLES_FILE = "examples.pkl"
+CACHE_FORMAT = 2  # 2: memory-mapped columns (example_table.py) instead of one pickle
 MANIFEST = "MANIFEST.json"
 
 
 @dataclass
 class PreparedData:
     key: str
-    train: list[Example]
-    validation: list[Example]
+    train: ExampleTable
+    validation: ExampleTable
     report: dict[str, Any]
 
 
@@ -97,33 +100,46 @@ def _prefix(key: str) -> str:
     return f"cache/tokenized-{key}"
 
 
-def _commit(store: ObjectStore, key: str, payload: dict[str, Any], workdir: Path) -> None:
-    local = workdir / EXAMPLES_FILE
-    local.parent.mkdir(parents=True, exist_ok=True)
+def _commit(store: ObjectStore, key: str, splits: dict[str, Iterable[Example]], report: dict[str, Any],
+            local: Path) -> None:  # fmt: skip
+    """Write the examples memory-mappable, upload them, then MANIFEST.json last (the commit). The
+    node's own copy becomes `local` only once complete, so a killed build leaves nothing reusable."""
     partial = local.with_name(local.name + ".partial")
-    with partial.open("wb") as f:
-        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(partial, local)  # a process killed mid-write leaves no torn cache behind
-    store.put_file(local, f"{_prefix(key)}/{EXAMPLES_FILE}")
-    manifest = {"size": local.stat().st_size, "sha256": sha256_of(local), "report": payload["report"]}
-    store.put_bytes(f"{_prefix(key)}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(partial, ignore_errors=True)
+    for name, examples in splits.items():
+        write_examples(examples, partial, name)
+    entries = upload_tree(store, partial, _prefix(key))
+    manifest = json.dumps({"files": [e.model_dump() for e in entries], "report": report}, indent=1)
+    store.put_bytes(f"{_prefix(key)}/{MANIFEST}", manifest.encode())
+    (partial / MANIFEST).write_text(manifest)
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(partial, local)
 
 
-def _read(store: ObjectStore, key: str, workdir: Path) -> dict[str, Any] | None:
-    """The cached examples, or None when the cache is not committed or torn (a rebuild then
-    replaces it)."""
-    local = workdir / EXAMPLES_FILE
+def _read(store: ObjectStore, key: str, local: Path) -> bool:
+    """Whether the node holds a verified copy of the committed cache in `local` (downloading it when
+    it does not yet); False when the cache is not committed or torn (a rebuild then replaces it)."""
+    if (local / MANIFEST).exists():
+        return True
     try:
-        manifest = json.loads(store.get_bytes(f"{_prefix(key)}/{MANIFEST}"))
-        store.get_file(f"{_prefix(key)}/{EXAMPLES_FILE}", local)
+        text = store.get_bytes(f"{_prefix(key)}/{MANIFEST}").decode()
     except ObjectNotFound:
-        return None
-    if local.stat().st_size != manifest["size"] or sha256_of(local) != manifest["sha256"]:
-        local.unlink()
-        return None
-    with local.open("rb") as f:
-        payload: dict[str, Any] = pickle.load(f)
-    return payload
+        return False
+    files = [FileEntry.model_validate(f) for f in json.loads(text).get("files", [])]
+    partial = local.with_name(local.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for entry in files:
+        path = partial / entry.path
+        try:
+            store.get_file(f"{_prefix(key)}/{entry.path}", path)
+        except ObjectNotFound:
+            return False
+        if path.stat().st_size != entry.size or sha256_of(path) != entry.sha256:
+            return False
+    (partial / MANIFEST).write_text(text)
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(partial, local)
+    return True
 
 
 def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path,
@@ -131,27 +147,27 @@ def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: 
     def build_or_reuse() -> str:
         files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
         key = cache_key(config, files, tokenizer)
-        if _read(store, key, scratch / "cache" / key) is not None:
+        if _read(store, key, scratch / "cache" / key):
             log.info("tokenized cache %s found: not tokenizing again", key)
         else:
+            started = time.monotonic()
             train, validation, report = build(config, files, tokenizer)
-            payload = {"train": train, "validation": validation, "report": report}
-            _commit(store, key, payload, scratch / "cache" / key)
+            _commit(store, key, {"train": train, "validation": validation}, report, scratch / "cache" / key)
             log.info("data: %s", json.dumps(report))
+            log.info("tokenized and committed in %.2fs", time.monotonic() - started)
         return key
 
     # Rank 0 fetches and tokenizes while the others wait on the rendezvous store, not in a collective.
     key = phases.on_main("tokenization", build_or_reuse)
-    local = scratch / "cache" / key / EXAMPLES_FILE
+    local = scratch / "cache" / key
 
     def download() -> None:
-        # One download per node (rank 0 already holds the file it built or read).
-        if not local.exists() and _read(store, key, local.parent) is None:
+        # One download per node (rank 0 already holds the files it built or read).
+        if not _read(store, key, local):
             raise DataNotFound(f"tokenized cache {key} is torn or vanished from the job's store")
 
     phases.per_node("the tokenized cache's download", download)
-    with local.open("rb") as f:
-        payload = pickle.load(f)
-    return PreparedData(
-        key=key, train=payload["train"], validation=payload["validation"], report=payload["report"]
-    )
+    # Every rank of the node maps the same files: one copy in the page cache, none per rank.
+    report = json.loads((local / MANIFEST).read_text())["report"]
+    train, validation = ExampleTable(local, "train"), ExampleTable(local, "validation")
+    return PreparedData(key=key, train=train, validation=validation, report=report)
