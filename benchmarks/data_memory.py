@@ -5,7 +5,7 @@ the page cache, so a rank's memory does not grow with the dataset). Also: tokeni
 
 Each run trains a few steps of the tiny model on 2 CPU ranks; the benchmark polls every worker's
 /proc/<pid>/status for VmHWM (peak resident set, file-backed pages included) and RssAnon (its private
-memory) and reads rank 0's "tokenized and committed in" line.
+memory) and reads rank 0's "planned, tokenized on N ranks and committed in" line.
 
     .venv/bin/python benchmarks/data_memory.py [--records 4000] [--steps 10]
 """
@@ -22,7 +22,7 @@ from _common import print_table
 
 from tests.support.trainer_run import TrainerProcess, Workspace, start, trainer_config
 
-TOKENIZED = re.compile(r"tokenized and committed in ([\d.]+)s")
+TOKENIZED = re.compile(r"planned, tokenized on \d+ ranks and committed in ([\d.]+)s")
 
 
 def _memory(pid: int) -> tuple[int, int]:

@@ -79,6 +79,11 @@ class Coordinator:
         nodes = [f"node-{n}" for n in range(self.nnodes)]
         return self.run(name, work if self.ranks.is_node_main else None, mine, nodes)
 
+    def every_rank(self, name: str, work: Callable[[], T]) -> list[T]:
+        """`work` on every rank; every rank's result, in rank order, on every rank."""
+        everyone = [f"rank-{r}" for r in range(self.ranks.world_size)]
+        return self.run(name, work, f"rank-{self.ranks.rank}", everyone)
+
     def run(
         self, name: str, work: Callable[[], T] | None, publish_as: str | None, wait_for: Sequence[str]
     ) -> list[T]:

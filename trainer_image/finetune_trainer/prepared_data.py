@@ -2,8 +2,9 @@
 
 Rank 0 fetches the sources and derives the cache key from their bytes, the tokenizer and every
 setting that shapes the examples. When `<job>/cache/tokenized-<key>/` is committed (its MANIFEST.json
-written last, like a checkpoint) nobody tokenizes; otherwise rank 0 cleans, splits, mixes, encodes
-and packs, then commits the cache. Every node then downloads the same files once, and every rank
+written last, like a checkpoint) nobody tokenizes. Otherwise rank 0 cleans, splits and mixes (the
+plan), every rank encodes its share of the plan, and rank 0 merges the shares in order, packs and
+commits (tokenization.py). Every node then downloads the committed files once, and every rank
 memory-maps them (example_table.py): a node's ranks share one copy through the page cache, and a
 restarted attempt, on any node, starts training without tokenizing again.
 """
@@ -14,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from collections.abc import Iterable
@@ -26,10 +26,18 @@ from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.checkpoint_store import FileEntry, sha256_of, upload_tree
 from finetune_trainer.coordination import Coordinator
-from finetune_trainer.data import DataNotFound, DataReport, fetch_source, load_records, mix, split
+from finetune_trainer.data import DataNotFound, fetch_source
 from finetune_trainer.encoding import EncodingReport, Example, encode_all, pack
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
+from finetune_trainer.tokenization import (
+    SPLITS,
+    encode_share,
+    merged,
+    merged_report,
+    plan_records,
+    write_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +79,9 @@ def cache_key(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: An
 
 
 def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -> tuple[list[Example], ...]:
-    spec, seed = config.dataset, config.training.seed
-    data_report = DataReport()
-    per_source = load_records(spec, files, data_report)
-    splits = [split(records, spec.validation_fraction, seed) for records in per_source]
-    train = mix([t for t, _ in splits], [s.weight for s in spec.sources], seed)
-    # Mixing lays sources out one after another; shuffling once before packing keeps packed
-    # windows from being single-source. The per-epoch order is shuffled again when training.
-    random.Random(f"{seed}:mix").shuffle(train)
-    validation = [record for _, v in splits for record in v]
+    """Everything one rank would do alone: the reference the spread tokenization must equal."""
+    spec = config.dataset
+    train, validation, data_report = plan_records(config, files)
     encoding_report = EncodingReport()
     kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
     train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
@@ -107,7 +109,7 @@ def _commit(store: ObjectStore, key: str, splits: dict[str, Iterable[Example]], 
     partial = local.with_name(local.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     for name, examples in splits.items():
-        write_examples(examples, partial, name)
+        report[name] = write_examples(examples, partial, name)
     entries = upload_tree(store, partial, _prefix(key))
     manifest = json.dumps({"files": [e.model_dump() for e in entries], "report": report}, indent=1)
     store.put_bytes(f"{_prefix(key)}/{MANIFEST}", manifest.encode())
@@ -144,22 +146,27 @@ def _read(store: ObjectStore, key: str, local: Path) -> bool:
 
 def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path,
             phases: Coordinator) -> PreparedData:  # fmt: skip
-    def build_or_reuse() -> str:
+    cache = scratch / "cache"
+
+    def plan_or_reuse() -> tuple[str, dict[str, Any] | None]:
         files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
         key = cache_key(config, files, tokenizer)
-        if _read(store, key, scratch / "cache" / key):
+        if _read(store, key, cache / key):
             log.info("tokenized cache %s found: not tokenizing again", key)
-        else:
-            started = time.monotonic()
-            train, validation, report = build(config, files, tokenizer)
-            _commit(store, key, {"train": train, "validation": validation}, report, scratch / "cache" / key)
-            log.info("data: %s", json.dumps(report))
-            log.info("tokenized and committed in %.2fs", time.monotonic() - started)
-        return key
+            return key, None
+        train, validation, data_report = plan_records(config, files)
+        plan = cache / f"{key}.plan"
+        write_plan(train, plan / "train.jsonl")
+        write_plan(validation, plan / "validation.jsonl")
+        upload_tree(store, plan, f"{_prefix(key)}/plan")
+        return key, {"train": len(train), "validation": len(validation), "sources": data_report.as_dict()}
 
-    # Rank 0 fetches and tokenizes while the others wait on the rendezvous store, not in a collective.
-    key = phases.on_main("tokenization", build_or_reuse)
-    local = scratch / "cache" / key
+    # Rank 0 reads and plans while the others wait on the rendezvous store, not in a collective.
+    started = time.monotonic()
+    key, plan = phases.on_main("the data plan", plan_or_reuse)
+    if plan is not None:
+        _tokenize(config, tokenizer, store, cache, key, plan, phases, started)
+    local = cache / key
 
     def download() -> None:
         # One download per node (rank 0 already holds the files it built or read).
@@ -171,3 +178,45 @@ def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: 
     report = json.loads((local / MANIFEST).read_text())["report"]
     train, validation = ExampleTable(local, "train"), ExampleTable(local, "validation")
     return PreparedData(key=key, train=train, validation=validation, report=report)
+
+
+def _tokenize(config: TrainerConfig, tokenizer: Any, store: ObjectStore, cache: Path, key: str,
+              plan: dict[str, Any], phases: Coordinator, started: float) -> None:  # fmt: skip
+    """Every rank encodes its share of the plan (tokenization.py); rank 0 merges and commits."""
+    ranks = phases.ranks
+    plan_dir, shares = cache / f"{key}.plan", cache / f"{key}.shares"
+
+    def fetch_plan() -> None:
+        for name in ("train.jsonl", "validation.jsonl"):
+            if not (plan_dir / name).exists():
+                store.get_file(f"{_prefix(key)}/plan/{name}", plan_dir / name)
+
+    phases.per_node("the data plan's download", fetch_plan)
+
+    def encode_mine() -> dict[str, int]:
+        mine = shares / f"rank-{ranks.rank:05d}"
+        report = encode_share(config, tokenizer, plan_dir, plan, ranks.rank, ranks.world_size, mine)
+        if not ranks.is_main:  # rank 0 merges from its own disk
+            upload_tree(store, mine, f"{_prefix(key)}/shares/rank-{ranks.rank:05d}")
+        return report
+
+    reports = phases.every_rank("tokenization", encode_mine)
+
+    def merge() -> None:
+        parts = [shares / f"rank-{r:05d}" for r in range(ranks.world_size)]
+        for rank, part in enumerate(parts[1:], 1):
+            prefix = f"{_prefix(key)}/shares/rank-{rank:05d}/"
+            for obj in store.list(prefix):
+                store.get_file(obj.key, part / obj.key[len(prefix) :])
+        report = {"sources": plan["sources"], "encoding": merged_report(reports)}
+        splits = {name: merged(config, parts, name) for name in SPLITS}
+        _commit(store, key, splits, report, cache / key)
+        log.info("data: %s", json.dumps(report))
+        log.info("planned, tokenized on %d ranks and committed in %.2fs", ranks.world_size,
+                 time.monotonic() - started)  # fmt: skip
+        leftovers = store.list(f"{_prefix(key)}/plan/") + store.list(f"{_prefix(key)}/shares/")
+        store.delete([o.key for o in leftovers])
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        shutil.rmtree(shares, ignore_errors=True)
+
+    phases.on_main("merging the tokenized shares", merge)
