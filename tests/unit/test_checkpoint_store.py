@@ -240,3 +240,38 @@ def test_a_filtered_download_fetches_and_verifies_only_the_wanted_files(tmp_path
     assert fetched == 15
     fetched_names = sorted(p.name for p in (tmp_path / "dest").iterdir())
     assert fetched_names == ["MANIFEST.json", "shared.pt", "zero_pp_rank_0_x.pt"]
+
+
+# -- checkpoint addresses: written by step_dir, read back by parse_checkpoint_uri ----------------
+
+
+@pytest.mark.parametrize("step", [0, 7, 123456789])
+def test_a_checkpoint_address_reads_back_as_its_job_and_step(step: int) -> None:
+    from finetune_trainer.checkpoint_store import parse_checkpoint_uri
+
+    uri = f"s3://bucket/runs/team-a/job/{step_dir(step)}"
+    assert parse_checkpoint_uri(uri) == ("s3://bucket/runs/team-a/job", step)
+    assert parse_checkpoint_uri(uri + "/") == ("s3://bucket/runs/team-a/job", step)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://bucket/runs/team-a/job",
+        "s3://bucket/runs/team-a/job/checkpoints/step-",
+        "s3://bucket/runs/team-a/job/checkpoints/step-12x",
+        "s3://bucket/runs/team-a/job/checkpoints/step-00000010/MANIFEST.json",
+        "file:///checkpoints/step-00000010",
+    ],
+)
+def test_anything_else_is_not_a_checkpoint_address(uri: str) -> None:
+    from finetune_trainer.checkpoint_store import parse_checkpoint_uri
+
+    assert parse_checkpoint_uri(uri) is None
+
+
+def test_the_trainer_opens_exactly_the_storage_schemes_the_api_accepts() -> None:
+    from finetune_operator.api.base import STORAGE_SCHEMES
+    from finetune_trainer.storage import OPENERS
+
+    assert set(OPENERS) == set(STORAGE_SCHEMES)

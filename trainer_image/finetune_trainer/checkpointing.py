@@ -30,6 +30,7 @@ from finetune_trainer.checkpoint_store import (
     CheckpointManifest,
     CheckpointStore,
     TornCheckpoint,
+    parse_checkpoint_uri,
     step_dir,
 )
 from finetune_trainer.coordination import Coordinator
@@ -191,31 +192,30 @@ class Checkpointer:
 
     # -- resuming ----------------------------------------------------------------------------
 
-    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[int]:
-        own = [m.step for m in self.store.resumable()]
+    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[tuple[bool, int]]:
+        """(from `elsewhere`?, step) of every checkpoint to try, newest first."""
+        own = [(False, m.step) for m in self.store.resumable()]
         if own or resume == "latest":
             return own  # once this job has committed, a restart continues its own run
-        if resume == "none" or elsewhere is None:
+        if resume == "none":
             return []
-        step = _checkpoint_step(resume)
-        if step not in [m.step for m in elsewhere.resumable()]:
+        _, step = _resume_address(resume)
+        if elsewhere is None or step not in [m.step for m in elsewhere.resumable()]:
             raise ResumeSourceNotFound(f"checkpoint.resume {resume}: not a committed, intact checkpoint")
-        return [-step]  # negative: taken from `elsewhere`
+        return [(True, step)]
 
     def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> dict[str, Any] | None:
         """Load the newest intact committed checkpoint; its data position, or None to start fresh.
         `resume` is latest, none, or the uri of one committed checkpoint (of this or another job)."""
-        elsewhere = None
-        if resume not in ("latest", "none"):
-            elsewhere = open_elsewhere(resume.rstrip("/").rsplit("/checkpoints/", 1)[0])
+        address = parse_checkpoint_uri(resume) if resume not in ("latest", "none") else None
+        elsewhere = open_elsewhere(address[0]) if address else None
         candidates = self.phases.on_main(
             "the checkpoint listing", lambda: self._candidates(resume, elsewhere)
         )
         target = self.local_root / "resume"
         started = time.perf_counter()
-        for signed_step in candidates:
-            source = self.store if signed_step >= 0 or elsewhere is None else elsewhere
-            step = abs(signed_step)
+        for from_elsewhere, step in candidates:
+            source = elsewhere if from_elsewhere and elsewhere is not None else self.store
 
             def download(source: CheckpointStore = source, step: int = step) -> tuple[str, int, int]:
                 shutil.rmtree(target, ignore_errors=True)
@@ -282,10 +282,10 @@ class ResumeSourceNotFound(InputMissing):
     """checkpoint.resume names a checkpoint that is not committed and intact: exit 3."""
 
 
-def _checkpoint_step(uri: str) -> int:
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    if "/checkpoints/" not in uri or not name.startswith("step-") or not name[5:].isdigit():
+def _resume_address(uri: str) -> tuple[str, int]:
+    address = parse_checkpoint_uri(uri)
+    if address is None:
         raise ResumeSourceNotFound(
             f"checkpoint.resume {uri}: expected <store>/<namespace>/<job>/checkpoints/step-NNNNNNNN"
         )
-    return int(name[5:])
+    return address

@@ -17,7 +17,7 @@ from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing
-from finetune_trainer.storage import ObjectNotFound, open_store
+from finetune_trainer.storage import ObjectNotFound, is_storage_uri, local_path, open_store
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,12 @@ def _fetch_s3(uri: str, dest: Path) -> None:
 def local_source(uri: str, cache: Path, phases: Coordinator) -> str:
     """A path (or hub id) transformers can load from; the node's download happens here once, while
     the node's other ranks wait on the rendezvous store (a download outlasts any collective timeout)."""
-    if uri.startswith("file://"):
-        path = Path(uri[len("file://") :])
+    path = local_path(uri)
+    if path is not None:
         if not path.is_dir():
             raise ModelNotFound(f"model {uri}: no such directory")
         return str(path)
-    if uri.startswith("s3://"):
+    if is_storage_uri(uri):
         dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
         # Every rank learns of a failed download instead of waiting for files that never come.
         phases.per_node(f"the download of {uri}", lambda: _fetch_s3(uri, dest))

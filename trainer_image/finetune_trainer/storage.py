@@ -226,10 +226,33 @@ def transfer_config(concurrency: int = 16, chunk_mib: int = 16) -> Any:
     )
 
 
+def _open_file(parsed: Any, endpoint_url: str | None, region: str | None) -> ObjectStore:
+    return FileStore(Path(parsed.path))
+
+
+def _open_s3(parsed: Any, endpoint_url: str | None, region: str | None) -> ObjectStore:
+    return S3Store(parsed.netloc, parsed.path, s3_client(endpoint_url, region), transfer_config())
+
+
+# The only place that dispatches on a storage scheme; the schemes are the API's (STORAGE_SCHEMES).
+OPENERS = {"file": _open_file, "s3": _open_s3}
+
+
+def is_storage_uri(uri: str) -> bool:
+    """Whether `uri` names a store location (anything else a model source may be is a hub id)."""
+    return urlparse(uri).scheme in OPENERS
+
+
+def local_path(uri: str) -> Path | None:
+    """The directory a store location already is on this machine (file://), or None."""
+    parsed = urlparse(uri)
+    return Path(parsed.path) if parsed.scheme == "file" else None
+
+
 def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
     parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return FileStore(Path(parsed.path))
-    if parsed.scheme == "s3":
-        return S3Store(parsed.netloc, parsed.path, s3_client(endpoint_url, region), transfer_config())
-    raise ValueError(f"unsupported storage uri scheme {parsed.scheme!r}: use s3:// or file://")
+    opener = OPENERS.get(parsed.scheme)
+    if opener is None:
+        schemes = " or ".join(f"{s}://" for s in OPENERS)
+        raise ValueError(f"unsupported storage uri scheme {parsed.scheme!r}: use {schemes}")
+    return opener(parsed, endpoint_url, region)
