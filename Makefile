@@ -63,6 +63,8 @@ demo: $(INSTALLED)
 # Not part of `make test`: each prints a ratio against a baseline measured in the same run.
 bench: $(INSTALLED)
 	$(PY) benchmarks/checkpoint_stall.py
+	$(PY) benchmarks/data_memory.py
+	$(PY) benchmarks/resume_traffic.py
 	$(PY) benchmarks/upload_throughput.py
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/operator_scale.py
