@@ -275,3 +275,12 @@ def test_the_trainer_opens_exactly_the_storage_schemes_the_api_accepts() -> None
     from finetune_trainer.storage import OPENERS
 
     assert set(OPENERS) == set(STORAGE_SCHEMES)
+
+
+def test_every_store_the_trainer_opens_gets_the_jobs_endpoint_and_region() -> None:
+    from finetune_trainer.storage import S3Store, opener
+
+    store = opener("http://minio.storage:9000", "eu-west-3")("s3://models/llama")
+    assert isinstance(store, S3Store)
+    assert store._client.meta.endpoint_url == "http://minio.storage:9000"
+    assert store._client.meta.region_name == "eu-west-3"

@@ -20,7 +20,7 @@ from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
 from finetune_operator.api.spec import DatasetSource, DatasetSpec
 
 from finetune_trainer.failures import InputMissing
-from finetune_trainer.storage import ObjectNotFound, open_store
+from finetune_trainer.storage import ObjectNotFound, Opener, open_store
 
 
 class DataNotFound(InputMissing):
@@ -80,7 +80,7 @@ def _read_rows(path: Path, fmt: str) -> Iterator[Any]:
                 yield ValueError("not JSON")
 
 
-def fetch_source(source: DatasetSource, cache_dir: Path) -> list[Path]:
+def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = open_store) -> list[Path]:
     """Local copies of a source's files: the file the uri names, or every data file under it."""
     uri = source.uri.rstrip("/")
     if uri.endswith(DATA_EXTENSIONS):

@@ -17,7 +17,7 @@ from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing
-from finetune_trainer.storage import ObjectNotFound, is_storage_uri, local_path, open_store
+from finetune_trainer.storage import ObjectNotFound, Opener, is_storage_uri, local_path, open_store
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class ModelNotFound(InputMissing):
     """The model or tokenizer is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 
-def _fetch_s3(uri: str, dest: Path) -> None:
+def _fetch(uri: str, dest: Path, open_store: Opener) -> None:
     if (dest / COMPLETE_MARKER).exists():
         return
     store = open_store(uri)
@@ -43,7 +43,7 @@ def _fetch_s3(uri: str, dest: Path) -> None:
     (dest / COMPLETE_MARKER).touch()
 
 
-def local_source(uri: str, cache: Path, phases: Coordinator) -> str:
+def local_source(uri: str, cache: Path, phases: Coordinator, open_store: Opener = open_store) -> str:
     """A path (or hub id) transformers can load from; the node's download happens here once, while
     the node's other ranks wait on the rendezvous store (a download outlasts any collective timeout)."""
     path = local_path(uri)
@@ -54,7 +54,7 @@ def local_source(uri: str, cache: Path, phases: Coordinator) -> str:
     if is_storage_uri(uri):
         dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
         # Every rank learns of a failed download instead of waiting for files that never come.
-        phases.per_node(f"the download of {uri}", lambda: _fetch_s3(uri, dest))
+        phases.per_node(f"the download of {uri}", lambda: _fetch(uri, dest, open_store))
         return str(dest)
     return uri
 

@@ -29,7 +29,7 @@ from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data import DataNotFound, fetch_source
 from finetune_trainer.encoding import EncodingReport, Example, encode_all, pack
 from finetune_trainer.example_table import ExampleTable, write_examples
-from finetune_trainer.storage import ObjectNotFound, ObjectStore
+from finetune_trainer.storage import ObjectNotFound, ObjectStore, Opener, open_store
 from finetune_trainer.tokenization import (
     SPLITS,
     encode_share,
@@ -144,12 +144,13 @@ def _read(store: ObjectStore, key: str, local: Path) -> bool:
     return True
 
 
-def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path,
-            phases: Coordinator) -> PreparedData:  # fmt: skip
+def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path, phases: Coordinator,
+            open_store: Opener = open_store) -> PreparedData:  # fmt: skip
     cache = scratch / "cache"
 
     def plan_or_reuse() -> tuple[str, dict[str, Any] | None]:
-        files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
+        sources = enumerate(config.dataset.sources)
+        files = {i: fetch_source(s, scratch / "datasets", open_store) for i, s in sources}
         key = cache_key(config, files, tokenizer)
         if _read(store, key, cache / key):
             log.info("tokenized cache %s found: not tokenizing again", key)

@@ -8,10 +8,11 @@ its commit protocol on exactly that guarantee.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -247,6 +248,15 @@ def local_path(uri: str) -> Path | None:
     """The directory a store location already is on this machine (file://), or None."""
     parsed = urlparse(uri)
     return Path(parsed.path) if parsed.scheme == "file" else None
+
+
+Opener = Callable[[str], ObjectStore]
+
+
+def opener(endpoint_url: str | None, region: str | None) -> Opener:
+    """How the trainer opens every store it touches (model, data, checkpoints, output, a warm
+    start's checkpoint): the job's endpoint and region reach each of them by this one route."""
+    return functools.partial(open_store, endpoint_url=endpoint_url, region=region)
 
 
 def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:

@@ -35,7 +35,7 @@ from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.reporting import Reporter
 from finetune_trainer.sample_trace import SampleTrace
 from finetune_trainer.step_plan import StepPlan, plan
-from finetune_trainer.storage import open_store
+from finetune_trainer.storage import opener
 
 log = logging.getLogger("finetune_trainer")
 
@@ -72,11 +72,9 @@ class Run:
         self.scratch = scratch_dir(config, self.ranks)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.step = 0
+        # Every store the run touches is opened with the job's endpoint and region, by this one route.
+        self._open = opener(config.checkpoint.endpoint_url, config.checkpoint.region)
 
-    def _open(self, uri: str) -> Any:
-        return open_store(
-            uri, endpoint_url=self.config.checkpoint.endpoint_url, region=self.config.checkpoint.region
-        )
 
     def execute(self) -> None:
         import deepspeed
@@ -84,14 +82,14 @@ class Run:
 
         config, ranks = self.config, self.ranks
         job_store = self._open(config.checkpoint.job_uri)
-        model_source = local_source(config.model.source, self.scratch / "models", self.phases)
+        model_source = local_source(config.model.source, self.scratch / "models", self.phases, self._open)
         tokenizer_source = (
-            local_source(config.model.tokenizer, self.scratch / "models", self.phases)
+            local_source(config.model.tokenizer, self.scratch / "models", self.phases, self._open)
             if config.model.tokenizer
             else model_source
         )
         tokenizer = load_tokenizer(config, tokenizer_source)
-        data = prepare(config, tokenizer, job_store, self.scratch, self.phases)
+        data = prepare(config, tokenizer, job_store, self.scratch, self.phases, self._open)
         steps = plan(config, len(data.train))
         ds_config = deepspeed_config(config, cpu=dist.on_cpu())
         model, keep_alive = load_model(config, model_source, ds_config)
