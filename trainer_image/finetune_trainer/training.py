@@ -75,7 +75,6 @@ class Run:
         # Every store the run touches is opened with the job's endpoint and region, by this one route.
         self._open = opener(config.checkpoint.endpoint_url, config.checkpoint.region)
 
-
     def execute(self) -> None:
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
