@@ -2,14 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
+# The torch the lock pins (constraints.txt): CI and the trainer image install the same one.
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 INSTALLED := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed JIT-builds the few ops it needs on first use; nothing is compiled at install time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test unit e2e lint typecheck crds docs chart-docs demo bench clean
+.PHONY: install test unit e2e lint typecheck crds docs chart-docs demo bench clean lock
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,10 +64,18 @@ demo: $(INSTALLED)
 # Not part of `make test`: each prints a ratio against a baseline measured in the same run.
 bench: $(INSTALLED)
 	$(PY) benchmarks/checkpoint_stall.py
+	$(PY) benchmarks/data_memory.py
+	$(PY) benchmarks/resume_traffic.py
 	$(PY) benchmarks/upload_throughput.py
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/operator_scale.py
 	$(PY) benchmarks/local_recovery.py
+
+# Re-pin every installed package after a dependency change (torch without its local build label).
+lock: $(INSTALLED)
+	{ sed -n '/^#/p' constraints.txt; \
+	  $(PY) -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/^(torch==[0-9.]+)\+.*/\1/' | grep -v '^finetune'; \
+	} > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

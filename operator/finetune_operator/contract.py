@@ -35,11 +35,10 @@ ENV_MASTER_ADDR: Final = "MASTER_ADDR"
 ENV_MASTER_PORT: Final = "MASTER_PORT"
 MASTER_PORT: Final = 29500
 
-# Which job and attempt a rank belongs to, and where its checkpoints go.
+# Which job and attempt a rank belongs to (where its checkpoints go is in its config).
 ENV_JOB_NAME: Final = "FTJOB_NAME"
 ENV_JOB_NAMESPACE: Final = "FTJOB_NAMESPACE"
 ENV_ATTEMPT: Final = "FTJOB_ATTEMPT"
-ENV_CHECKPOINT_URI: Final = "FTJOB_CHECKPOINT_URI"
 ENV_SCRATCH_DIR: Final = "FTJOB_SCRATCH_DIR"
 ENV_TERMINATION_LOG: Final = "FTJOB_TERMINATION_LOG"
 
@@ -139,7 +138,6 @@ RESERVED_ENV: Final = frozenset(
         ENV_JOB_NAME,
         ENV_JOB_NAMESPACE,
         ENV_ATTEMPT,
-        ENV_CHECKPOINT_URI,
         ENV_SCRATCH_DIR,
         ENV_TERMINATION_LOG,
         ENV_SHUTDOWN_TIMEOUT,

@@ -1,10 +1,14 @@
 """Killed, preempted and corrupted: a run that is interrupted every way a cluster interrupts it
 trains on exactly the samples an uninterrupted run trains on, and ends at the same loss.
 
-One scenario, four launches of two CPU ranks each:
+One scenario, six launches of two CPU ranks each:
   reference: uninterrupted, one epoch;
+  snapshot:  SIGKILL to rank 1 while a checkpoint is being snapshotted to host memory;
+  write:     relaunched, resumes; SIGKILL to rank 0 while that checkpoint is written to local disk
+             behind training;
   killed:    SIGKILL to rank 0 (the node's uploader) while a checkpoint is half uploaded over a slow link;
-  preempted: relaunched, resumes, then SIGTERM to the launcher as the kubelet sends it -> exit 143;
+  preempted: relaunched, resumes, then SIGTERM to the launcher as the kubelet sends it, while a checkpoint
+             is being snapshotted -> emergency checkpoint, exit 143;
   finished:  the newest checkpoint corrupted first; relaunched, skips it, resumes and finishes.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -23,6 +28,7 @@ from urllib.parse import urlparse
 import pytest
 from finetune_operator import contract
 from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
+from finetune_trainer.snapshot import ENV_TEST_PAUSE
 from finetune_trainer.storage import open_store
 
 from tests.support.s3 import S3Endpoint
@@ -51,9 +57,20 @@ CHANGES = {
 
 
 @dataclass
+class StageKill:
+    """A launch killed while a checkpoint was in `stage`, and what the store held right after."""
+
+    stage: str
+    finished: Finished
+    step: int
+    committed_at_kill: list[int]
+
+
+@dataclass
 class Scenario:
     reference: Finished
     reference_trace: list[dict[str, Any]]
+    stage_kills: list[StageKill]
     killed: Finished
     killed_during_upload_of: int
     committed_at_kill: list[int]
@@ -118,13 +135,19 @@ def scenario(
     bucket = s3.new_bucket()
     store = CheckpointStore(open_store(f"s3://{bucket}/runs/team-a/tiny"), poll_seconds=0.02)
     trace_env = {**s3.env(), "FTJOB_SAMPLE_TRACE": str(root / "trace")}
+    direct = trainer_config(ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": s3.url})
+    stage_kills = [
+        _kill_during(direct, root, store, trace_env, "snapshot", rank=1, attempt=1),
+        _kill_during(direct, root, store, trace_env, "write", rank=0, attempt=2),
+    ]
     upstream = urlparse(s3.url)
     with slow_link(upstream.hostname or "", upstream.port or 0, upload_delay=0.02) as slow_url:
         config = trainer_config(
             ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": slow_url}
         )
-        run = start(config, root / "killed", env={**trace_env, contract.ENV_ATTEMPT: "1"})
-        run.wait_for(lambda _: bool(store.committed_steps()))
+        run = start(config, root / "killed", env={**trace_env, contract.ENV_ATTEMPT: "3"})
+        newest_before = max(store.committed_steps(), default=0)
+        run.wait_for(lambda _: max(store.committed_steps(), default=0) > newest_before)
         in_flight: list[int] = []
 
         def uploading(_: str) -> bool:
@@ -138,26 +161,25 @@ def scenario(
         killed = run.finish()
         committed_at_kill = store.committed_steps()
 
-    # Preempted during its first step after resuming; the slow link keeps the rest of the run (its
-    # checkpoints wait for the previous upload) from finishing before the signal lands.
-    first_new_step = f"INFO step {max(committed_at_kill) + 1}/"
-    with slow_link(upstream.hostname or "", upstream.port or 0, upload_delay=0.03) as slow_url:
-        config = trainer_config(
-            ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": slow_url}
-        )
-        run = start(config, root / "preempted", env={**trace_env, contract.ENV_ATTEMPT: "2"})
-        run.wait_for(lambda out: first_new_step in out)
-        run.signal(signal.SIGTERM)
-        preempted = run.finish()
+    # Preempted while its first checkpoint after resuming is held in its snapshot: the steps after it
+    # are still to come, so the signal lands mid-training however fast the steps run.
+    resumed_at = max(committed_at_kill)
+    pause = re.compile(r"checkpoint step (\d+): paused [\d.]+s in snapshot")
+    held = {**trace_env, ENV_TEST_PAUSE: "snapshot:3", contract.ENV_ATTEMPT: "4"}
+    run = start(direct, root / "preempted", env=held)
+    run.wait_for(lambda out: any(int(s) > resumed_at for s in pause.findall(out)))
+    run.signal(signal.SIGTERM)
+    preempted = run.finish()
     committed_at_preemption = store.committed_steps()
-    config = trainer_config(ws, f"s3://{bucket}/runs", {**CHANGES, "spec.checkpoint.endpointUrl": s3.url})
+    config = direct
 
     corrupted = committed_at_preemption[-1]
     _corrupt_one_file(store, corrupted, root)
-    finished = start(config, root / "finished", env={**trace_env, contract.ENV_ATTEMPT: "3"}).finish()
+    finished = start(config, root / "finished", env={**trace_env, contract.ENV_ATTEMPT: "5"}).finish()
     return Scenario(
         reference=reference.finished,
         reference_trace=reference.trace,
+        stage_kills=stage_kills,
         killed=killed,
         killed_during_upload_of=in_flight[0],
         committed_at_kill=committed_at_kill,
@@ -170,6 +192,39 @@ def scenario(
     )
 
 
+def _kill_during(config: Any, root: Path, store: CheckpointStore, env: dict[str, str], stage: str, *,
+                 rank: int, attempt: int) -> StageKill:  # fmt: skip
+    """Launch with every checkpoint held 3 s in `stage`; SIGKILL `rank` while the first checkpoint
+    after the newest commit (one committed before this launch, or its own first) is in it."""
+    committed_before = max(store.committed_steps(), default=0)
+    pause = re.compile(rf"checkpoint step (\d+): paused [\d.]+s in {stage}")
+    held_env = {**env, ENV_TEST_PAUSE: f"{stage}:3", contract.ENV_ATTEMPT: str(attempt)}
+    run = start(config, root / stage, env=held_env)
+    held: list[int] = []
+
+    def in_stage(out: str) -> bool:
+        newest = max(store.committed_steps(), default=0)
+        held[:] = [s for s in map(int, pause.findall(out)) if s > max(newest, committed_before)]
+        return bool(held) and newest > 0
+
+    run.wait_for(in_stage, 180)
+    os.kill(worker_pid(run, rank), signal.SIGKILL)
+    finished = run.finish()
+    return StageKill(stage, finished, held[0], store.committed_steps())
+
+
+@pytest.mark.parametrize("stage", ["snapshot", "write"])
+def test_sigkill_in_a_checkpoint_stage_leaves_that_step_uncommitted(scenario: Scenario, stage: str) -> None:
+    kill = next(k for k in scenario.stage_kills if k.stage == stage)
+    assert kill.finished.code == 128 + signal.SIGKILL, kill.finished.output[-3000:]
+    assert kill.step not in kill.committed_at_kill and kill.committed_at_kill
+
+
+def test_after_a_kill_in_the_write_the_relaunch_resumed_from_the_commit_before(scenario: Scenario) -> None:
+    after_snapshot_kill = max(scenario.stage_kills[0].committed_at_kill)
+    assert f"resuming at step {after_snapshot_kill} of" in scenario.stage_kills[1].finished.output
+
+
 def test_sigkill_during_an_upload_leaves_that_step_uncommitted(scenario: Scenario) -> None:
     assert scenario.killed.code == 128 + signal.SIGKILL
     assert scenario.killed_during_upload_of not in scenario.committed_at_kill
@@ -177,6 +232,7 @@ def test_sigkill_during_an_upload_leaves_that_step_uncommitted(scenario: Scenari
 
 
 def test_the_relaunch_resumes_from_the_newest_committed_checkpoint(scenario: Scenario) -> None:
+    assert f"resuming at step {max(scenario.stage_kills[-1].committed_at_kill)} of" in scenario.killed.output
     assert f"resuming at step {max(scenario.committed_at_kill)} of" in scenario.preempted.output
 
 
@@ -213,7 +269,7 @@ def test_the_final_loss_matches_the_uninterrupted_run(scenario: Scenario) -> Non
 
 def test_a_relaunch_does_not_tokenize_again(scenario: Scenario) -> None:
     assert "not tokenizing again" in scenario.preempted.output
-    assert "not tokenizing again" not in scenario.killed.output
+    assert "not tokenizing again" not in scenario.stage_kills[0].finished.output
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""A TCP relay that throttles uploads, standing in for a slow link to object storage.
+"""A TCP relay that throttles uploads and downloads, standing in for a slow link to object storage.
 
-It widens the window in which a checkpoint is half uploaded, so a test can kill a rank exactly then
-instead of hoping a random moment lands there.
+Throttled uploads widen the window in which a checkpoint is half uploaded, so a test can kill a rank
+exactly then instead of hoping a random moment lands there; throttled downloads make a model or
+dataset fetch outlast a short collective timeout, as a 70B download does on a real link.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
 
 
 @contextmanager
-def slow_link(upstream_host: str, upstream_port: int, *, upload_delay: float) -> Iterator[str]:
-    """Yields `http://127.0.0.1:<port>`, relaying to upstream with `upload_delay` per 16 KiB sent."""
+def slow_link(
+    upstream_host: str, upstream_port: int, *, upload_delay: float, download_delay: float = 0.0
+) -> Iterator[str]:
+    """Yields `http://127.0.0.1:<port>`, relaying to upstream with `upload_delay` per 16 KiB sent
+    and `download_delay` per 16 KiB received."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     address: list[str] = []
@@ -41,7 +45,7 @@ def slow_link(upstream_host: str, upstream_port: int, *, upload_delay: float) ->
             client_writer.close()
             return
         await asyncio.gather(
-            _pump(client_reader, up_writer, upload_delay), _pump(up_reader, client_writer, 0.0)
+            _pump(client_reader, up_writer, upload_delay), _pump(up_reader, client_writer, download_delay)
         )
 
     async def serve() -> asyncio.Server:

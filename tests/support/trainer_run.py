@@ -122,7 +122,10 @@ class TrainerProcess:
 
 
 def start(config: TrainerConfig | str, workdir: Path, *, nproc: int = 2, env: dict[str, str] | None = None,
-          name: str = "run") -> TrainerProcess:  # fmt: skip
+          name: str = "run", nnodes: int = 1, node_rank: int = 0, master_port: int | None = None,
+          ) -> TrainerProcess:  # fmt: skip
+    """One node rank's launcher, as a rank pod runs it; for several nodes, start each with its
+    node_rank, the same master_port and a workdir of its own (its own scratch disk)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / f"{name}-config.json"
     text = config if isinstance(config, str) else config.model_dump_json(by_alias=True, exclude_none=True)
@@ -140,8 +143,9 @@ def start(config: TrainerConfig | str, workdir: Path, *, nproc: int = 2, env: di
         **(env or {}),
     }
     command = [
-        sys.executable, "-m", "finetune_trainer.launch", "--nnodes=1", f"--nproc-per-node={nproc}",
-        "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "--max-restarts=0",
+        sys.executable, "-m", "finetune_trainer.launch", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+        f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={master_port or free_port()}",
+        "--max-restarts=0",
         "-m", "finetune_trainer", "--config", str(config_path),
     ]  # fmt: skip
     with log_path.open("w") as log:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from finetune_trainer.checkpoint_store import (
@@ -13,7 +14,7 @@ from finetune_trainer.checkpoint_store import (
     TornCheckpoint,
     step_dir,
 )
-from finetune_trainer.storage import ObjectStore, StorageUnavailable, open_store
+from finetune_trainer.storage import FileStore, ObjectStore, StorageUnavailable, open_store
 
 from tests.support.s3 import SECRET_KEY
 
@@ -177,3 +178,109 @@ def test_unreachable_storage_raises_storage_unavailable_without_secrets(
     with pytest.raises(StorageUnavailable) as caught:
         store.list("checkpoints/")
     assert SECRET_KEY not in str(caught.value) and caught.value.__cause__ is None
+
+
+# -- resume traffic: a node fetches what its ranks load ----------------------------------------
+
+
+def _node(node_rank: int, *, local_world: int = 2, nnodes: int = 2) -> Any:
+    from finetune_trainer.ranks import Ranks
+
+    return Ranks(rank=node_rank * local_world, local_rank=0, world_size=nnodes * local_world,
+                 local_world_size=local_world, node_rank=node_rank)  # fmt: skip
+
+
+FILES = [
+    "mp_rank_00_model_states.pt",
+    "zero_to_fp32.py",
+    *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)),
+    *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)),
+    *(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(4)),
+]
+
+
+def test_a_node_fetches_its_ranks_shards_and_every_shared_file() -> None:
+    from finetune_trainer.checkpointing import node_files
+
+    wanted = node_files(_node(1), saved_world_size=4, reads_all=False)
+    assert wanted is not None
+    assert [f for f in FILES if wanted(f)] == [
+        "mp_rank_00_model_states.pt",
+        "zero_to_fp32.py",
+        "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_2_mp_rank_00_model_states.pt",
+        "zero_pp_rank_3_mp_rank_00_model_states.pt",
+    ]
+
+
+def test_a_changed_world_size_fetches_everything() -> None:
+    from finetune_trainer.checkpointing import node_files
+
+    assert node_files(_node(0), saved_world_size=8, reads_all=False) is None
+
+
+def test_elastic_or_universal_loading_fetches_everything() -> None:
+    from finetune_trainer.checkpointing import node_files
+
+    assert node_files(_node(0), saved_world_size=4, reads_all=True) is None
+
+
+def test_a_filtered_download_fetches_and_verifies_only_the_wanted_files(tmp_path: Path) -> None:
+    store = CheckpointStore(FileStore(tmp_path / "store"))
+    local = tmp_path / "saved"
+    local.mkdir()
+    for name, size in (("shared.pt", 10), ("zero_pp_rank_0_x.pt", 5), ("zero_pp_rank_1_x.pt", 7)):
+        (local / name).write_bytes(b"x" * size)
+    report = store.upload_node(5, 0, local)
+    manifest = store.commit(5, [report], world_size=2, data_position={})
+    fetched = store.download(manifest, tmp_path / "dest", lambda path: "rank_1" not in path)
+    assert fetched == 15
+    fetched_names = sorted(p.name for p in (tmp_path / "dest").iterdir())
+    assert fetched_names == ["MANIFEST.json", "shared.pt", "zero_pp_rank_0_x.pt"]
+
+
+# -- checkpoint addresses: written by step_dir, read back by parse_checkpoint_uri ----------------
+
+
+@pytest.mark.parametrize("step", [0, 7, 123456789])
+def test_a_checkpoint_address_reads_back_as_its_job_and_step(step: int) -> None:
+    from finetune_trainer.checkpoint_store import parse_checkpoint_uri
+
+    uri = f"s3://bucket/runs/team-a/job/{step_dir(step)}"
+    assert parse_checkpoint_uri(uri) == ("s3://bucket/runs/team-a/job", step)
+    assert parse_checkpoint_uri(uri + "/") == ("s3://bucket/runs/team-a/job", step)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://bucket/runs/team-a/job",
+        "s3://bucket/runs/team-a/job/checkpoints/step-",
+        "s3://bucket/runs/team-a/job/checkpoints/step-12x",
+        "s3://bucket/runs/team-a/job/checkpoints/step-00000010/MANIFEST.json",
+        "file:///checkpoints/step-00000010",
+    ],
+)
+def test_anything_else_is_not_a_checkpoint_address(uri: str) -> None:
+    from finetune_trainer.checkpoint_store import parse_checkpoint_uri
+
+    assert parse_checkpoint_uri(uri) is None
+
+
+def test_the_trainer_opens_exactly_the_storage_schemes_the_api_accepts() -> None:
+    from finetune_operator.api.base import STORAGE_SCHEMES
+    from finetune_trainer.storage import OPENERS
+
+    assert set(OPENERS) == set(STORAGE_SCHEMES)
+
+
+def test_every_store_the_trainer_opens_gets_the_jobs_endpoint_and_region() -> None:
+    from finetune_trainer.storage import S3Store, opener
+
+    store = opener("http://minio.storage:9000", "eu-west-3")("s3://models/llama")
+    assert isinstance(store, S3Store)
+    assert store._client.meta.endpoint_url == "http://minio.storage:9000"
+    assert store._client.meta.region_name == "eu-west-3"

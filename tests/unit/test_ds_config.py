@@ -80,6 +80,15 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     assert {id(p) for p in no_decay["params"]} == {id(names[n]) for n in ("0.bias", "1.weight", "1.bias")}
 
 
+def test_without_weight_decay_one_group_holds_every_trainable_parameter() -> None:
+    """A second group would cost ZeRO an all-gather and an optimizer pass per step for nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    (group,) = parameter_groups(model.named_parameters(), 0.0)
+    assert group["weight_decay"] == 0.0
+    assert {id(p) for p in group["params"]} == {id(model[0].weight), id(model[0].bias), id(model[1].bias)}
+
+
 def test_warmup_then_cosine_decay_to_zero() -> None:
     values = [lr_at(s, total_steps=100, warmup=10, schedule="cosine") for s in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

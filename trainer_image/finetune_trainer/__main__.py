@@ -16,11 +16,8 @@ from pathlib import Path
 
 from finetune_operator import contract
 
-from finetune_trainer.config import ConfigError, load_config, write_termination_message
-from finetune_trainer.data import DataNotFound
-from finetune_trainer.model import ModelNotFound
-from finetune_trainer.step_plan import NotEnoughData
-from finetune_trainer.storage import StorageUnavailable
+from finetune_trainer.config import load_config, write_termination_message
+from finetune_trainer.failures import TrainerFailure
 
 
 def _quiet_libraries(is_main: bool) -> None:
@@ -49,29 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(os.environ.get("RANK", "0") == "0")
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
-        write_termination_message(str(exc))
-        return contract.ExitCode.INVALID_CONFIG
+    except TrainerFailure as exc:
+        write_termination_message(exc.reason())
+        return exc.exit_code
 
-    from finetune_trainer.checkpointing import ResumeSourceNotFound
-    from finetune_trainer.training import Run, Terminated
+    from finetune_trainer.training import Run
 
     run: Run | None = None
     try:
         run = Run(config)
         run.execute()
-    except Terminated as exc:
-        write_termination_message(str(exc))
-        return contract.ExitCode.TERMINATED
-    except NotEnoughData as exc:
-        write_termination_message(str(exc))
-        return contract.ExitCode.INVALID_CONFIG
-    except (DataNotFound, ModelNotFound, ResumeSourceNotFound) as exc:
-        write_termination_message(str(exc))
-        return contract.ExitCode.INPUT_NOT_FOUND
-    except StorageUnavailable as exc:
-        write_termination_message(f"storage unavailable: {exc}")
-        return contract.ExitCode.TRANSIENT
+    except TrainerFailure as exc:
+        write_termination_message(exc.reason())
+        return exc.exit_code
     except Exception as exc:
         at = f" at step {run.step}" if run is not None else ""
         if "out of memory" in str(exc).lower():

@@ -61,18 +61,30 @@ class TornCheckpoint(Exception):
     pass
 
 
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step-"
+
+
 def step_dir(step: int) -> str:
-    return f"checkpoints/step-{step:08d}"
+    """A checkpoint's address inside its job's store; `parse_checkpoint_uri` reads it back."""
+    return f"{CHECKPOINTS}/{STEP_PREFIX}{step:08d}"
+
+
+def _step_name(name: str) -> int | None:
+    digits = name[len(STEP_PREFIX) :]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def parse_checkpoint_uri(uri: str) -> tuple[str, int] | None:
+    """`<job uri>/checkpoints/step-NNNNNNNN` -> (job uri, step); None when `uri` is not one."""
+    job, separator, name = uri.rstrip("/").rpartition(f"/{CHECKPOINTS}/")
+    step = _step_name(name) if separator and job.rstrip("/").count("/") > 2 and "/" not in name else None
+    return None if step is None else (job, step)
 
 
 def _step_of(key: str) -> int | None:
     parts = key.split("/")
-    if len(parts) >= 2 and parts[0] == "checkpoints" and parts[1].startswith("step-"):
-        try:
-            return int(parts[1][5:])
-        except ValueError:
-            return None
-    return None
+    return _step_name(parts[1]) if len(parts) >= 2 and parts[0] == CHECKPOINTS else None
 
 
 def sha256_of(path: Path) -> str:
@@ -195,9 +207,16 @@ class CheckpointStore:
             out.append(manifest)
         return out
 
-    def download(self, manifest: CheckpointManifest, dest: Path) -> None:
-        """Fetch a checkpoint and verify every checksum; TornCheckpoint if any file does not match."""
+    def download(
+        self, manifest: CheckpointManifest, dest: Path, wanted: Callable[[str], bool] | None = None
+    ) -> int:
+        """Fetch a checkpoint's files (those `wanted`, or all) and verify every checksum; the bytes
+        fetched. TornCheckpoint if any file does not match."""
+        fetched = 0
         for entry in manifest.files:
+            if wanted is not None and not wanted(entry.path):
+                continue
+            fetched += entry.size
             local = dest / entry.path
             try:
                 self.store.get_file(f"{step_dir(manifest.step)}/{entry.path}", local)
@@ -206,6 +225,7 @@ class CheckpointStore:
             if local.stat().st_size != entry.size or sha256_of(local) != entry.sha256:
                 raise TornCheckpoint(f"step {manifest.step}: {entry.path} does not match its checksum")
         (dest / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+        return fetched
 
     # -- retention ---------------------------------------------------------------------------
 

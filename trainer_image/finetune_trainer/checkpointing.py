@@ -1,10 +1,12 @@
 """Saving and resuming the DeepSpeed engine through the checkpoint store, without stalling training.
 
-Save: every rank writes its DeepSpeed files to the node's scratch disk (a collective), then the
-node's local rank 0 uploads the node's files in a background thread while training goes on; on rank 0
-that thread then waits for every node's report, commits MANIFEST.json and applies keepLast. A new
-save first waits for the previous upload, so local disk holds at most two checkpoints and commits
-happen in step order.
+Save: training blocks only while every rank snapshots its DeepSpeed state to host memory (DeepSpeed's
+save_checkpoint through `snapshot.SnapshotEngine`). Behind training, each rank writes its snapshot
+to the node's scratch disk and marks it written; the node's local rank 0 waits for its node's marks,
+uploads the node's files, and on rank 0 then waits for every node's report, commits MANIFEST.json
+and applies keepLast. A new save first waits for all of that (on the rendezvous store, not in a
+collective), so at most one snapshot is held in host memory, local disk holds at most two
+checkpoints, and commits happen in step order.
 
 Resume: rank 0 picks the newest committed checkpoint whose files are all there; every node downloads
 and verifies it; if any node finds a checksum wrong, all ranks move on to the next older one.
@@ -13,6 +15,7 @@ and verifies it; if any node finds a checksum wrong, all ranks move on to the ne
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -24,10 +27,15 @@ from typing import Any
 
 from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import (
+    CheckpointManifest,
     CheckpointStore,
     TornCheckpoint,
+    parse_checkpoint_uri,
     step_dir,
 )
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.failures import InputMissing
+from finetune_trainer.snapshot import SnapshotEngine, test_pause, write, written_marker
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class Checkpointer:
         job_uri: str,
         keep_last: int,
         on_commit: Callable[[int, str, datetime], None],
+        phases: Coordinator,
         after_commit: Callable[[], None] = lambda: None,
         device: Any = None,
     ) -> None:
@@ -63,62 +72,117 @@ class Checkpointer:
         self.on_commit = on_commit
         self.after_commit = after_commit
         self.device = device
+        self.phases = phases
         self.resumed_from: int | None = None
         self.run_id: str = dist.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # DeepSpeed's writes go through this engine, which only snapshots (snapshot.py).
+        self.snapshots = SnapshotEngine()
+        engine.checkpoint_engine = self.snapshots
 
     # -- saving ------------------------------------------------------------------------------
 
     def save(self, step: int, position: dict[str, Any], *, block: bool) -> None:
+        """Training blocks for the previous checkpoint's tail (at most one snapshot is ever held) and
+        for the snapshot to host memory; the write, the upload and the commit run behind it."""
         started = time.perf_counter()
-        self.wait()
+        self._wait_for_background(f"the checkpoint of step {self.last_saved}")
         waited = time.perf_counter() - started
+        local = self.local_root / tag(step)
+        if self.ranks.is_node_main:
+            # Leftovers of the same step from a killed attempt must not be uploaded as this run's, nor
+            # its ranks' "written" marks taken for ours. DeepSpeed's first barrier orders this before
+            # any rank of this run writes.
+            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
         self.local_root.mkdir(parents=True, exist_ok=True)
+        self.snapshots.step = step
         self.engine.save_checkpoint(
             str(self.local_root), tag=tag(step), client_state={"data_position": position}, save_latest=False
         )
-        dist.barrier()  # every rank of the node has written its files before the node uploads them
+        snapshots = self.snapshots.take()
+        snapshotted = time.perf_counter() - started - waited
         self.last_saved = step
-        if self.ranks.is_node_main:
-            self._thread = threading.Thread(
-                target=self._upload, args=(step, position), name=f"upload-step-{step}", daemon=True
-            )
-            self._thread.start()
+        self._thread = threading.Thread(
+            target=self._background, args=(step, position, snapshots), name=f"checkpoint-{step}", daemon=True
+        )
+        self._thread.start()
         if block:
-            self.wait()
-            dist.barrier()
+            self._wait_for_background(f"the write, upload and commit of step {step}")
         if self.ranks.is_main:
             blocked = time.perf_counter() - started
             log.info(
-                "checkpoint step %d: training blocked %.3fs (previous upload %.3fs, local save %.3fs)%s",
-                step, blocked, waited, blocked - waited, " until committed" if block else "",
+                "checkpoint step %d: training blocked %.3fs (previous checkpoint %.3fs, snapshot %.3fs)%s",
+                step, blocked, waited, snapshotted, " until committed" if block else "",
             )  # fmt: skip
+
+    def _wait_for_background(self, what: str) -> None:
+        """Each rank's own write first; then every node's upload (and rank 0's commit), awaited on the
+        rendezvous store: an upload may outlast any collective timeout."""
+        if not self.ranks.is_node_main:
+            self.wait()
+        self.phases.per_node(what, self.wait)
+
+    def _background(self, step: int, position: dict[str, Any], snapshots: list[tuple[str, Any]]) -> None:
+        marker = written_marker(self.local_root, step, self.ranks.local_rank)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            started = time.perf_counter()
+            test_pause("write", step)
+            for path, state in snapshots:
+                write(path, state)
+            snapshots.clear()  # the host copy goes as soon as it is on disk
+            marker.write_text("")
+            if self.ranks.is_main:
+                log.info("checkpoint step %d: local write %.3fs", step, time.perf_counter() - started)
+        except BaseException as exc:
+            marker.write_text(f"rank {self.ranks.rank}: {type(exc).__name__}: {exc}"[:500] or "failed")
+            self._error = exc
+            return
+        if self.ranks.is_node_main:
+            try:
+                self._wait_for_local_writes(step)
+                test_pause("upload", step)
+                self._upload(step, position)
+            except BaseException as exc:
+                self._error = exc
+
+    def _wait_for_local_writes(self, step: int) -> None:
+        """The node uploads once every local rank's files are on disk (their marks, read from disk)."""
+        deadline = time.monotonic() + self.phases.deadline
+        marks = [written_marker(self.local_root, step, r) for r in range(self.ranks.local_world_size)]
+        while not all(m.exists() for m in marks):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"step {step}: the node's ranks did not finish writing in time")
+            time.sleep(0.02)
+        failed = [text for m in marks if (text := m.read_text())]
+        if failed:
+            raise RuntimeError(f"checkpoint step {step}: a rank could not write its files: {failed[0]}")
 
     def _upload(self, step: int, position: dict[str, Any]) -> None:
         local = self.local_root / tag(step)
-        try:
-            self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
-            if self.ranks.is_main:
-                reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT, self.run_id)
-                manifest = self.store.commit(
-                    step, reports, world_size=self.ranks.world_size, data_position=position
-                )
-                self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
-                deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
-                # From this commit on the run can resume from its own newer checkpoint, so the one
-                # it started from falls under keepLast like any other.
-                self.resumed_from = None
-                if deleted:
-                    log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
-                self.after_commit()
-            shutil.rmtree(local, ignore_errors=True)
-        except BaseException as exc:
-            self._error = exc
+        self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
+        if self.ranks.is_main:
+            reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT, self.run_id)
+            manifest = self.store.commit(
+                step, reports, world_size=self.ranks.world_size, data_position=position
+            )
+            self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
+            deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
+            # From this commit on the run can resume from its own newer checkpoint, so the one
+            # it started from falls under keepLast like any other.
+            self.resumed_from = None
+            if deleted:
+                log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
+            self.after_commit()
+        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 
     def wait(self) -> None:
-        """Block until the running upload (and commit) finished; its failure surfaces here."""
+        """Block until this rank's background checkpoint (write; on a node's local rank 0 also the
+        upload, and on rank 0 the commit) finished; its failure surfaces here."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -128,47 +192,51 @@ class Checkpointer:
 
     # -- resuming ----------------------------------------------------------------------------
 
-    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[int]:
-        own = [m.step for m in self.store.resumable()]
+    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[tuple[bool, int]]:
+        """(from `elsewhere`?, step) of every checkpoint to try, newest first."""
+        own = [(False, m.step) for m in self.store.resumable()]
         if own or resume == "latest":
             return own  # once this job has committed, a restart continues its own run
-        if resume == "none" or elsewhere is None:
+        if resume == "none":
             return []
-        step = _checkpoint_step(resume)
-        if step not in [m.step for m in elsewhere.resumable()]:
+        _, step = _resume_address(resume)
+        if elsewhere is None or step not in [m.step for m in elsewhere.resumable()]:
             raise ResumeSourceNotFound(f"checkpoint.resume {resume}: not a committed, intact checkpoint")
-        return [-step]  # negative: taken from `elsewhere`
+        return [(True, step)]
 
     def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> dict[str, Any] | None:
         """Load the newest intact committed checkpoint; its data position, or None to start fresh.
         `resume` is latest, none, or the uri of one committed checkpoint (of this or another job)."""
-        elsewhere = None
-        if resume not in ("latest", "none"):
-            elsewhere = open_elsewhere(resume.rstrip("/").rsplit("/checkpoints/", 1)[0])
-        outcome: tuple[str, Any] = ("ok", None)
-        if self.ranks.is_main:
-            try:
-                outcome = ("ok", self._candidates(resume, elsewhere))
-            except ResumeSourceNotFound as exc:
-                outcome = ("missing", str(exc))
-        status, value = dist.broadcast(outcome)
-        if status == "missing":
-            raise ResumeSourceNotFound(value)
+        address = parse_checkpoint_uri(resume) if resume not in ("latest", "none") else None
+        elsewhere = open_elsewhere(address[0]) if address else None
+        candidates = self.phases.on_main(
+            "the checkpoint listing", lambda: self._candidates(resume, elsewhere)
+        )
         target = self.local_root / "resume"
         started = time.perf_counter()
-        for signed_step in value:
-            source = self.store if signed_step >= 0 or elsewhere is None else elsewhere
-            step = abs(signed_step)
-            problem = ""
-            if self.ranks.is_node_main:
+        for from_elsewhere, step in candidates:
+            source = elsewhere if from_elsewhere and elsewhere is not None else self.store
+
+            def download(source: CheckpointStore = source, step: int = step) -> tuple[str, int, int]:
                 shutil.rmtree(target, ignore_errors=True)
+                manifest = source.manifest(step)
                 try:
-                    source.download(source.manifest(step), target / tag(step))
+                    fetched = source.download(manifest, target / tag(step), self._node_files(manifest))
                 except TornCheckpoint as exc:
-                    problem = str(exc)
-                    log.warning("skipping checkpoint step %d: %s", step, problem)
-            if dist.all_reduce([1.0 if problem else 0.0], "max", self.device)[0]:
+                    log.warning("skipping checkpoint step %d: %s", step, exc)
+                    return str(exc), 0, 0
+                return "", fetched, sum(f.size for f in manifest.files)
+
+            # Each node downloads while its ranks wait on the rendezvous store: a 70B checkpoint takes
+            # longer than a collective may. One torn copy anywhere moves every rank to the next older.
+            outcomes = self.phases.per_node(f"the download of step {step}", download)
+            if any(problem for problem, _, _ in outcomes):
                 continue
+            if self.ranks.is_main:  # the resume benchmark reads this line
+                log.info(
+                    "downloaded checkpoint step %d: %s of %d bytes",
+                    step, ", ".join(f"node {n} {b}" for n, (_, b, _) in enumerate(outcomes)), outcomes[0][2],
+                )  # fmt: skip
             _, client_state = self.engine.load_checkpoint(
                 str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -184,14 +252,40 @@ class Checkpointer:
         return None
 
 
-class ResumeSourceNotFound(Exception):
+    def _node_files(self, manifest: CheckpointManifest) -> Callable[[str], bool] | None:
+        reads_all = self.engine.zero_elastic_checkpoint() or self.engine.load_universal_checkpoint()
+        return node_files(self.ranks, manifest.world_size, reads_all)
+
+
+def node_files(ranks: dist.Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
+    """The files a node's ranks load: their own ZeRO shards plus the shared files, when the world
+    size is unchanged; None (every file) otherwise. DeepSpeed 0.19 reads only the loading rank's
+    `zero_pp_rank_<rank>_*` files (`_get_all_zero_checkpoint_state_dicts`, and `_get_ckpt_name` under
+    ZeRO-3), except for elastic and universal checkpoints (`reads_all`), which read them all."""
+    if saved_world_size != ranks.world_size or reads_all:
+        return None
+    first = ranks.node_rank * ranks.local_world_size
+    mine = range(first, first + ranks.local_world_size)
+    return lambda path: (rank := shard_rank(path)) is None or rank in mine
+
+
+SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
+
+
+def shard_rank(path: str) -> int | None:
+    """The data-parallel rank a DeepSpeed file belongs to, or None for a file every rank reads."""
+    match = SHARD.match(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+class ResumeSourceNotFound(InputMissing):
     """checkpoint.resume names a checkpoint that is not committed and intact: exit 3."""
 
 
-def _checkpoint_step(uri: str) -> int:
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    if "/checkpoints/" not in uri or not name.startswith("step-") or not name[5:].isdigit():
+def _resume_address(uri: str) -> tuple[str, int]:
+    address = parse_checkpoint_uri(uri)
+    if address is None:
         raise ResumeSourceNotFound(
             f"checkpoint.resume {uri}: expected <store>/<namespace>/<job>/checkpoints/step-NNNNNNNN"
         )
-    return int(name[5:])
+    return address

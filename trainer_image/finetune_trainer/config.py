@@ -16,8 +16,10 @@ from finetune_operator import contract
 from finetune_operator.api import TrainerConfig, describe
 from pydantic import ValidationError
 
+from finetune_trainer.failures import InvalidInput
 
-class ConfigError(Exception):
+
+class ConfigError(InvalidInput):
     """The config cannot be used; the message is one line for the termination log."""
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
 from finetune_operator.api.spec import DatasetSource, DatasetSpec
 
-from finetune_trainer.storage import ObjectNotFound, open_store
+from finetune_trainer.failures import InputMissing
+from finetune_trainer.storage import ObjectNotFound, Opener, open_store
 
 
-class DataNotFound(Exception):
+class DataNotFound(InputMissing):
     """A source is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 
@@ -58,26 +60,27 @@ def _format(source: DatasetSource, path: str) -> str:
     return "parquet" if path.endswith(".parquet") else "jsonl"
 
 
-def _read_rows(path: Path, fmt: str) -> list[Any]:
+def _read_rows(path: Path, fmt: str) -> Iterator[Any]:
+    """A source file's rows, streamed: a jsonl line or a parquet record batch at a time, never the
+    whole file in memory."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        rows: list[Any] = pq.read_table(path).to_pylist()
-        return rows
-    out: list[Any] = []
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
-                out.append(None)  # counted as empty
+                yield None  # counted as empty
                 continue
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError:
-                out.append(ValueError("not JSON"))
-    return out
+                yield ValueError("not JSON")
 
 
-def fetch_source(source: DatasetSource, cache_dir: Path) -> list[Path]:
+def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = open_store) -> list[Path]:
     """Local copies of a source's files: the file the uri names, or every data file under it."""
     uri = source.uri.rstrip("/")
     if uri.endswith(DATA_EXTENSIONS):

@@ -3,7 +3,7 @@ trained to produce (prompts, user and system turns, padding) is masked with -100
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,13 @@ def encode(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
 def encode_all(
     records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str, report: EncodingReport
 ) -> list[Example]:
-    out = []
+    return list(iter_encode(records, tokenizer, max_len=max_len, overlength=overlength, report=report))
+
+
+def iter_encode(
+    records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str, report: EncodingReport
+) -> Iterator[Example]:
+    """Records to examples, streamed; overlength ones truncated or dropped, counted in `report`."""
     for record in records:
         ids, labels = encode(record, tokenizer)
         if len(ids) > max_len:
@@ -85,14 +91,17 @@ def encode_all(
         if all(label == IGNORE_INDEX for label in labels):
             report.dropped_no_target += 1
             continue
-        out.append(Example(id=record.id, input_ids=ids, labels=labels))
-    return out
+        yield Example(id=record.id, input_ids=ids, labels=labels)
 
 
 def pack(examples: Iterable[Example], max_len: int) -> list[Example]:
+    return list(iter_pack(examples, max_len))
+
+
+def iter_pack(examples: Iterable[Example], max_len: int) -> Iterator[Example]:
     """Concatenate examples into full windows of max_len; the remainder shorter than a window is
-    kept as the last (padded) block so no labelled token is lost. A packed block's id lists its parts."""
-    blocks: list[Example] = []
+    kept as the last (padded) block so no labelled token is lost. A packed block's id lists its
+    parts. Streamed: only the window being filled is held."""
     ids: list[int] = []
     labels: list[int] = []
     parts: list[str] = []
@@ -101,12 +110,11 @@ def pack(examples: Iterable[Example], max_len: int) -> list[Example]:
         labels += example.labels
         parts.append(example.id)
         while len(ids) >= max_len:
-            blocks.append(Example(id="+".join(parts), input_ids=ids[:max_len], labels=labels[:max_len]))
+            yield Example(id="+".join(parts), input_ids=ids[:max_len], labels=labels[:max_len])
             ids, labels = ids[max_len:], labels[max_len:]
             parts = [example.id] if ids else []
     if ids:
-        blocks.append(Example(id="+".join(parts), input_ids=ids, labels=labels))
-    return blocks
+        yield Example(id="+".join(parts), input_ids=ids, labels=labels)
 
 
 def collate(batch: list[Example], pad_id: int, max_len: int) -> dict[str, list[list[int]]]:

@@ -1,9 +1,10 @@
 """The final model in Hugging Face format (safetensors, config, tokenizer) at the output uri.
 
 Under ZeRO-3 the weights are gathered from every rank's shards first (a collective), then rank 0
-writes them. A LoRA run exports either the adapter alone or the adapter merged into a fresh copy of
-the base weights. The upload ends with the export's own MANIFEST.json, so a reader never takes a
-half-uploaded model for a finished one, and a restart after a finished export does not redo it.
+writes them while the other ranks wait on the rendezvous store. A LoRA run exports either the
+adapter alone or the adapter merged into a fresh copy of the base weights. The upload ends with the
+export's own MANIFEST.json, so a reader never takes a half-uploaded model for a finished one, and a
+restart after a finished export does not redo it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import MANIFEST, FileEntry, upload_tree
+from finetune_trainer.coordination import Coordinator
 from finetune_trainer.model import load_base, lora_config
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
 
@@ -75,9 +77,10 @@ def _write(config: TrainerConfig, engine: Any, state: dict[str, Any], base_sourc
 
 
 def export(config: TrainerConfig, engine: Any, *, step: int, base_source: str, tokenizer: Any,
-           store: ObjectStore, scratch: Path) -> None:  # fmt: skip
+           store: ObjectStore, scratch: Path, phases: Coordinator) -> None:  # fmt: skip
     state = full_state_dict(engine, config.deepspeed.zero_stage)
-    if dist.from_env().is_main:
+
+    def write_and_upload() -> None:
         assert state is not None
         store.delete([MANIFEST])  # from here on, until the new manifest, the output is unfinished
         out = scratch / "export"
@@ -91,4 +94,6 @@ def export(config: TrainerConfig, engine: Any, *, step: int, base_source: str, t
         log.info(
             "exported %s model of step %d: %s", manifest.kind, step, json.dumps([e.path for e in entries])
         )
-    dist.barrier()
+
+    # Rank 0 writes and uploads; the others wait on the rendezvous store, not in a collective.
+    phases.on_main("the export", write_and_upload)

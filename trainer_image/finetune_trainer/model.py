@@ -1,7 +1,8 @@
 """The base model and tokenizer: fetched once per node, loaded for full fine-tuning or LoRA.
 
 An `s3://` model is downloaded by each node's local rank 0 into the node's scratch cache (marked
-complete only after the last file), while the node's other ranks wait at a barrier; `file://` is read
+complete only after the last file), while every other rank waits for the nodes' outcomes on the
+rendezvous store (coordination.py); `file://` is read
 in place; a hub id is left to transformers, which the cluster must be able to reach.
 """
 
@@ -14,19 +15,20 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
-from finetune_trainer.storage import ObjectNotFound, open_store
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.failures import InputMissing
+from finetune_trainer.storage import ObjectNotFound, Opener, is_storage_uri, local_path, open_store
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
 
 
-class ModelNotFound(Exception):
+class ModelNotFound(InputMissing):
     """The model or tokenizer is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 
-def _fetch_s3(uri: str, dest: Path) -> None:
+def _fetch(uri: str, dest: Path, open_store: Opener) -> None:
     if (dest / COMPLETE_MARKER).exists():
         return
     store = open_store(uri)
@@ -41,25 +43,18 @@ def _fetch_s3(uri: str, dest: Path) -> None:
     (dest / COMPLETE_MARKER).touch()
 
 
-def local_source(uri: str, cache: Path, ranks: dist.Ranks, device: Any) -> str:
-    """A path (or hub id) transformers can load from; the node's download happens here once."""
-    if uri.startswith("file://"):
-        path = Path(uri[len("file://") :])
+def local_source(uri: str, cache: Path, phases: Coordinator, open_store: Opener = open_store) -> str:
+    """A path (or hub id) transformers can load from; the node's download happens here once, while
+    the node's other ranks wait on the rendezvous store (a download outlasts any collective timeout)."""
+    path = local_path(uri)
+    if path is not None:
         if not path.is_dir():
             raise ModelNotFound(f"model {uri}: no such directory")
         return str(path)
-    if uri.startswith("s3://"):
+    if is_storage_uri(uri):
         dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
-        error: str | None = None
-        if ranks.is_node_main:
-            try:
-                _fetch_s3(uri, dest)
-            except ModelNotFound as exc:
-                error = str(exc)
         # Every rank learns of a failed download instead of waiting for files that never come.
-        errors = dist.all_reduce([1.0 if error else 0.0], "max", device)
-        if errors[0]:
-            raise ModelNotFound(error or f"model {uri}: the download failed on another node")
+        phases.per_node(f"the download of {uri}", lambda: _fetch(uri, dest, open_store))
         return str(dest)
     return uri
 

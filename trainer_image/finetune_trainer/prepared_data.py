@@ -2,9 +2,11 @@
 
 Rank 0 fetches the sources and derives the cache key from their bytes, the tokenizer and every
 setting that shapes the examples. When `<job>/cache/tokenized-<key>/` is committed (its MANIFEST.json
-written last, like a checkpoint) nobody tokenizes; otherwise rank 0 cleans, splits, mixes, encodes
-and packs, then commits the cache. Every node then reads the same examples, so a restarted attempt,
-on any node, starts training without tokenizing again.
+written last, like a checkpoint) nobody tokenizes. Otherwise rank 0 cleans, splits and mixes (the
+plan), every rank encodes its share of the plan, and rank 0 merges the shares in order, packs and
+commits (tokenization.py). Every node then downloads the committed files once, and every rank
+memory-maps them (example_table.py): a node's ranks share one copy through the page cache, and a
+restarted attempt, on any node, starts training without tokenizing again.
 """
 
 from __future__ import annotations
@@ -13,32 +15,41 @@ import hashlib
 import json
 import logging
 import os
-import pickle
-import random
+import shutil
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
-from finetune_trainer.checkpoint_store import sha256_of
-from finetune_trainer.data import DataNotFound, DataReport, fetch_source, load_records, mix, split
+from finetune_trainer.checkpoint_store import FileEntry, sha256_of, upload_tree
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.data import DataNotFound, fetch_source
 from finetune_trainer.encoding import EncodingReport, Example, encode_all, pack
-from finetune_trainer.storage import ObjectNotFound, ObjectStore
+from finetune_trainer.example_table import ExampleTable, write_examples
+from finetune_trainer.storage import ObjectNotFound, ObjectStore, Opener, open_store
+from finetune_trainer.tokenization import (
+    SPLITS,
+    encode_share,
+    merged,
+    merged_report,
+    plan_records,
+    write_plan,
+)
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-EXAMPLES_FILE = "examples.pkl"
+CACHE_FORMAT = 2  # 2: memory-mapped columns (example_table.py) instead of one pickle
 MANIFEST = "MANIFEST.json"
 
 
 @dataclass
 class PreparedData:
     key: str
-    train: list[Example]
-    validation: list[Example]
+    train: ExampleTable
+    validation: ExampleTable
     report: dict[str, Any]
 
 
@@ -68,15 +79,9 @@ def cache_key(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: An
 
 
 def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -> tuple[list[Example], ...]:
-    spec, seed = config.dataset, config.training.seed
-    data_report = DataReport()
-    per_source = load_records(spec, files, data_report)
-    splits = [split(records, spec.validation_fraction, seed) for records in per_source]
-    train = mix([t for t, _ in splits], [s.weight for s in spec.sources], seed)
-    # Mixing lays sources out one after another; shuffling once before packing keeps packed
-    # windows from being single-source. The per-epoch order is shuffled again when training.
-    random.Random(f"{seed}:mix").shuffle(train)
-    validation = [record for _, v in splits for record in v]
+    """Everything one rank would do alone: the reference the spread tokenization must equal."""
+    spec = config.dataset
+    train, validation, data_report = plan_records(config, files)
     encoding_report = EncodingReport()
     kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
     train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
@@ -97,67 +102,122 @@ def _prefix(key: str) -> str:
     return f"cache/tokenized-{key}"
 
 
-def _commit(store: ObjectStore, key: str, payload: dict[str, Any], workdir: Path) -> None:
-    local = workdir / EXAMPLES_FILE
-    local.parent.mkdir(parents=True, exist_ok=True)
+def _commit(store: ObjectStore, key: str, splits: dict[str, Iterable[Example]], report: dict[str, Any],
+            local: Path) -> None:  # fmt: skip
+    """Write the examples memory-mappable, upload them, then MANIFEST.json last (the commit). The
+    node's own copy becomes `local` only once complete, so a killed build leaves nothing reusable."""
     partial = local.with_name(local.name + ".partial")
-    with partial.open("wb") as f:
-        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(partial, local)  # a process killed mid-write leaves no torn cache behind
-    store.put_file(local, f"{_prefix(key)}/{EXAMPLES_FILE}")
-    manifest = {"size": local.stat().st_size, "sha256": sha256_of(local), "report": payload["report"]}
-    store.put_bytes(f"{_prefix(key)}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(partial, ignore_errors=True)
+    for name, examples in splits.items():
+        report[name] = write_examples(examples, partial, name)
+    entries = upload_tree(store, partial, _prefix(key))
+    manifest = json.dumps({"files": [e.model_dump() for e in entries], "report": report}, indent=1)
+    store.put_bytes(f"{_prefix(key)}/{MANIFEST}", manifest.encode())
+    (partial / MANIFEST).write_text(manifest)
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(partial, local)
 
 
-def _read(store: ObjectStore, key: str, workdir: Path) -> dict[str, Any] | None:
-    """The cached examples, or None when the cache is not committed or torn (a rebuild then
-    replaces it)."""
-    local = workdir / EXAMPLES_FILE
+def _read(store: ObjectStore, key: str, local: Path) -> bool:
+    """Whether the node holds a verified copy of the committed cache in `local` (downloading it when
+    it does not yet); False when the cache is not committed or torn (a rebuild then replaces it)."""
+    if (local / MANIFEST).exists():
+        return True
     try:
-        manifest = json.loads(store.get_bytes(f"{_prefix(key)}/{MANIFEST}"))
-        store.get_file(f"{_prefix(key)}/{EXAMPLES_FILE}", local)
+        text = store.get_bytes(f"{_prefix(key)}/{MANIFEST}").decode()
     except ObjectNotFound:
-        return None
-    if local.stat().st_size != manifest["size"] or sha256_of(local) != manifest["sha256"]:
-        local.unlink()
-        return None
-    with local.open("rb") as f:
-        payload: dict[str, Any] = pickle.load(f)
-    return payload
-
-
-def prepare(
-    config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path, ranks: dist.Ranks, device: Any
-) -> PreparedData:
-    outcome: tuple[str, str] = ("ok", "")
-    if ranks.is_main:
+        return False
+    files = [FileEntry.model_validate(f) for f in json.loads(text).get("files", [])]
+    partial = local.with_name(local.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for entry in files:
+        path = partial / entry.path
         try:
-            files = {i: fetch_source(s, scratch / "datasets") for i, s in enumerate(config.dataset.sources)}
-            key = cache_key(config, files, tokenizer)
-            if _read(store, key, scratch / "cache" / key) is not None:
-                log.info("tokenized cache %s found: not tokenizing again", key)
-            else:
-                train, validation, report = build(config, files, tokenizer)
-                payload = {"train": train, "validation": validation, "report": report}
-                _commit(store, key, payload, scratch / "cache" / key)
-                log.info("data: %s", json.dumps(report))
-            outcome = ("ok", key)
-        except DataNotFound as exc:
-            outcome = ("missing", str(exc))
-    status, value = dist.broadcast(outcome)
-    if status == "missing":
-        raise DataNotFound(value)
-    key = value
-    local = scratch / "cache" / key / EXAMPLES_FILE
-    # One download per node (rank 0 already holds the file it built or read); the node's other
-    # ranks wait, and every rank learns if any node could not read the cache.
-    ok = True
-    if ranks.is_node_main and not local.exists():
-        ok = _read(store, key, local.parent) is not None
-    if not dist.all_reduce([0.0 if ok else 1.0], "max", device)[0] == 0.0:
-        raise DataNotFound(f"tokenized cache {key} is torn or vanished from the job's store")
-    with local.open("rb") as f:
-        payload = pickle.load(f)
-    return PreparedData(
-        key=key, train=payload["train"], validation=payload["validation"], report=payload["report"]
-    )
+            store.get_file(f"{_prefix(key)}/{entry.path}", path)
+        except ObjectNotFound:
+            return False
+        if path.stat().st_size != entry.size or sha256_of(path) != entry.sha256:
+            return False
+    (partial / MANIFEST).write_text(text)
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(partial, local)
+    return True
+
+
+def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: Path, phases: Coordinator,
+            open_store: Opener = open_store) -> PreparedData:  # fmt: skip
+    cache = scratch / "cache"
+
+    def plan_or_reuse() -> tuple[str, dict[str, Any] | None]:
+        sources = enumerate(config.dataset.sources)
+        files = {i: fetch_source(s, scratch / "datasets", open_store) for i, s in sources}
+        key = cache_key(config, files, tokenizer)
+        if _read(store, key, cache / key):
+            log.info("tokenized cache %s found: not tokenizing again", key)
+            return key, None
+        train, validation, data_report = plan_records(config, files)
+        plan = cache / f"{key}.plan"
+        write_plan(train, plan / "train.jsonl")
+        write_plan(validation, plan / "validation.jsonl")
+        upload_tree(store, plan, f"{_prefix(key)}/plan")
+        return key, {"train": len(train), "validation": len(validation), "sources": data_report.as_dict()}
+
+    # Rank 0 reads and plans while the others wait on the rendezvous store, not in a collective.
+    started = time.monotonic()
+    key, plan = phases.on_main("the data plan", plan_or_reuse)
+    if plan is not None:
+        _tokenize(config, tokenizer, store, cache, key, plan, phases, started)
+    local = cache / key
+
+    def download() -> None:
+        # One download per node (rank 0 already holds the files it built or read).
+        if not _read(store, key, local):
+            raise DataNotFound(f"tokenized cache {key} is torn or vanished from the job's store")
+
+    phases.per_node("the tokenized cache's download", download)
+    # Every rank of the node maps the same files: one copy in the page cache, none per rank.
+    report = json.loads((local / MANIFEST).read_text())["report"]
+    train, validation = ExampleTable(local, "train"), ExampleTable(local, "validation")
+    return PreparedData(key=key, train=train, validation=validation, report=report)
+
+
+def _tokenize(config: TrainerConfig, tokenizer: Any, store: ObjectStore, cache: Path, key: str,
+              plan: dict[str, Any], phases: Coordinator, started: float) -> None:  # fmt: skip
+    """Every rank encodes its share of the plan (tokenization.py); rank 0 merges and commits."""
+    ranks = phases.ranks
+    plan_dir, shares = cache / f"{key}.plan", cache / f"{key}.shares"
+
+    def fetch_plan() -> None:
+        for name in ("train.jsonl", "validation.jsonl"):
+            if not (plan_dir / name).exists():
+                store.get_file(f"{_prefix(key)}/plan/{name}", plan_dir / name)
+
+    phases.per_node("the data plan's download", fetch_plan)
+
+    def encode_mine() -> dict[str, int]:
+        mine = shares / f"rank-{ranks.rank:05d}"
+        report = encode_share(config, tokenizer, plan_dir, plan, ranks.rank, ranks.world_size, mine)
+        if not ranks.is_main:  # rank 0 merges from its own disk
+            upload_tree(store, mine, f"{_prefix(key)}/shares/rank-{ranks.rank:05d}")
+        return report
+
+    reports = phases.every_rank("tokenization", encode_mine)
+
+    def merge() -> None:
+        parts = [shares / f"rank-{r:05d}" for r in range(ranks.world_size)]
+        for rank, part in enumerate(parts[1:], 1):
+            prefix = f"{_prefix(key)}/shares/rank-{rank:05d}/"
+            for obj in store.list(prefix):
+                store.get_file(obj.key, part / obj.key[len(prefix) :])
+        report = {"sources": plan["sources"], "encoding": merged_report(reports)}
+        splits = {name: merged(config, parts, name) for name in SPLITS}
+        _commit(store, key, splits, report, cache / key)
+        log.info("data: %s", json.dumps(report))
+        log.info("planned, tokenized on %d ranks and committed in %.2fs", ranks.world_size,
+                 time.monotonic() - started)  # fmt: skip
+        leftovers = store.list(f"{_prefix(key)}/plan/") + store.list(f"{_prefix(key)}/shares/")
+        store.delete([o.key for o in leftovers])
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        shutil.rmtree(shares, ignore_errors=True)
+
+    phases.on_main("merging the tokenized shares", merge)

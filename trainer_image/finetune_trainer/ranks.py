@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -61,19 +60,43 @@ def on_cpu() -> bool:
     return bool(get_accelerator().device_name() == "cpu")
 
 
-def init(ranks: Ranks) -> Any:
-    """Start the process group (gloo on CPU, NCCL on GPUs) and return this rank's device."""
+def init(ranks: Ranks, collective_timeout: timedelta) -> Any:
+    """Start the process group (gloo on CPU, NCCL on GPUs) and return this rank's device.
+
+    `collective_timeout` bounds every collective (runPolicy.collectiveTimeoutSeconds): a training
+    step's all-reduce takes seconds, so a peer that hangs ends the run soon after. Work that grows
+    with model or data size is never awaited in a collective (coordination.py)."""
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     backend = "gloo" if on_cpu() else accelerator.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    bound_every_group(collective_timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout)
     if on_cpu():
         return torch.device("cpu")
     accelerator.set_device(ranks.local_rank)
     return torch.device(accelerator.device_name(ranks.local_rank))
+
+
+def bound_every_group(timeout: timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on, not only the default
+    group's. DeepSpeed creates its own groups (ZeRO's data-parallel group reduces the gradients)
+    with `torch.distributed.new_group(ranks)`, which takes its timeout from the module's default
+    (`distributed_c10d._get_default_timeout`: 30 minutes on gloo, 10 on NCCL), not from the one
+    `init_process_group` was given; a hung peer would then hold the gang for that long."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout  # type: ignore[attr-defined]
+    distributed_c10d.default_pg_nccl_timeout = timeout  # type: ignore[attr-defined]
+
+
+def default_store() -> Any:
+    """The key-value store of the gang's rendezvous (torchrun's TCPStore), shared by every rank."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
 
 
 def broadcast(value: Any) -> Any:
@@ -92,6 +115,25 @@ def all_reduce(values: list[float], op: str, device: Any) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return [float(v) for v in tensor.tolist()]
+
+
+def all_reduce_started(
+    values: list[float], op: str, device: Any, timeout: timedelta
+) -> Callable[[], list[float]]:
+    """Start an all-reduce that runs while this rank goes on; call the result to wait for it. The
+    wait has the collective timeout of its own: gloo does not end an async op a peer never joins."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    work = dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], async_op=True)
+
+    def result() -> list[float]:
+        if not work.wait(timeout):
+            raise RuntimeError(f"collective timed out after {timeout.total_seconds():.0f}s")
+        return [float(v) for v in tensor.tolist()]
+
+    return result
 
 
 def barrier() -> None:

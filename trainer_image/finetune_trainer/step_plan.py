@@ -13,9 +13,10 @@ from typing import Any
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.data import epoch_order, rank_shard
+from finetune_trainer.failures import InvalidInput
 
 
-class NotEnoughData(Exception):
+class NotEnoughData(InvalidInput):
     """Fewer training examples than one global batch: no step can be taken (an invalid config)."""
 
 

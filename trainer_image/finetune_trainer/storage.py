@@ -8,10 +8,11 @@ its commit protocol on exactly that guarantee.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,9 +20,13 @@ from urllib.parse import urlparse
 
 from finetune_operator import contract
 
+from finetune_trainer.failures import Transient
 
-class StorageUnavailable(Exception):
+
+class StorageUnavailable(Transient):
     """Storage could not be reached or refused us; the trainer exits 75 (transient) on it."""
+
+    prefix = "storage unavailable: "
 
 
 class ObjectNotFound(Exception):
@@ -222,10 +227,42 @@ def transfer_config(concurrency: int = 16, chunk_mib: int = 16) -> Any:
     )
 
 
+def _open_file(parsed: Any, endpoint_url: str | None, region: str | None) -> ObjectStore:
+    return FileStore(Path(parsed.path))
+
+
+def _open_s3(parsed: Any, endpoint_url: str | None, region: str | None) -> ObjectStore:
+    return S3Store(parsed.netloc, parsed.path, s3_client(endpoint_url, region), transfer_config())
+
+
+# The only place that dispatches on a storage scheme; the schemes are the API's (STORAGE_SCHEMES).
+OPENERS = {"file": _open_file, "s3": _open_s3}
+
+
+def is_storage_uri(uri: str) -> bool:
+    """Whether `uri` names a store location (anything else a model source may be is a hub id)."""
+    return urlparse(uri).scheme in OPENERS
+
+
+def local_path(uri: str) -> Path | None:
+    """The directory a store location already is on this machine (file://), or None."""
+    parsed = urlparse(uri)
+    return Path(parsed.path) if parsed.scheme == "file" else None
+
+
+Opener = Callable[[str], ObjectStore]
+
+
+def opener(endpoint_url: str | None, region: str | None) -> Opener:
+    """How the trainer opens every store it touches (model, data, checkpoints, output, a warm
+    start's checkpoint): the job's endpoint and region reach each of them by this one route."""
+    return functools.partial(open_store, endpoint_url=endpoint_url, region=region)
+
+
 def open_store(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
     parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return FileStore(Path(parsed.path))
-    if parsed.scheme == "s3":
-        return S3Store(parsed.netloc, parsed.path, s3_client(endpoint_url, region), transfer_config())
-    raise ValueError(f"unsupported storage uri scheme {parsed.scheme!r}: use s3:// or file://")
+    opener = OPENERS.get(parsed.scheme)
+    if opener is None:
+        schemes = " or ".join(f"{s}://" for s in OPENERS)
+        raise ValueError(f"unsupported storage uri scheme {parsed.scheme!r}: use {schemes}")
+    return opener(parsed, endpoint_url, region)

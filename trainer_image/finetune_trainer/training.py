@@ -12,6 +12,8 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +21,23 @@ from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer import ranks as dist
+from finetune_trainer.cadence import Cadence
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
+from finetune_trainer.coordination import Coordinator
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate
+from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.export import export, exported_step
+from finetune_trainer.failures import Terminated
 from finetune_trainer.model import load_model, load_tokenizer, local_source
 from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.reporting import Reporter
 from finetune_trainer.sample_trace import SampleTrace
 from finetune_trainer.step_plan import StepPlan, plan
-from finetune_trainer.storage import open_store
+from finetune_trainer.storage import opener
 
 log = logging.getLogger("finetune_trainer")
-
-
-class Terminated(Exception):
-    """SIGTERM (or Ctrl-C) was answered with an emergency checkpoint; the rank exits 143."""
 
 
 class StopFlag:
@@ -64,15 +66,14 @@ class Run:
         self.config = config
         self.stop = StopFlag()
         self.ranks = dist.from_env()
-        self.device = dist.init(self.ranks)
+        self.collective_timeout = timedelta(seconds=config.timeouts.collective_seconds)
+        self.device = dist.init(self.ranks, self.collective_timeout)
+        self.phases = Coordinator(dist.default_store(), self.ranks, deadline=config.timeouts.phase_seconds)
         self.scratch = scratch_dir(config, self.ranks)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.step = 0
-
-    def _open(self, uri: str) -> Any:
-        return open_store(
-            uri, endpoint_url=self.config.checkpoint.endpoint_url, region=self.config.checkpoint.region
-        )
+        # Every store the run touches is opened with the job's endpoint and region, by this one route.
+        self._open = opener(config.checkpoint.endpoint_url, config.checkpoint.region)
 
     def execute(self) -> None:
         import deepspeed
@@ -80,14 +81,14 @@ class Run:
 
         config, ranks = self.config, self.ranks
         job_store = self._open(config.checkpoint.job_uri)
-        model_source = local_source(config.model.source, self.scratch / "models", ranks, self.device)
+        model_source = local_source(config.model.source, self.scratch / "models", self.phases, self._open)
         tokenizer_source = (
-            local_source(config.model.tokenizer, self.scratch / "models", ranks, self.device)
+            local_source(config.model.tokenizer, self.scratch / "models", self.phases, self._open)
             if config.model.tokenizer
             else model_source
         )
         tokenizer = load_tokenizer(config, tokenizer_source)
-        data = prepare(config, tokenizer, job_store, self.scratch, ranks, self.device)
+        data = prepare(config, tokenizer, job_store, self.scratch, self.phases, self._open)
         steps = plan(config, len(data.train))
         ds_config = deepspeed_config(config, cpu=dist.on_cpu())
         model, keep_alive = load_model(config, model_source, ds_config)
@@ -125,6 +126,7 @@ class Run:
             keep_last=config.checkpoint.keep_last,
             on_commit=reporter.committed,
             after_commit=lambda: self._upload_tensorboard(reporter, job_store),
+            phases=self.phases,
             device=self.device,
         )
         position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(self._open(uri)))
@@ -143,11 +145,11 @@ class Run:
         checkpointer.wait()
         output = self._open(config.output_uri)
         # Rank 0 decides for all: a rank that looked later could see the new export's manifest and
-        # skip the gather (a collective under ZeRO-3) and the barrier the others are waiting in.
-        exported = dist.broadcast(exported_step(output) == steps.total_steps if ranks.is_main else None)
+        # skip the gather (a collective under ZeRO-3) the others are waiting in.
+        exported = self.phases.on_main("the export check", lambda: exported_step(output) == steps.total_steps)
         if not exported:
             export(config, engine, step=steps.total_steps, base_source=model_source, tokenizer=tokenizer,
-                   store=output, scratch=self.scratch)  # fmt: skip
+                   store=output, scratch=self.scratch, phases=self.phases)  # fmt: skip
         reporter.close()
         self._upload_tensorboard(reporter, job_store)
         del keep_alive
@@ -164,34 +166,47 @@ class Run:
 
     def _train(self, engine: Any, data: PreparedData, steps: StepPlan, checkpointer: Checkpointer,
                reporter: Reporter, start: int) -> None:  # fmt: skip
+        """The step loop: nothing in it waits on the device or on the other ranks beyond what
+        DeepSpeed's step needs. Tokens are counted on the host, and the ranks agree on the two flags
+        (SIGTERM arrived, checkpoint time is up) with an all-reduce that runs while the next step
+        computes: its result decides after that next step, the same step on every rank."""
         import torch
 
         config, ranks = self.config, self.ranks
         if self.stop.requested:
             raise Terminated("terminated before the first step; nothing to save")
         trace = SampleTrace.from_env(ranks)
-        micro, every_steps = config.training.micro_batch_size, config.checkpoint.every_steps
-        every_seconds = config.checkpoint.every_minutes * 60
-        eval_every = config.training.eval_every_steps
+        cadence = Cadence.of(config, steps.total_steps, has_validation=bool(data.validation))
+        micro, every_seconds = config.training.micro_batch_size, config.checkpoint.every_minutes * 60
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = steps_in_window = 0
         window_start = last_checkpoint = time.monotonic()
+        checkpointed_at = start
+        flags_in_flight: Callable[[], list[float]] | None = None
         engine.train()
         for step in range(start, steps.total_steps):
             indices = steps.rank_indices(step, ranks.rank)
             for at in range(0, len(indices), micro):
-                batch = self._batch([data.train[i] for i in indices[at : at + micro]])
-                loss = engine(**batch).loss
+                examples = [data.train[i] for i in indices[at : at + micro]]
+                loss = engine(**self._batch(examples)).loss
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().to(torch.float64) / (len(indices) // micro)
-                tokens += int(batch["attention_mask"].sum())
+                tokens += sum(len(e.input_ids) for e in examples)
             done = self.step = step + 1
             steps_in_window += 1
             trace.record(done, [data.train[i].id for i in indices])
             time_due = every_seconds > 0 and time.monotonic() - last_checkpoint >= every_seconds
-            stop, due = dist.all_reduce([float(self.stop.requested), float(time_due)], "max", self.device)
-            if done % config.training.log_every_steps == 0 or done == steps.total_steps:
+            agreed = flags_in_flight() if flags_in_flight is not None else [0.0, 0.0]
+            if checkpointed_at == done - 1:
+                agreed[1] = 0.0  # raised before the checkpoint the previous step took
+            flags_in_flight = dist.all_reduce_started(
+                [float(self.stop.requested), float(time_due)], "max", self.device, self.collective_timeout
+            )
+            if done == steps.total_steps:  # no next step to overlap with: this step's flags decide
+                agreed, flags_in_flight = flags_in_flight(), None
+            decisions = cadence.after(done, stop=bool(agreed[0]), time_due=bool(agreed[1]))
+            if decisions.log:
                 total_loss, total_tokens = dist.all_reduce(
                     [float(loss_sum), float(tokens)], "sum", self.device
                 )
@@ -205,21 +220,20 @@ class Run:
                 loss_sum.zero_()
                 tokens = steps_in_window = 0
                 window_start = time.monotonic()
-            checkpoint_now = bool(stop or due) or (every_steps > 0 and done % every_steps == 0)
-            if data.validation and (
-                (eval_every and done % eval_every == 0) or (not eval_every and checkpoint_now)
-            ):
+            if decisions.evaluate:
                 eval_loss = self._evaluate(engine, data.validation)
                 if eval_loss is not None:
                     reporter.evaluation(done, eval_loss)
-            if stop:
+            if decisions.stop:
+                if flags_in_flight is not None:
+                    flags_in_flight()  # every collective this rank started is finished before exit
                 checkpointer.save(done, self._position(steps, done, data), block=True)
                 raise Terminated(f"terminated: emergency checkpoint at step {done} committed")
-            if checkpoint_now and done != steps.total_steps:
+            if decisions.checkpoint:
                 checkpointer.save(done, self._position(steps, done, data), block=False)
-                last_checkpoint = time.monotonic()
+                last_checkpoint, checkpointed_at = time.monotonic(), done
 
-    def _evaluate(self, engine: Any, examples: list[Example]) -> float | None:
+    def _evaluate(self, engine: Any, examples: ExampleTable) -> float | None:
         """Mean loss per target token over the validation set; equal shares per rank, since ZeRO-3
         gathers parameters collectively on every forward."""
         import torch
@@ -227,13 +241,13 @@ class Run:
         per_rank = len(examples) // self.ranks.world_size
         if per_rank == 0:
             return None
-        mine = examples[self.ranks.rank * per_rank : (self.ranks.rank + 1) * per_rank]
+        first = self.ranks.rank * per_rank
         micro = self.config.training.micro_batch_size
         loss_sum, counted = 0.0, 0.0
         engine.eval()
         with torch.no_grad():
-            for at in range(0, per_rank, micro):
-                batch = self._batch(mine[at : at + micro])
+            for at in range(first, first + per_rank, micro):
+                batch = self._batch([examples[i] for i in range(at, min(at + micro, first + per_rank))])
                 targets = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 loss_sum += float(engine(**batch).loss) * targets
                 counted += targets

@@ -134,7 +134,10 @@ K8sName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
 # Storage locations. Bucket names follow S3's rules; file:// must be absolute (three slashes).
 S3_URI_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
 FILE_URI_PATTERN = r"file:///[^\s]*"
-STORAGE_URI_PATTERN = rf"^({S3_URI_PATTERN}|{FILE_URI_PATTERN})$"
+# The storage schemes the API accepts, each with its pattern: the one list the trainer's storage.py
+# dispatches on (a test keeps the two in step).
+STORAGE_SCHEMES: dict[str, str] = {"s3": S3_URI_PATTERN, "file": FILE_URI_PATTERN}
+STORAGE_URI_PATTERN = rf"^({'|'.join(STORAGE_SCHEMES.values())})$"
 StorageUri = Annotated[str, Field(pattern=STORAGE_URI_PATTERN, max_length=2048)]
 
 # A model can also come from a hub id ("org/name"), for clusters that reach a model hub.

@@ -485,6 +485,20 @@ class RunPolicy(ApiModel):
     termination_grace_period_seconds: int = Field(
         120, ge=10, le=3600, description="Time a rank has on SIGTERM to write its emergency checkpoint."
     )
+    collective_timeout_seconds: int = Field(
+        300,
+        ge=1,
+        le=86400,
+        description="How long a rank waits in one collective of a training step (all-reduce, "
+        "gather) before the run ends as transient (exit 75): a hung peer is noticed this soon.",
+    )
+    phase_timeout_seconds: int = Field(
+        14400,
+        ge=60,
+        le=604800,
+        description="How long ranks wait for another rank's long phase (model download, "
+        "tokenization, checkpoint download, upload and commit, export) before giving up (exit 75).",
+    )
     suspend: bool = Field(
         False, description="Stop the pods and keep the job; unsuspend resumes from a checkpoint."
     )

@@ -57,6 +57,13 @@ class Store(ApiModel):
     resume: str
 
 
+class Timeouts(ApiModel):
+    """runPolicy's deadlines the trainer enforces itself."""
+
+    collective_seconds: int = Field(ge=1)
+    phase_seconds: int = Field(ge=1)
+
+
 class TrainerConfig(ApiModel):
     job: JobIdentity
     model: ModelSpec
@@ -67,6 +74,7 @@ class TrainerConfig(ApiModel):
     schedule: Schedule
     checkpoint: Store
     output_uri: StorageUri
+    timeouts: Timeouts
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -111,4 +119,8 @@ def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
             resume=spec.checkpoint.resume,
         ),
         output_uri=spec.output.uri or join_uri(store, "final"),
+        timeouts=Timeouts(
+            collective_seconds=spec.run_policy.collective_timeout_seconds,
+            phase_seconds=spec.run_policy.phase_timeout_seconds,
+        ),
     )

@@ -8,7 +8,6 @@ from typing import Any
 from finetune_operator import contract
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.kubernetes import wire
-from finetune_operator.api.trainer_config import job_store_uri
 from finetune_operator.builders import naming
 from finetune_operator.builders.objects import Manifest, child_metadata
 from finetune_operator.builders.placement import affinity
@@ -47,7 +46,6 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
         _value(contract.ENV_JOB_NAME, name),
         _value(contract.ENV_JOB_NAMESPACE, namespace),
         _value(contract.ENV_ATTEMPT, attempt),
-        _value(contract.ENV_CHECKPOINT_URI, job_store_uri(job)),
         _value(contract.ENV_SCRATCH_DIR, contract.SCRATCH_DIR),
         _value(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG),
         _value(contract.ENV_SHUTDOWN_TIMEOUT, shutdown_timeout(job)),

@@ -1,0 +1,112 @@
+"""Tokenization spread over the ranks: rank 0 plans, every rank encodes a share, rank 0 merges.
+
+Cleaning, deduplication, the split and the mixture need every record at once and are cheap; encoding
+is what takes hours on one rank for a few GB. So rank 0 plans (the records of each split, in their
+final order, as jsonl), every rank encodes its contiguous share of that order into memory-mappable
+columns, and rank 0 concatenates the shares in rank order and packs them. Encoding is per record and
+the order is kept, so the result is exactly what one rank encoding everything would produce, and the
+cache key keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api import TrainerConfig
+
+from finetune_trainer.data import DataReport, Record, load_records, mix, split
+from finetune_trainer.encoding import EncodingReport, Example, iter_encode, iter_pack
+from finetune_trainer.example_table import ExampleTable, write_examples
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+PROGRESS_EVERY = 10.0  # seconds between rank 0's progress lines
+
+
+def plan_records(
+    config: TrainerConfig, files: dict[int, list[Path]]
+) -> tuple[list[Record], list[Record], DataReport]:
+    """Every split's records in their final order: cleaned, deduplicated, split, mixed, shuffled."""
+    spec, seed = config.dataset, config.training.seed
+    data_report = DataReport()
+    per_source = load_records(spec, files, data_report)
+    splits = [split(records, spec.validation_fraction, seed) for records in per_source]
+    train = mix([t for t, _ in splits], [s.weight for s in spec.sources], seed)
+    # Mixing lays sources out one after another; shuffling once before packing keeps packed
+    # windows from being single-source. The per-epoch order is shuffled again when training.
+    random.Random(f"{seed}:mix").shuffle(train)
+    validation = [record for _, v in splits for record in v]
+    return train, validation, data_report
+
+
+def write_plan(records: Iterable[Record], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"id": r.id, "source": r.source, "fields": r.fields}) + "\n")
+
+
+def read_plan(path: Path, start: int, stop: int) -> Iterator[Record]:
+    """Records `start` to `stop` of a plan, streamed."""
+    with path.open(encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if index >= stop:
+                return
+            if index >= start:
+                row = json.loads(line)
+                yield Record(id=row["id"], source=row["source"], fields=row["fields"])
+
+
+def share(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous share of `count` records: shares differ by at most one, in rank order."""
+    return count * rank // world_size, count * (rank + 1) // world_size
+
+
+def _with_progress(records: Iterator[Record], total: int, world_size: int) -> Iterator[Record]:
+    started = last = time.monotonic()
+    for done, record in enumerate(records, 1):
+        yield record
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY:
+            log.info(
+                "tokenizing: %d of %d records of rank 0's share (%d ranks), %.0f records/s",
+                done, total, world_size, done / (now - started),
+            )  # fmt: skip
+            last = now
+
+
+def encode_share(config: TrainerConfig, tokenizer: Any, plan: Path, counts: dict[str, int], rank: int,
+                 world_size: int, out: Path) -> dict[str, int]:  # fmt: skip
+    """Encode this rank's share of every split into `out`; the encoding counts of its train share."""
+    spec = config.dataset
+    kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
+    train_report = EncodingReport()
+    for name in SPLITS:
+        start, stop = share(counts[name], rank, world_size)
+        records = read_plan(plan / f"{name}.jsonl", start, stop)
+        if rank == 0:
+            records = _with_progress(records, stop - start, world_size)
+        report = train_report if name == "train" else EncodingReport()
+        write_examples(iter_encode(records, tokenizer, report=report, **kwargs), out, name)
+    return asdict(train_report)
+
+
+def merged(config: TrainerConfig, shares: list[Path], name: str) -> Iterator[Example]:
+    """Every rank's share of a split in rank order, packed into full windows when packing is on."""
+    examples = chain.from_iterable(ExampleTable(directory, name) for directory in shares)
+    if config.dataset.packing:
+        return iter_pack(examples, config.dataset.max_seq_length)
+    return examples
+
+
+def merged_report(reports: list[dict[str, int]]) -> dict[str, int]:
+    return {key: sum(r[key] for r in reports) for key in reports[0]}
