@@ -56,8 +56,20 @@ async def job_changed(
 
 
 @kopf.on.event("v1", "pods", labels={contract.LABEL_JOB: kopf.PRESENT})
-async def pod_changed(labels: kopf.Labels, namespace: str | None, memo: Any, **_: Any) -> None:
-    memo["runtime"].queue.add((namespace or "", labels[contract.LABEL_JOB]))
+async def pod_changed(
+    type: str | None,
+    labels: kopf.Labels,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: Any,
+    **_: Any,
+) -> None:
+    runtime: Runtime = memo["runtime"]
+    if runtime.pod_versions.changed(
+        (namespace or "", name), type, body.get("metadata", {}).get("resourceVersion")
+    ):
+        runtime.queue.add((namespace or "", labels[contract.LABEL_JOB]))
 
 
 @kopf.on.probe(id="reconcile")

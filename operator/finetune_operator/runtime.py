@@ -34,6 +34,26 @@ def load_api_client(settings: OperatorSettings) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+class SeenVersions:
+    """The resourceVersion each pod was last seen at. A watch that reconnects lists every pod again
+    (kopf relists; API servers end watches every 30-60 minutes, the emulator far more often), and
+    a pod seen again unchanged is no reason for its job's pass."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], str] = {}
+
+    def changed(self, key: tuple[str, str], event: str | None, version: str | None) -> bool:
+        if event == "DELETED":
+            self._seen.pop(key, None)
+            return True
+        if version is None:
+            return True
+        if self._seen.get(key) == version:
+            return False
+        self._seen[key] = version
+        return True
+
+
 class Runtime:
     def __init__(
         self,
@@ -56,6 +76,7 @@ class Runtime:
         self.reconciler.poller = self.poller
         self.queue: WorkQueue[JobKey] = WorkQueue(self.clock, batch_seconds=EVENT_BATCH_SECONDS)
         self.backend.on_change = self.queue.add
+        self.pod_versions = SeenVersions()
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: Any = None
 
