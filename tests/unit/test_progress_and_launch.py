@@ -9,6 +9,7 @@ import pytest
 from finetune_operator.api.status import CheckpointRef, Progress
 from finetune_operator.progress import MARKER, ProgressReport, format_line, parse_last
 from finetune_trainer.launch import exit_code_of, rank_reason
+from finetune_trainer.reporting import Reporter
 
 
 def _report(step: int) -> ProgressReport:
@@ -40,6 +41,17 @@ def test_a_prefixed_line_still_parses() -> None:
 
 def test_a_log_without_reports_gives_none() -> None:
     assert parse_last("starting\n" + MARKER + "{not json") is None
+
+
+def test_checkpoint_stalls_add_up_and_reach_the_operator_with_the_next_report(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    reporter = Reporter(enabled=True, total_steps=10, start_step=0, tensorboard_dir=None)
+    reporter.stalled(0.25)
+    reporter.stalled(0.5)
+    reporter.step(4, loss=1.0, tokens_per_second=100.0, learning_rate=1e-4)
+    report = parse_last(capsys.readouterr().out)
+    assert report is not None and report.progress.checkpoint_stall_seconds == 0.75
 
 
 def test_the_line_uses_the_status_field_names() -> None:

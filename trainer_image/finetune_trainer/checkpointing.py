@@ -60,6 +60,7 @@ class Checkpointer:
         on_commit: Callable[[int, str, datetime], None],
         phases: Coordinator,
         after_commit: Callable[[], None] = lambda: None,
+        on_stall: Callable[[float], None] = lambda seconds: None,
         device: Any = None,
     ) -> None:
         self.engine = engine
@@ -71,6 +72,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.on_commit = on_commit
         self.after_commit = after_commit
+        self.on_stall = on_stall
         self.device = device
         self.phases = phases
         self.resumed_from: int | None = None
@@ -113,6 +115,7 @@ class Checkpointer:
             self._wait_for_background(f"the write, upload and commit of step {step}")
         if self.ranks.is_main:
             blocked = time.perf_counter() - started
+            self.on_stall(blocked)
             log.info(
                 "checkpoint step %d: training blocked %.3fs (previous checkpoint %.3fs, snapshot %.3fs)%s",
                 step, blocked, waited, snapshotted, " until committed" if block else "",

@@ -88,6 +88,15 @@ class Reporter:
         if self._writer is not None:
             self._writer.add_scalar("eval/loss", eval_loss, step)
 
+    def stalled(self, seconds: float) -> None:
+        """Training waited `seconds` on a checkpoint save. The sum over this attempt goes out with the
+        next report: the operator's goodput subtracts it from productive time."""
+        if not self.enabled:
+            return
+        with self._lock:
+            total = (self.progress.checkpoint_stall_seconds or 0.0) + seconds
+            self.progress = self.progress.model_copy(update={"checkpoint_stall_seconds": round(total, 3)})
+
     def committed(self, step: int, uri: str, at: datetime) -> None:
         if not self.enabled:
             return

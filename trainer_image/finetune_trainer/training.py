@@ -125,6 +125,7 @@ class Run:
             job_uri=config.checkpoint.job_uri,
             keep_last=config.checkpoint.keep_last,
             on_commit=reporter.committed,
+            on_stall=reporter.stalled,
             after_commit=lambda: self._upload_tensorboard(reporter, job_store),
             phases=self.phases,
             device=self.device,
