@@ -161,9 +161,11 @@ async def test_ttl_after_finished_deletes_the_job_and_every_child() -> None:
 @pytest.mark.asyncio
 async def test_a_job_without_progress_for_progress_timeout_is_restarted_as_stalled() -> None:
     behaviour = script(a1=Rank(exit_code=None, progress=False), default=Rank(exit_code=None))
-    async with running(behaviour, job(**{"spec.runPolicy.progressTimeoutSeconds": 600})) as k8s:
+    # Silent from the start: the trainer's phase deadline comes on top (the set-up phases report no step).
+    spec = {"spec.runPolicy.progressTimeoutSeconds": 600, "spec.runPolicy.phaseTimeoutSeconds": 600}
+    async with running(behaviour, job(**spec)) as k8s:
         await k8s.phase(NS, "demo", "Running")
-        k8s.clock.jump(601)
+        k8s.clock.jump(1201)
         await k8s.eventually(lambda: k8s.status(NS, "demo").get("attempt") == 2, what="attempt 2")
         status = await k8s.phase(NS, "demo", "Running")
         assert status["restarts"] == 1

@@ -195,10 +195,43 @@ def test_the_active_deadline_fails_the_job() -> None:
     assert next(c for c in d.status.conditions if c.type == "Failed").reason == "DeadlineExceeded"
 
 
+def _reported(step: int, at: datetime, total: int = 100) -> ProgressReport:
+    return ProgressReport.model_validate(
+        {"progress": {"step": step, "totalSteps": total, "updatedAt": at.isoformat()}}
+    )
+
+
 def test_no_progress_for_the_progress_timeout_restarts_the_gang_as_stalled() -> None:
-    d = _decide(_job(_running(), spec__runPolicy__progressTimeoutSeconds=300), _gang(), after(301))
+    job = _job(_running(), spec__runPolicy__progressTimeoutSeconds=300)
+    d = _decide(job, _gang(), after(401), progress=_reported(10, after(100)))
     assert d.status.phase == Phase.RESTARTING and d.status.restarts == 1
     assert next(c for c in d.status.conditions if c.type == "Restarting").reason == "Stalled"
+
+
+def test_setup_before_the_first_report_has_the_phase_timeout_on_top_of_the_progress_timeout() -> None:
+    # Downloading a 70B model or tokenizing GBs reports no step; the trainer bounds those phases itself.
+    job = _job(
+        _running(), spec__runPolicy__progressTimeoutSeconds=300, spec__runPolicy__phaseTimeoutSeconds=3600
+    )
+    assert _decide(job, _gang(), after(3899)).status.phase == Phase.RUNNING
+    assert _decide(job, _gang(), after(3901)).status.phase == Phase.RESTARTING
+
+
+def test_a_report_from_the_previous_attempt_does_not_start_the_stall_clock() -> None:
+    job = _job(
+        _running(), spec__runPolicy__progressTimeoutSeconds=300, spec__runPolicy__phaseTimeoutSeconds=3600
+    )
+    before_this_attempt = _reported(50, CREATED - timedelta(seconds=30))
+    assert _decide(job, _gang(), after(1000), progress=before_this_attempt).status.phase == Phase.RUNNING
+
+
+def test_the_final_save_and_export_after_the_last_step_have_the_phase_timeout_too() -> None:
+    job = _job(
+        _running(), spec__runPolicy__progressTimeoutSeconds=300, spec__runPolicy__phaseTimeoutSeconds=3600
+    )
+    last_step = _reported(100, after(100), total=100)
+    assert _decide(job, _gang(), after(1000), progress=last_step).status.phase == Phase.RUNNING
+    assert _decide(job, _gang(), after(4001), progress=last_step).status.phase == Phase.RESTARTING
 
 
 def test_reported_progress_keeps_a_job_from_stalling() -> None:

@@ -295,15 +295,24 @@ def _finishing(verdicts: list[Verdict]) -> bool:
 
 
 def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:
-    timeout = obs.job.spec.run_policy.progress_timeout_seconds
+    """No progress report for progressTimeoutSeconds while training. Before this attempt's first
+    report (model download, tokenization, checkpoint download) and after its last step (final save
+    and export) the trainer reports no steps: those phases are bounded by the trainer's own
+    phaseTimeoutSeconds, so the operator waits that long on top before calling them stalled."""
+    policy = obs.job.spec.run_policy
+    timeout = policy.progress_timeout_seconds
     if not timeout or st.phase != Phase.RUNNING:
         return False
     running = condition(st, "Running")
-    since = [
-        t
-        for t in (st.progress.updated_at if st.progress else None, running and running.last_transition_time)
-        if t
-    ]
+    began = running.last_transition_time if running else None
+    progress = st.progress
+    reported = progress.updated_at if progress else None
+    step, total = (progress.step, progress.total_steps) if progress else (None, None)
+    last_step_done = step is not None and bool(total) and step >= (total or 0)
+    training = reported is not None and (began is None or reported >= began) and not last_step_done
+    if not training:
+        timeout += policy.phase_timeout_seconds
+    since = [t for t in (reported, began) if t]
     return bool(since) and (obs.now - max(since)).total_seconds() > timeout
 
 
