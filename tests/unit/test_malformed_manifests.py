@@ -455,7 +455,7 @@ def test_no_secret_value_is_echoed_in_an_error() -> None:
 
 # What the new fields must still take: the rules above refuse collisions, not ordinary use.
 GOOD = [
-    {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/queue-name": "gpu", "team": ""}},
+    {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/priority-class": "high", "team": ""}},
     {"spec.resources.podMetadata.annotations": {"sidecar.istio.io/inject": "false", "note": "a b/c"}},
     _mounted({"name": "data", "mountPath": "/data/train", "readOnly": True, "subPath": "v3"}),
     _mount_at("/etc/finetune-extra"),  # a sibling of the config directory, not under it

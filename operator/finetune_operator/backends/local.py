@@ -176,6 +176,8 @@ class LocalBackend:
                 for rank in ranks:
                     if not self.pod_path(naming.pod_name(job.metadata.name, attempt, rank)).exists():
                         self._start(job, attempt, rank, port)
+            case act.CreatePodGroup() | act.DeletePodGroup():
+                pass  # one machine, no scheduler: the local gang always starts whole
             case act.DeletePods(names=names, force=force):
                 for name in names:
                     self.delete_pod(name, force, job.spec.run_policy.termination_grace_period_seconds)
