@@ -398,6 +398,61 @@ CASES = [
         "spec.resources.env",
         rule=True,
     ),
+    # gang scheduling (spec.gang)
+    Bad("gang scheduler unknown", {"spec.gang": {"scheduler": "Yunikorn"}}, "spec.gang.scheduler"),
+    Bad("gang without a scheduler", {"spec.gang": {"queueName": "gpu"}}, "spec.gang.scheduler"),
+    Bad("kueue without a queue", {"spec.gang": {"scheduler": "Kueue"}}, "spec.gang.queueName", rule=True),
+    Bad(
+        "queue name too long for a label",
+        {"spec.gang": {"scheduler": "Kueue", "queueName": "q" * 64}},
+        "spec.gang.queueName",
+    ),
+    Bad(
+        "queue name with capitals",
+        {"spec.gang": {"scheduler": "Volcano", "queueName": "GPU"}},
+        "spec.gang.queueName",
+    ),
+    Bad(
+        "coscheduling with a queue",
+        {"spec.gang": {"scheduler": "Coscheduling", "queueName": "gpu"}},
+        "spec.gang.queueName",
+        rule=True,
+    ),
+    Bad(
+        "schedule timeout for volcano",
+        {"spec.gang": {"scheduler": "Volcano", "scheduleTimeoutSeconds": 60}},
+        "spec.gang.scheduleTimeoutSeconds",
+        rule=True,
+    ),
+    Bad(
+        "schedule timeout zero",
+        {"spec.gang": {"scheduler": "Coscheduling", "scheduleTimeoutSeconds": 0}},
+        "spec.gang.scheduleTimeoutSeconds",
+    ),
+    Bad(
+        "two schedulers named",
+        {"spec.gang": {"scheduler": "Volcano"}, "spec.resources.schedulerName": "volcano"},
+        "spec.resources.schedulerName",
+        rule=True,
+    ),
+    Bad(
+        "gang group label through pod metadata",
+        {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/pod-group-name": "mine"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "queue label through pod metadata",
+        {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/queue-name": "gpu"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "volcano group annotation through pod metadata",
+        {"spec.resources.podMetadata.annotations": {"scheduling.k8s.io/group-name": "mine"}},
+        "spec.resources.podMetadata.annotations",
+        rule=True,
+    ),
     # names
     Bad(
         "secret name with capitals",
@@ -476,6 +531,11 @@ GOOD = [
         "spec.placement.topologyPolicy": "Preferred",
     },
     {"spec.model.tokenSecret": {"name": "hf-token"}},
+    {"spec.gang": {"scheduler": "Kueue", "queueName": "team-a-gpu"}},
+    {"spec.gang": {"scheduler": "Volcano"}},
+    {"spec.gang": {"scheduler": "Volcano", "queueName": "research", "schedulerName": "volcano-gpu"}},
+    {"spec.gang": {"scheduler": "Coscheduling", "scheduleTimeoutSeconds": 300}},
+    {"spec.gang": {"scheduler": "Kueue", "queueName": "gpu"}, "spec.resources.schedulerName": "my-sched"},
 ]
 
 
