@@ -1,0 +1,120 @@
+"""The real operator with gang schedulers (spec.gang) against the emulator and the schedulers'
+stand-ins (tests/support/gangs.py): a gang its scheduler holds is Queued however long it waits, runs
+once admitted, and every attempt gets its own PodGroup, the old one deleted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from finetune_operator import contract
+
+from tests.support.cluster import PODS, VOLCANO_PODGROUPS
+from tests.support.factories import manifest
+from tests.support.gangs import KueueStandIn, VolcanoStandIn
+from tests.support.kubelet import Rank, script
+from tests.support.operator import OperatorEnv, operator_env
+
+NS = "team-a"
+STARTUP = 600
+RESYNC = 300  # the operator's resync: a pass comes at least this often
+
+
+def job(gang: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return manifest(
+        {
+            "spec.resources.nodes": 2,
+            "spec.runPolicy.startupTimeoutSeconds": STARTUP,
+            "spec.runPolicy.backoffBaseSeconds": 1,
+            "spec.runPolicy.backoffCapSeconds": 1,
+            "spec.gang": gang,
+            **changes,
+        },
+        name="gang",
+        namespace=NS,
+    )
+
+
+async def _two_passes_later(k8s: OperatorEnv, jump: float) -> None:
+    """Jump the clock and wait until the operator has finished a pass that saw the jump: a pass
+    begins with a pod list, and passes of one job never overlap, so the second list after the jump
+    means the first pass is done."""
+    k8s.clock.jump(jump)
+    for _ in range(2):
+        seen = len(k8s.cluster.calls)
+        await k8s.eventually(
+            lambda seen=seen: any(c.resource == "pods" and c.verb == "list" and c.from_operator
+                                  for c in k8s.cluster.calls[seen:]),
+            what="an operator pass",
+        )  # fmt: skip
+        k8s.clock.jump(RESYNC + 1)
+
+
+@pytest.mark.asyncio
+async def test_a_kueue_gang_is_queued_until_admitted_then_runs_without_a_startup_failure() -> None:
+    async with operator_env(script(Rank(exit_code=None))) as k8s:
+        kueue = KueueStandIn(k8s.cluster, k8s.kubelet)
+        await k8s.start_operator()
+        await k8s.apply(job({"scheduler": "Kueue", "queueName": "gpu"}))
+        await k8s.eventually(lambda: len(kueue.group(NS, "gang-a1")) == 2, what="both ranks created")
+        queued = await k8s.phase(NS, "gang", "Queued")
+        assert any(c["type"] == "Queued" and c["status"] == "True" for c in queued["conditions"])
+        await _two_passes_later(k8s, STARTUP + 1)
+        status = k8s.status(NS, "gang")
+        assert status["phase"] == "Queued", status
+        assert not any(c["type"] == "Failed" for c in status["conditions"])
+        assert all(p["spec"]["schedulingGates"] for p in k8s.pods("gang"))
+        await kueue.admit(NS, "gang-a1")
+        running = await k8s.phase(NS, "gang", "Running")
+        assert running["goodput"]["queuedSeconds"] >= STARTUP  # the wait shows in status
+        assert "Queued" in k8s.events("gang") and "Admitted" in k8s.events("gang")
+
+
+@pytest.mark.asyncio
+async def test_a_volcano_pod_group_pending_past_the_startup_timeout_stays_queued() -> None:
+    async with operator_env(script(Rank(exit_code=None))) as k8s:
+        volcano = VolcanoStandIn(k8s.cluster, k8s.kubelet)
+        await k8s.start_operator()
+        await k8s.apply(job({"scheduler": "Volcano"}))
+        group = await k8s.eventually(
+            lambda: k8s.cluster.get(VOLCANO_PODGROUPS, NS, "gang-a1"), what="PodGroup"
+        )
+        assert group["spec"]["minMember"] == 2
+        await k8s.eventually(lambda: len(k8s.pods("gang")) == 2, what="both ranks created")
+        await k8s.phase(NS, "gang", "Queued")
+        await _two_passes_later(k8s, STARTUP + 1)
+        status = k8s.status(NS, "gang")
+        assert status["phase"] == "Queued" and not any(c["type"] == "Failed" for c in status["conditions"])
+        await volcano.release(NS, "gang-a1")
+        await k8s.phase(NS, "gang", "Running")
+
+
+@pytest.mark.asyncio
+async def test_a_restart_creates_the_next_attempts_pod_group_and_deletes_the_old_one() -> None:
+    behaviour = script(
+        a1n1=Rank(exit_code=1, after=0.5, message="RuntimeError at step 3"),
+        a1n0=Rank(exit_code=75, after=0.8),
+        default=Rank(exit_code=None),
+    )
+    async with operator_env(behaviour) as k8s:
+        VolcanoStandIn(k8s.cluster, k8s.kubelet, admit_at_once=True)
+        await k8s.start_operator()
+        await k8s.apply(job({"scheduler": "Volcano"}))
+        await k8s.eventually(
+            lambda: (
+                k8s.status(NS, "gang").get("attempt") == 2
+                and k8s.status(NS, "gang").get("phase") == "Running"
+            ),
+            what="attempt 2 running",
+        )
+        groups = await k8s.eventually(
+            lambda: (
+                (names := [g["metadata"]["name"] for g in k8s.cluster.list(VOLCANO_PODGROUPS)]) == ["gang-a2"]
+                and names
+            ),
+            what="only attempt 2's PodGroup",
+        )
+        assert groups == ["gang-a2"]
+        annotations = {p["metadata"]["annotations"][contract.VOLCANO_GROUP_ANNOTATION] for p in k8s.cluster.list(PODS)
+                       if not p["metadata"].get("deletionTimestamp")}  # fmt: skip
+        assert annotations == {"gang-a2"}

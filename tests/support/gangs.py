@@ -1,0 +1,97 @@
+"""Stand-ins for the gang schedulers, doing to pods and PodGroups what the real ones do, as far as
+the operator can see it.
+
+Kueue (kubernetes-sigs/kueue): its pod webhook (pkg/controller/jobs/pod/pod_webhook.go, Default)
+adds the `kueue.x-k8s.io/admission` scheduling gate to every pod it manages (one with the queue-name
+label); the API server then reports PodScheduled=False/SchedulingGated (kubernetes
+pkg/registry/core/pod/strategy.go). Once the group's Workload is admitted, its pod reconciler
+(pod_controller.go, Run -> ungate) removes the gate from every pod of the group, and only a
+group whose pods all exist (pod-group-total-count of them) forms a Workload.
+
+Volcano (volcano-sh/volcano): a PodGroup's status.phase is Pending until the enqueue action admits
+it, Inqueue until minMember pods are bound, then Running; while the gang does not fit, the scheduler
+records PodScheduled=False/Unschedulable on its pods with a gang message ("pod group is not ready").
+
+The test kubelet plays the default scheduler too: a held pod is neither bound nor started.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kmock
+from finetune_operator import contract
+
+from tests.support.cluster import PODS, VOLCANO_PODGROUPS, ClusterEmulator
+from tests.support.kubelet import Kubelet
+
+
+class KueueStandIn:
+    def __init__(self, cluster: ClusterEmulator, kubelet: Kubelet) -> None:
+        self.cluster = cluster
+        cluster.mutators.append(self._webhook)
+        kubelet.holds.append(lambda pod: bool((pod.get("spec") or {}).get("schedulingGates")))
+
+    def _webhook(self, resource: kmock.resource, namespace: str, obj: dict[str, Any]) -> None:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if resource != PODS or contract.KUEUE_QUEUE_LABEL not in labels:
+            return
+        obj.setdefault("spec", {})["schedulingGates"] = [{"name": contract.KUEUE_ADMISSION_GATE}]
+        gated = {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                 "message": "Scheduling is blocked due to non-empty scheduling gates"}  # fmt: skip
+        obj.setdefault("status", {})["conditions"] = [gated]
+
+    def group(self, namespace: str, group: str) -> list[dict[str, Any]]:
+        pods = self.cluster.list(PODS, f"{contract.KUEUE_GROUP_LABEL}={group}")
+        return [p for p in pods if p["metadata"].get("namespace") == namespace]
+
+    async def admit(self, namespace: str, group: str) -> None:
+        """The group's Workload is admitted: every pod is ungated (the whole group must exist)."""
+        pods = self.group(namespace, group)
+        total = int(pods[0]["metadata"]["annotations"][contract.KUEUE_TOTAL_COUNT_ANNOTATION])
+        assert len(pods) == total, f"Kueue forms no Workload until all {total} pods exist"
+        for pod in pods:
+            await self.cluster.write(
+                PODS,
+                namespace,
+                pod["metadata"]["name"],
+                {"spec": {"schedulingGates": []}, "status": {"conditions": []}},
+            )
+
+
+class VolcanoStandIn:
+    def __init__(self, cluster: ClusterEmulator, kubelet: Kubelet, *, admit_at_once: bool = False) -> None:
+        self.cluster, self.admit_at_once = cluster, admit_at_once
+        cluster.mutators.append(self._status)
+        kubelet.holds.append(self._waits_for_its_gang)
+
+    def _status(self, resource: kmock.resource, namespace: str, obj: dict[str, Any]) -> None:
+        if resource == VOLCANO_PODGROUPS:
+            obj["status"] = {"phase": "Running" if self.admit_at_once else "Pending"}
+        elif resource == PODS and self._group_of(obj) is not None and not self.admit_at_once:
+            unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                             "message": "pod group is not ready, 2 Pending, 2 minAvailable"}  # fmt: skip
+            obj.setdefault("status", {})["conditions"] = [unschedulable]
+
+    @staticmethod
+    def _group_of(pod: dict[str, Any]) -> str | None:
+        if (pod.get("spec") or {}).get("schedulerName") != "volcano":
+            return None
+        return ((pod.get("metadata") or {}).get("annotations") or {}).get(contract.VOLCANO_GROUP_ANNOTATION)
+
+    def _waits_for_its_gang(self, pod: dict[str, Any]) -> bool:
+        group = self._group_of(pod)
+        if group is None:
+            return False
+        found = self.cluster.get(VOLCANO_PODGROUPS, pod["metadata"].get("namespace", ""), group)
+        return found is None or (found.get("status") or {}).get("phase") != "Running"
+
+    async def release(self, namespace: str, group: str) -> None:
+        """The gang fits: the group runs and the scheduler binds its pods (the kubelet takes over)."""
+        await self.cluster.write(VOLCANO_PODGROUPS, namespace, group, {"status": {"phase": "Running"}})
+        for pod in self.cluster.list(PODS):
+            if pod["metadata"].get("namespace") == namespace and self._group_of(pod) == group:
+                scheduled = {"type": "PodScheduled", "status": "True"}
+                await self.cluster.write(
+                    PODS, namespace, pod["metadata"]["name"], {"status": {"conditions": [scheduled]}}
+                )
