@@ -17,6 +17,7 @@ The test kubelet plays the default scheduler too: a held pod is neither bound no
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import kmock
@@ -27,8 +28,13 @@ from tests.support.kubelet import Kubelet
 
 
 class KueueStandIn:
-    def __init__(self, cluster: ClusterEmulator, kubelet: Kubelet) -> None:
-        self.cluster = cluster
+    def __init__(
+        self, cluster: ClusterEmulator, kubelet: Kubelet, *, admit_whole_groups: bool = False
+    ) -> None:
+        """`admit_whole_groups`: a LocalQueue with room for every gang, admitted as soon as it is
+        complete; otherwise the test admits each group with `admit`."""
+        self.cluster, self.admit_whole_groups = cluster, admit_whole_groups
+        self._admissions: set[asyncio.Task[None]] = set()
         cluster.mutators.append(self._webhook)
         kubelet.holds.append(lambda pod: bool((pod.get("spec") or {}).get("schedulingGates")))
 
@@ -40,6 +46,20 @@ class KueueStandIn:
         gated = {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
                  "message": "Scheduling is blocked due to non-empty scheduling gates"}  # fmt: skip
         obj.setdefault("status", {})["conditions"] = [gated]
+        if self.admit_whole_groups:
+            task = asyncio.create_task(
+                self._admit_when_complete(namespace, labels[contract.KUEUE_GROUP_LABEL])
+            )
+            self._admissions.add(task)
+            task.add_done_callback(self._admissions.discard)
+
+    async def _admit_when_complete(self, namespace: str, group: str) -> None:
+        await asyncio.sleep(0.05)  # the create that called the webhook stores the pod first
+        pods = self.group(namespace, group)
+        if pods and len(pods) == int(
+            pods[0]["metadata"]["annotations"][contract.KUEUE_TOTAL_COUNT_ANNOTATION]
+        ):
+            await self.admit(namespace, group)
 
     def group(self, namespace: str, group: str) -> list[dict[str, Any]]:
         pods = self.cluster.list(PODS, f"{contract.KUEUE_GROUP_LABEL}={group}")
