@@ -67,7 +67,8 @@ async def test_a_kueue_gang_is_queued_until_admitted_then_runs_without_a_startup
         await kueue.admit(NS, "gang-a1")
         running = await k8s.phase(NS, "gang", "Running")
         assert running["goodput"]["queuedSeconds"] >= STARTUP  # the wait shows in status
-        assert "Queued" in k8s.events("gang") and "Admitted" in k8s.events("gang")
+        # events go out after the status write that records their transition
+        await k8s.eventually(lambda: {"Queued", "Admitted"} <= set(k8s.events("gang")), what="events")
 
 
 @pytest.mark.asyncio
@@ -117,3 +118,22 @@ async def test_a_restart_creates_the_next_attempts_pod_group_and_deletes_the_old
         assert groups == ["gang-a2"]
         live = [p for p in k8s.cluster.list(PODS) if not p["metadata"].get("deletionTimestamp")]
         assert {p["metadata"]["annotations"][contract.VOLCANO_GROUP_ANNOTATION] for p in live} == {"gang-a2"}
+
+
+@pytest.mark.asyncio
+async def test_pod_groups_the_operator_may_not_create_are_shown_as_a_refusal_and_no_rank_starts() -> None:
+    """An installation without gangScheduling.volcano.enabled: the API server answers 403 on
+    podgroups. The refusal is the job's status, and no rank pod is created without its group."""
+    async with operator_env(script(Rank(exit_code=None))) as k8s:
+        k8s.cluster.inject(lambda c: c.resource == "podgroups", status=403, times=1000)
+        await k8s.start_operator()
+        await k8s.apply(job({"scheduler": "Volcano"}))
+        refused = await k8s.eventually(
+            lambda: next(
+                (c for c in k8s.status(NS, "gang").get("conditions") or [] if c["type"] == "CreateRefused"),
+                None,
+            ),
+            what="the CreateRefused condition",
+        )
+        assert refused["status"] == "True" and k8s.status(NS, "gang")["createRefusal"]["code"] == 403
+        assert k8s.pods("gang") == []

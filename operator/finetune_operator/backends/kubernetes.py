@@ -186,19 +186,26 @@ class KubernetesBackend:
 
     async def _groups(self, job: FineTuneJob) -> tuple[ObservedGroup, ...]:
         """The job's PodGroups, when its gang scheduler uses them (the only case the chart grants
-        the operator rights to them)."""
+        the operator rights to them). None readable (no rights: 403; no such API: 404) reads as
+        none: the decide step then creates the group, and that create's refusal is recorded and
+        shown like any other (status.createRefusal), instead of a pass that fails before deciding."""
         api = pod_group_api(job)
         if api is None:
             return ()
-        listed = await self._json(
-            f"list {api.plural}.{api.group}",
-            self.custom.list_namespaced_custom_object,
-            api.group,
-            api.version,
-            job.metadata.namespace,
-            api.plural,
-            label_selector=f"{contract.LABEL_JOB}={job.metadata.name}",
-        )
+        try:
+            listed = await self._json(
+                f"list {api.plural}.{api.group}",
+                self.custom.list_namespaced_custom_object,
+                api.group,
+                api.version,
+                job.metadata.namespace,
+                api.plural,
+                label_selector=f"{contract.LABEL_JOB}={job.metadata.name}",
+            )
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return ()
+            raise
         return tuple(observe_group(g) for g in listed.get("items") or [])
 
     async def _service_exists(self, namespace: str, job: str, uid: str | None) -> bool:
@@ -348,12 +355,22 @@ class KubernetesBackend:
             case act.CreatePodGroup(attempt=attempt):
                 api, group = pod_group_api(job), build_gang_group(job, attempt)
                 if api is not None and group is not None:
-                    await self._create(
-                        f"create {api.plural}.{api.group}",
-                        partial(self.custom.create_namespaced_custom_object, api.group, api.version),
-                        group,
-                        plural=api.plural,
-                    )
+                    try:
+                        await self._create(
+                            f"create {api.plural}.{api.group}",
+                            partial(self.custom.create_namespaced_custom_object, api.group, api.version),
+                            group,
+                            plural=api.plural,
+                        )
+                    except ApiException as exc:
+                        if exc.status != 404:
+                            raise
+                        # The API server does not serve the resource: the scheduler's CRDs are missing.
+                        message = (
+                            f"{api.plural}.{api.group}/{api.version} is not served by this cluster: install "
+                            "the gang scheduler's CRDs or choose another spec.gang.scheduler"
+                        )
+                        raise CreateRefused(404, "NotFound", message) from None
             case act.DeletePodGroup(attempt=attempt):
                 api = pod_group_api(job)
                 if api is not None:
