@@ -150,6 +150,20 @@ class TestPodGroups:
         d = _decide(_job(VOLCANO, done), [], after(20), groups)
         assert DeletePodGroup(1) in d.actions
 
+    def test_a_pending_coscheduling_group_is_queued_and_a_scheduling_one_is_not(self) -> None:
+        cosched = {"spec.gang": {"scheduler": "Coscheduling"}}
+        pods = [unschedulable(rank=0), unschedulable(rank=1)]
+        pending = (ObservedGroup(attempt=1, phase="Pending", owner_uid=JOB_UID),)
+        assert _decide(_job(cosched, _starting()), pods, after(900), pending).status.phase == Phase.QUEUED
+        placing = (ObservedGroup(attempt=1, phase="Scheduling", owner_uid=JOB_UID),)
+        assert _decide(_job(cosched, _starting()), pods, after(60), placing).status.phase == Phase.STARTING
+
+    def test_a_bound_rank_ends_the_queue_whatever_the_group_says(self) -> None:
+        """Volcano may lag in updating the group's phase; a rank bound to a node is admitted."""
+        groups = (ObservedGroup(attempt=1, phase="Inqueue", owner_uid=JOB_UID),)
+        pods = [pod(rank=0, phase="Pending", scheduled=True), unschedulable(rank=1)]
+        assert _decide(_job(VOLCANO, _starting()), pods, after(60), groups).status.phase == Phase.STARTING
+
     def test_another_incarnations_group_is_left_to_the_garbage_collector(self) -> None:
         groups = (ObservedGroup(attempt=1, phase="Running", owner_uid="someone-else"),)
         d = _decide(_job(VOLCANO, _starting()), [pod(rank=0), pod(rank=1)], after(60), groups)
