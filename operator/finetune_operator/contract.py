@@ -36,6 +36,8 @@ KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP_LABEL: Final = "kueue.x-k8s.io/pod-group-name"
 KUEUE_TOTAL_COUNT_ANNOTATION: Final = "kueue.x-k8s.io/pod-group-total-count"
 KUEUE_RETRIABLE_ANNOTATION: Final = "kueue.x-k8s.io/retriable-in-group"
+KUEUE_ROLE_HASH_ANNOTATION: Final = "kueue.x-k8s.io/role-hash"  # RoleHashAnnotation: the PodSet's name
+KUEUE_ROLE: Final = "ranks"
 KUEUE_ADMISSION_GATE: Final = "kueue.x-k8s.io/admission"
 KUEUE_REQUIRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-required-topology"
 KUEUE_PREFERRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-preferred-topology"
@@ -56,6 +58,7 @@ OPERATOR_LABEL_KEYS: Final = (
 OPERATOR_ANNOTATION_KEYS: Final = (
     KUEUE_TOTAL_COUNT_ANNOTATION,
     KUEUE_RETRIABLE_ANNOTATION,
+    KUEUE_ROLE_HASH_ANNOTATION,
     KUEUE_REQUIRED_TOPOLOGY_ANNOTATION,
     KUEUE_PREFERRED_TOPOLOGY_ANNOTATION,
     VOLCANO_GROUP_ANNOTATION,

@@ -57,6 +57,15 @@ class TestKueue:
         its quota) when a rank ends instead of waiting for a replacement pod."""
         assert _pod(KUEUE)["metadata"]["annotations"][contract.KUEUE_RETRIABLE_ANNOTATION] == "false"
 
+    def test_every_rank_is_one_pod_set_whatever_its_rank_label(self) -> None:
+        """Kueue names a pod's PodSet by its role-hash annotation when set (pod_controller.go
+        getRoleHash), else by a hash of its shape, labels included in some versions."""
+        roles = {
+            _pod(KUEUE, rank=r)["metadata"]["annotations"][contract.KUEUE_ROLE_HASH_ANNOTATION]
+            for r in range(4)
+        }
+        assert roles == {contract.KUEUE_ROLE}
+
     def test_each_attempt_is_its_own_group(self) -> None:
         first = _pod(KUEUE, attempt=1)["metadata"]["labels"][contract.KUEUE_GROUP_LABEL]
         second = _pod(KUEUE, attempt=2)["metadata"]["labels"][contract.KUEUE_GROUP_LABEL]

@@ -7,7 +7,10 @@ Sources (the keys themselves live in finetune_operator.contract):
   once one Workload for all of them is admitted (kubernetes-sigs/kueue pkg/controller/jobs/pod/
   pod_webhook.go, pod_controller.go). `retriable-in-group: "false"` finishes that Workload (and frees
   its quota) as soon as a rank ends: the operator never replaces a rank inside an attempt, it starts
-  a new group, so the old Workload must not wait for a replacement.
+  a new group, so the old Workload must not wait for a replacement. `role-hash` names the pods'
+  PodSet: without it Kueue hashes each pod's shape (pod_controller.go getRoleHash), which in some
+  versions includes the labels, so every rank (its own node-rank label) would be a PodSet of one and
+  a topology request would place each rank on its own instead of the gang in one domain.
 - Kueue topology-aware scheduling (keps/2724-topology-aware-scheduling): the podset-required- or
   preferred-topology annotation with placement.topologyKey.
 - Volcano: scheduling.volcano.sh/v1beta1 PodGroup (config/crd/volcano/bases/
@@ -77,6 +80,7 @@ def gang_pod_metadata(job: FineTuneJob, attempt: int) -> GangPodMetadata:
     annotations = {
         contract.KUEUE_TOTAL_COUNT_ANNOTATION: str(job.spec.resources.nodes),
         contract.KUEUE_RETRIABLE_ANNOTATION: "false",
+        contract.KUEUE_ROLE_HASH_ANNOTATION: contract.KUEUE_ROLE,
     }
     placement = job.spec.placement
     if placement.topology_key is not None:
