@@ -39,6 +39,12 @@ KUEUE_RETRIABLE_ANNOTATION: Final = "kueue.x-k8s.io/retriable-in-group"
 KUEUE_ROLE_HASH_ANNOTATION: Final = "kueue.x-k8s.io/role-hash"  # RoleHashAnnotation: the PodSet's name
 KUEUE_ROLE: Final = "ranks"
 KUEUE_ADMISSION_GATE: Final = "kueue.x-k8s.io/admission"
+# With a topology request the webhook adds a second gate, removed once the admitted gang's domain is
+# injected as nodeSelectors (apis/kueue/v1alpha1 TopologySchedulingGate), and takes each pod's index
+# in the group from the label this annotation names (PodGroupPodIndexLabelAnnotation).
+KUEUE_TOPOLOGY_GATE: Final = "kueue.x-k8s.io/topology"
+KUEUE_GATES: Final = (KUEUE_ADMISSION_GATE, KUEUE_TOPOLOGY_GATE)
+KUEUE_POD_INDEX_LABEL_ANNOTATION: Final = "kueue.x-k8s.io/pod-group-pod-index-label"
 KUEUE_REQUIRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-required-topology"
 KUEUE_PREFERRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-preferred-topology"
 VOLCANO_GROUP_ANNOTATION: Final = "scheduling.k8s.io/group-name"
@@ -59,6 +65,7 @@ OPERATOR_ANNOTATION_KEYS: Final = (
     KUEUE_TOTAL_COUNT_ANNOTATION,
     KUEUE_RETRIABLE_ANNOTATION,
     KUEUE_ROLE_HASH_ANNOTATION,
+    KUEUE_POD_INDEX_LABEL_ANNOTATION,
     KUEUE_REQUIRED_TOPOLOGY_ANNOTATION,
     KUEUE_PREFERRED_TOPOLOGY_ANNOTATION,
     VOLCANO_GROUP_ANNOTATION,

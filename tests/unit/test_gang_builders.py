@@ -93,6 +93,10 @@ class TestKueue:
         others = {contract.KUEUE_REQUIRED_TOPOLOGY_ANNOTATION, contract.KUEUE_PREFERRED_TOPOLOGY_ANNOTATION}
         assert not (others - {key}) & set(annotations)  # Kueue refuses more than one
 
+    def test_a_topology_request_orders_the_ranks_by_their_node_rank(self) -> None:
+        annotations = _pod({**KUEUE, "spec.placement": {"topologyKey": "rack"}})["metadata"]["annotations"]
+        assert annotations[contract.KUEUE_POD_INDEX_LABEL_ANNOTATION] == contract.LABEL_RANK
+
     def test_no_topology_request_without_a_topology_key(self) -> None:
         annotations = _pod(KUEUE)["metadata"]["annotations"]
         assert contract.KUEUE_REQUIRED_TOPOLOGY_ANNOTATION not in annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from finetune_operator import contract
 from finetune_operator.api import parse_manifest
 from finetune_operator.api.status import Phase
 from finetune_operator.policy.actions import CreateAttempt, CreatePodGroup, CreateService, DeletePodGroup
@@ -57,6 +58,14 @@ class TestKueue:
         queued = _condition(d, "Queued")
         assert queued.status == "True" and "LocalQueue gpu" in queued.message
         assert [e.reason for e in d.events] == ["Queued"]
+
+    def test_ranks_admitted_but_not_yet_placed_by_topology_are_still_queued(self) -> None:
+        pods = [gated(contract.KUEUE_TOPOLOGY_GATE, rank=r) for r in range(2)]
+        assert _decide(_job(KUEUE, _starting()), pods, after(10)).status.phase == Phase.QUEUED
+
+    def test_a_gate_of_another_controller_is_not_kueues_queue(self) -> None:
+        pods = [gated("example.com/quota-check", rank=r) for r in range(2)]
+        assert _decide(_job(KUEUE, _starting()), pods, after(10)).status.phase == Phase.STARTING
 
     def test_a_gang_queued_past_the_startup_deadline_does_not_fail(self) -> None:
         d = _decide(_job(KUEUE, _starting()), [gated(rank=0), gated(rank=1)], after(STARTUP * 10))

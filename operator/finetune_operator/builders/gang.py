@@ -12,7 +12,8 @@ Sources (the keys themselves live in finetune_operator.contract):
   versions includes the labels, so every rank (its own node-rank label) would be a PodSet of one and
   a topology request would place each rank on its own instead of the gang in one domain.
 - Kueue topology-aware scheduling (keps/2724-topology-aware-scheduling): the podset-required- or
-  preferred-topology annotation with placement.topologyKey.
+  preferred-topology annotation with placement.topologyKey, and the node-rank label as each pod's
+  index in the group (pod_webhook.go Default copies it into kueue.x-k8s.io/pod-group-pod-index).
 - Volcano: scheduling.volcano.sh/v1beta1 PodGroup (config/crd/volcano/bases/
   scheduling.volcano.sh_podgroups.yaml: minMember, minResources, queue, priorityClassName), pods bound
   by the scheduling.k8s.io/group-name annotation.
@@ -90,6 +91,7 @@ def gang_pod_metadata(job: FineTuneJob, attempt: int) -> GangPodMetadata:
             else contract.KUEUE_PREFERRED_TOPOLOGY_ANNOTATION
         )
         annotations[key] = placement.topology_key
+        annotations[contract.KUEUE_POD_INDEX_LABEL_ANNOTATION] = contract.LABEL_RANK  # ranks placed in order
     labels = {contract.KUEUE_QUEUE_LABEL: gang.queue_name, contract.KUEUE_GROUP_LABEL: group}
     return GangPodMetadata(labels=labels, annotations=annotations, scheduler_name=scheduler)
 

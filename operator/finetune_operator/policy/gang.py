@@ -2,8 +2,9 @@
 
 Queued: the attempt's gang waits for its scheduler to take it whole. Kueue shows it by the admission
 scheduling gate its webhook puts on every pod of a group until the group's Workload is admitted
-(kubernetes-sigs/kueue pkg/controller/jobs/pod/pod_webhook.go adds SchedulingGateName,
-pod_controller.go removes it from the whole group at admission). Volcano and Coscheduling show it by
+(kubernetes-sigs/kueue pkg/controller/jobs/pod/pod_webhook.go Default, gate(); pod_controller.go
+removes it from the whole group at admission), and with a topology request by its topology gate
+until the admitted gang's domain is injected into the pods. Volcano and Coscheduling show it by
 their PodGroup's phase: Volcano's is Pending until its enqueue action accepts the group and Inqueue
 until the scheduler binds minMember pods (volcano-sh/apis pkg/apis/scheduling/v1beta1/types.go);
 Coscheduling's is Pending until the plugin has placed the group (kubernetes-sigs/scheduler-plugins
@@ -43,12 +44,12 @@ def waiting(
     if gang is None:
         return None
     if gang.scheduler == "Kueue":
-        gated = [p for p in pods if contract.KUEUE_ADMISSION_GATE in p.gated]
+        gated = [p for p in pods if set(contract.KUEUE_GATES) & set(p.gated)]
         if not gated:
             return None
         return (
-            f"{len(gated)} of {job.spec.resources.nodes} rank pod(s) wait for Kueue to admit the gang "
-            f"(LocalQueue {gang.queue_name})"
+            f"{len(gated)} of {job.spec.resources.nodes} rank pod(s) wait for Kueue to admit and place "
+            f"the gang (LocalQueue {gang.queue_name})"
         )
     if any(p.scheduled or p.started for p in pods):
         return None  # the scheduler has begun placing the gang
