@@ -13,7 +13,7 @@ from finetune_operator import contract
 from tests.support.chart import VARIANTS, of_kind, render
 from tests.support.cluster import CONFIGMAPS
 from tests.support.factories import manifest
-from tests.support.gangs import KueueStandIn, VolcanoStandIn
+from tests.support.gangs import KueueStandIn, PodGroupStandIn
 from tests.support.kubelet import Rank, script
 from tests.support.operator import operator_env, with_settings
 
@@ -76,8 +76,8 @@ async def _record_a_whole_job_life(gang: str | None = None) -> set[Grant]:
     async with operator_env(behaviour) as k8s:
         if gang == "Kueue":
             KueueStandIn(k8s.cluster, k8s.kubelet, admit_whole_groups=True)
-        elif gang == "Volcano":
-            VolcanoStandIn(k8s.cluster, k8s.kubelet, admit_at_once=True)
+        elif gang is not None:
+            PodGroupStandIn(k8s.cluster, k8s.kubelet, gang, admit_at_once=True)
         peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
         async with k8s.session.post(f"{k8s.url}/apis/kopf.dev/v1/clusterkopfpeerings", json=peering) as r:
             assert r.status in (200, 201), await r.text()

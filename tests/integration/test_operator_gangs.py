@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from finetune_operator import contract
 
-from tests.support.cluster import PODS, VOLCANO_PODGROUPS
+from tests.support.cluster import COSCHEDULING_PODGROUPS, PODS, VOLCANO_PODGROUPS
 from tests.support.factories import manifest
-from tests.support.gangs import KueueStandIn, VolcanoStandIn
+from tests.support.gangs import KueueStandIn, PodGroupStandIn
 from tests.support.kubelet import Rank, script
 from tests.support.operator import OperatorEnv, operator_env
 
@@ -74,7 +74,7 @@ async def test_a_kueue_gang_is_queued_until_admitted_then_runs_without_a_startup
 @pytest.mark.asyncio
 async def test_a_volcano_pod_group_pending_past_the_startup_timeout_stays_queued() -> None:
     async with operator_env(script(Rank(exit_code=None))) as k8s:
-        volcano = VolcanoStandIn(k8s.cluster, k8s.kubelet)
+        volcano = PodGroupStandIn(k8s.cluster, k8s.kubelet)
         await k8s.start_operator()
         await k8s.apply(job({"scheduler": "Volcano"}))
         group = await k8s.eventually(
@@ -91,6 +91,23 @@ async def test_a_volcano_pod_group_pending_past_the_startup_timeout_stays_queued
 
 
 @pytest.mark.asyncio
+async def test_a_coscheduling_gang_waits_queued_for_its_pod_group_then_runs() -> None:
+    async with operator_env(script(Rank(exit_code=None))) as k8s:
+        coscheduling = PodGroupStandIn(k8s.cluster, k8s.kubelet, "Coscheduling")
+        await k8s.start_operator()
+        await k8s.apply(job({"scheduler": "Coscheduling", "scheduleTimeoutSeconds": 120}))
+        group = await k8s.eventually(
+            lambda: k8s.cluster.get(COSCHEDULING_PODGROUPS, NS, "gang-a1"), what="PodGroup"
+        )
+        assert (group["spec"]["minMember"], group["spec"]["scheduleTimeoutSeconds"]) == (2, 120)
+        await k8s.phase(NS, "gang", "Queued")
+        await _two_passes_later(k8s, STARTUP + 1)
+        assert k8s.status(NS, "gang")["phase"] == "Queued"
+        await coscheduling.release(NS, "gang-a1")
+        await k8s.phase(NS, "gang", "Running")
+
+
+@pytest.mark.asyncio
 async def test_a_restart_creates_the_next_attempts_pod_group_and_deletes_the_old_one() -> None:
     behaviour = script(
         a1n1=Rank(exit_code=1, after=0.5, message="RuntimeError at step 3"),
@@ -98,7 +115,7 @@ async def test_a_restart_creates_the_next_attempts_pod_group_and_deletes_the_old
         default=Rank(exit_code=None),
     )
     async with operator_env(behaviour) as k8s:
-        VolcanoStandIn(k8s.cluster, k8s.kubelet, admit_at_once=True)
+        PodGroupStandIn(k8s.cluster, k8s.kubelet, admit_at_once=True)
         await k8s.start_operator()
         await k8s.apply(job({"scheduler": "Volcano"}))
         await k8s.eventually(

@@ -18,12 +18,12 @@ The test kubelet plays the default scheduler too: a held pod is neither bound no
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import kmock
 from finetune_operator import contract
 
-from tests.support.cluster import PODS, VOLCANO_PODGROUPS, ClusterEmulator
+from tests.support.cluster import COSCHEDULING_PODGROUPS, PODS, VOLCANO_PODGROUPS, ClusterEmulator
 from tests.support.kubelet import Kubelet
 
 
@@ -79,36 +79,57 @@ class KueueStandIn:
             )
 
 
-class VolcanoStandIn:
-    def __init__(self, cluster: ClusterEmulator, kubelet: Kubelet, *, admit_at_once: bool = False) -> None:
+class PodGroupStandIn:
+    """Volcano or scheduler-plugins' Coscheduling: a PodGroup stays in its waiting phase (Volcano:
+    Pending; Coscheduling: Pending, apis/scheduling/v1alpha1/types.go) and its pods unschedulable
+    until the test releases it (or at once with `admit_at_once`)."""
+
+    KINDS: ClassVar[dict[str, tuple[kmock.resource, str, str, str]]] = {
+        "Volcano": (VOLCANO_PODGROUPS, "volcano", "annotations", contract.VOLCANO_GROUP_ANNOTATION),
+        "Coscheduling": (
+            COSCHEDULING_PODGROUPS,
+            "scheduler-plugins-scheduler",
+            "labels",
+            contract.COSCHEDULING_GROUP_LABEL,
+        ),
+    }
+
+    def __init__(
+        self,
+        cluster: ClusterEmulator,
+        kubelet: Kubelet,
+        kind: str = "Volcano",
+        *,
+        admit_at_once: bool = False,
+    ) -> None:
         self.cluster, self.admit_at_once = cluster, admit_at_once
+        self.resource, self.scheduler, self._where, self._key = self.KINDS[kind]
         cluster.mutators.append(self._status)
         kubelet.holds.append(self._waits_for_its_gang)
 
     def _status(self, resource: kmock.resource, namespace: str, obj: dict[str, Any]) -> None:
-        if resource == VOLCANO_PODGROUPS:
+        if resource == self.resource:
             obj["status"] = {"phase": "Running" if self.admit_at_once else "Pending"}
         elif resource == PODS and self._group_of(obj) is not None and not self.admit_at_once:
             unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                              "message": "pod group is not ready, 2 Pending, 2 minAvailable"}  # fmt: skip
             obj.setdefault("status", {})["conditions"] = [unschedulable]
 
-    @staticmethod
-    def _group_of(pod: dict[str, Any]) -> str | None:
-        if (pod.get("spec") or {}).get("schedulerName") != "volcano":
+    def _group_of(self, pod: dict[str, Any]) -> str | None:
+        if (pod.get("spec") or {}).get("schedulerName") != self.scheduler:
             return None
-        return ((pod.get("metadata") or {}).get("annotations") or {}).get(contract.VOLCANO_GROUP_ANNOTATION)
+        return ((pod.get("metadata") or {}).get(self._where) or {}).get(self._key)
 
     def _waits_for_its_gang(self, pod: dict[str, Any]) -> bool:
         group = self._group_of(pod)
         if group is None:
             return False
-        found = self.cluster.get(VOLCANO_PODGROUPS, pod["metadata"].get("namespace", ""), group)
+        found = self.cluster.get(self.resource, pod["metadata"].get("namespace", ""), group)
         return found is None or (found.get("status") or {}).get("phase") != "Running"
 
     async def release(self, namespace: str, group: str) -> None:
         """The gang fits: the group runs and the scheduler binds its pods (the kubelet takes over)."""
-        await self.cluster.write(VOLCANO_PODGROUPS, namespace, group, {"status": {"phase": "Running"}})
+        await self.cluster.write(self.resource, namespace, group, {"status": {"phase": "Running"}})
         for pod in self.cluster.list(PODS):
             if pod["metadata"].get("namespace") == namespace and self._group_of(pod) == group:
                 scheduled = {"type": "PodScheduled", "status": "True"}
