@@ -17,7 +17,6 @@ from tests.support.operator import OperatorEnv, operator_env
 
 NS = "team-a"
 STARTUP = 600
-RESYNC = 300  # the operator's resync: a pass comes at least this often
 
 
 def job(gang: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -35,19 +34,26 @@ def job(gang: dict[str, Any], **changes: Any) -> dict[str, Any]:
     )
 
 
-async def _two_passes_later(k8s: OperatorEnv, jump: float) -> None:
-    """Jump the clock and wait until the operator has finished a pass that saw the jump: a pass
-    begins with a pod list, and passes of one job never overlap, so the second list after the jump
-    means the first pass is done."""
+async def _next_pass(k8s: OperatorEnv) -> None:
+    """Until the operator begins a pass of the job (a pass begins with its pod list)."""
+    seen = len(k8s.cluster.calls)
+    await k8s.eventually(
+        lambda: any(
+            c.resource == "pods" and c.verb == "list" and c.from_operator for c in k8s.cluster.calls[seen:]
+        ),
+        what="an operator pass",
+    )
+
+
+async def _a_pass_after(k8s: OperatorEnv, jump: float) -> None:
+    """Jump the clock past a deadline and wait until the pass its timer starts has finished: a pod
+    change then wakes the job again, and passes of one job never overlap (workqueue.py), so the
+    next pass beginning means the timer's pass has ended."""
     k8s.clock.jump(jump)
-    for _ in range(2):
-        seen = len(k8s.cluster.calls)
-        await k8s.eventually(
-            lambda seen=seen: any(c.resource == "pods" and c.verb == "list" and c.from_operator
-                                  for c in k8s.cluster.calls[seen:]),
-            what="an operator pass",
-        )  # fmt: skip
-        k8s.clock.jump(RESYNC + 1)
+    await _next_pass(k8s)
+    name = k8s.pods("gang")[0]["metadata"]["name"]
+    await k8s.cluster.write(PODS, NS, name, {"metadata": {"annotations": {"test.example/poke": "1"}}})
+    await _next_pass(k8s)
 
 
 @pytest.mark.asyncio
@@ -59,7 +65,7 @@ async def test_a_kueue_gang_is_queued_until_admitted_then_runs_without_a_startup
         await k8s.eventually(lambda: len(kueue.group(NS, "gang-a1")) == 2, what="both ranks created")
         queued = await k8s.phase(NS, "gang", "Queued")
         assert any(c["type"] == "Queued" and c["status"] == "True" for c in queued["conditions"])
-        await _two_passes_later(k8s, STARTUP + 1)
+        await _a_pass_after(k8s, STARTUP + 1)
         status = k8s.status(NS, "gang")
         assert status["phase"] == "Queued", status
         assert not any(c["type"] == "Failed" for c in status["conditions"])
@@ -83,7 +89,7 @@ async def test_a_volcano_pod_group_pending_past_the_startup_timeout_stays_queued
         assert group["spec"]["minMember"] == 2
         await k8s.eventually(lambda: len(k8s.pods("gang")) == 2, what="both ranks created")
         await k8s.phase(NS, "gang", "Queued")
-        await _two_passes_later(k8s, STARTUP + 1)
+        await _a_pass_after(k8s, STARTUP + 1)
         status = k8s.status(NS, "gang")
         assert status["phase"] == "Queued" and not any(c["type"] == "Failed" for c in status["conditions"])
         await volcano.release(NS, "gang-a1")
@@ -101,7 +107,7 @@ async def test_a_coscheduling_gang_waits_queued_for_its_pod_group_then_runs() ->
         )
         assert (group["spec"]["minMember"], group["spec"]["scheduleTimeoutSeconds"]) == (2, 120)
         await k8s.phase(NS, "gang", "Queued")
-        await _two_passes_later(k8s, STARTUP + 1)
+        await _a_pass_after(k8s, STARTUP + 1)
         assert k8s.status(NS, "gang")["phase"] == "Queued"
         await coscheduling.release(NS, "gang-a1")
         await k8s.phase(NS, "gang", "Running")
