@@ -23,8 +23,53 @@ LABEL_ATTEMPT: Final = f"{API_GROUP}/attempt"
 LABEL_RANK: Final = f"{API_GROUP}/node-rank"
 LABEL_APP_NAME: Final = "app.kubernetes.io/name"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
-# Pod metadata keys only the operator writes: its labels above, and anything under its API group.
-OPERATOR_LABEL_KEYS: Final = (LABEL_JOB, LABEL_ATTEMPT, LABEL_RANK, LABEL_APP_NAME, LABEL_MANAGED_BY)
+
+# Gang schedulers' pod metadata (spec.gang). Kueue's plain-pod integration:
+# kubernetes-sigs/kueue pkg/controller/constants/constants.go (QueueLabel) and
+# pkg/controller/jobs/pod/constants/constants.go (GroupNameLabel, GroupTotalCountAnnotation,
+# RetriableInGroupAnnotationKey, SchedulingGateName: the gate its webhook puts on every managed pod
+# until the group's Workload is admitted). Kueue's topology-aware scheduling annotations:
+# keps/2724-topology-aware-scheduling. Volcano: volcano-sh/apis pkg/apis/scheduling/v1beta1/labels.go
+# (KubeGroupNameAnnotationKey). scheduler-plugins coscheduling: apis/scheduling/v1alpha1/types.go
+# (PodGroupLabel).
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP_LABEL: Final = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL_COUNT_ANNOTATION: Final = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_ANNOTATION: Final = "kueue.x-k8s.io/retriable-in-group"
+KUEUE_ROLE_HASH_ANNOTATION: Final = "kueue.x-k8s.io/role-hash"  # RoleHashAnnotation: the PodSet's name
+KUEUE_ROLE: Final = "ranks"
+KUEUE_ADMISSION_GATE: Final = "kueue.x-k8s.io/admission"
+# With a topology request the webhook adds a second gate, removed once the admitted gang's domain is
+# injected as nodeSelectors (apis/kueue/v1alpha1 TopologySchedulingGate), and takes each pod's index
+# in the group from the label this annotation names (PodGroupPodIndexLabelAnnotation).
+KUEUE_TOPOLOGY_GATE: Final = "kueue.x-k8s.io/topology"
+KUEUE_GATES: Final = (KUEUE_ADMISSION_GATE, KUEUE_TOPOLOGY_GATE)
+KUEUE_POD_INDEX_LABEL_ANNOTATION: Final = "kueue.x-k8s.io/pod-group-pod-index-label"
+KUEUE_REQUIRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-required-topology"
+KUEUE_PREFERRED_TOPOLOGY_ANNOTATION: Final = "kueue.x-k8s.io/podset-preferred-topology"
+VOLCANO_GROUP_ANNOTATION: Final = "scheduling.k8s.io/group-name"
+COSCHEDULING_GROUP_LABEL: Final = "scheduling.x-k8s.io/pod-group"
+# Pod metadata keys only the operator writes: its labels above, the gang schedulers' group keys, and
+# anything under its API group.
+OPERATOR_LABEL_KEYS: Final = (
+    LABEL_JOB,
+    LABEL_ATTEMPT,
+    LABEL_RANK,
+    LABEL_APP_NAME,
+    LABEL_MANAGED_BY,
+    KUEUE_QUEUE_LABEL,
+    KUEUE_GROUP_LABEL,
+    COSCHEDULING_GROUP_LABEL,
+)
+OPERATOR_ANNOTATION_KEYS: Final = (
+    KUEUE_TOTAL_COUNT_ANNOTATION,
+    KUEUE_RETRIABLE_ANNOTATION,
+    KUEUE_ROLE_HASH_ANNOTATION,
+    KUEUE_POD_INDEX_LABEL_ANNOTATION,
+    KUEUE_REQUIRED_TOPOLOGY_ANNOTATION,
+    KUEUE_PREFERRED_TOPOLOGY_ANNOTATION,
+    VOLCANO_GROUP_ANNOTATION,
+)
 RESERVED_METADATA_PREFIX: Final = f"{API_GROUP}/"
 
 # torchrun's rendezvous between node ranks.

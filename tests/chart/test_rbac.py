@@ -13,6 +13,7 @@ from finetune_operator import contract
 from tests.support.chart import VARIANTS, of_kind, render
 from tests.support.cluster import CONFIGMAPS
 from tests.support.factories import manifest
+from tests.support.gangs import KueueStandIn, PodGroupStandIn
 from tests.support.kubelet import Rank, script
 from tests.support.operator import operator_env, with_settings
 
@@ -37,7 +38,17 @@ PEERING = "ftjob-finetune-operator"
 NAMESPACED_MODE_EXTRA = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 
 
-async def _record_a_whole_job_life() -> set[Grant]:
+# spec.gang options: the API group of the PodGroups each one makes the operator manage (Kueue: none),
+# and the chart values that grant them.
+GANG_GROUPS = {"Kueue": None, "Volcano": "scheduling.volcano.sh", "Coscheduling": "scheduling.x-k8s.io"}
+GANG_VALUES: dict[str, dict[str, Any]] = {
+    "Kueue": {},
+    "Volcano": {"gangScheduling": {"volcano": {"enabled": True}}},
+    "Coscheduling": {"gangScheduling": {"coscheduling": {"enabled": True}}},
+}
+
+
+async def _record_a_whole_job_life(gang: str | None = None) -> set[Grant]:
     behaviour = script(
         a1n1=Rank(exit_code=1, after=2.0, message="RuntimeError at step 3"),
         a1n0=Rank(exit_code=75, after=2.5),  # its peer died: its collective times out
@@ -49,11 +60,24 @@ async def _record_a_whole_job_life() -> set[Grant]:
             "spec.runPolicy.backoffBaseSeconds": 1,
             "spec.runPolicy.backoffCapSeconds": 1,
             "spec.runPolicy.ttlSecondsAfterFinished": 0,
+            **(
+                {
+                    "spec.gang": {"scheduler": gang, "queueName": "gpu"}
+                    if gang == "Kueue"
+                    else {"scheduler": gang}
+                }
+                if gang
+                else {}
+            ),
         },
         name="rbac",
         namespace="team-a",
     )
     async with operator_env(behaviour) as k8s:
+        if gang == "Kueue":
+            KueueStandIn(k8s.cluster, k8s.kubelet, admit_whole_groups=True)
+        elif gang is not None:
+            PodGroupStandIn(k8s.cluster, k8s.kubelet, gang, admit_at_once=True)
         peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
         async with k8s.session.post(f"{k8s.url}/apis/kopf.dev/v1/clusterkopfpeerings", json=peering) as r:
             assert r.status in (200, 201), await r.text()
@@ -85,9 +109,10 @@ async def _record_a_whole_job_life() -> set[Grant]:
         # Requests without a resource are API discovery (/api, /apis/...), which every authenticated
         # identity may read (the built-in system:discovery role): nothing to grant.
         calls = [c for c in k8s.cluster.calls if "kubectl" not in c.agent and c.resource]
-    unknown = {c.resource for c in calls} - GROUPS.keys()
+    groups = {**GROUPS, **({"podgroups": GANG_GROUPS[gang]} if gang and GANG_GROUPS[gang] else {})}
+    unknown = {c.resource for c in calls} - groups.keys()
     assert not unknown, f"the operator called resources this test cannot place in an API group: {unknown}"
-    return {(GROUPS[c.resource], c.resource, c.verb) for c in calls}
+    return {(groups[c.resource], c.resource, c.verb) for c in calls}
 
 
 def granted(objects: list[dict[str, Any]], kinds: tuple[str, ...]) -> set[Grant]:
@@ -156,3 +181,35 @@ def test_the_operator_holds_no_secret_rights() -> None:
     for variant in VARIANTS.values():
         objects = render(variant)
         assert not any(r == "secrets" for _, r, _ in granted(objects, ("ClusterRole", "Role")))
+
+
+@pytest.fixture(scope="module", params=list(GANG_GROUPS))
+def recorded_with_gang(request: pytest.FixtureRequest) -> tuple[str, set[Grant]]:
+    import asyncio
+
+    return request.param, asyncio.run(_record_a_whole_job_life(request.param))
+
+
+def test_each_gang_option_is_granted_exactly_the_calls_it_adds(
+    recorded: set[Grant], recorded_with_gang: tuple[str, set[Grant]]
+) -> None:
+    gang, calls = recorded_with_gang
+    added = calls - recorded
+    group = GANG_GROUPS[gang]
+    if group is None:
+        assert added == set()  # Kueue: labels and annotations on the pods only
+    else:
+        assert added == {(group, "podgroups", v) for v in ("list", "create", "delete")}
+    values = {**VARIANTS["two-replicas"], "networkPolicy": {"enabled": True}, **GANG_VALUES[gang]}
+    assert granted(render(values), ("ClusterRole",)) == recorded | added
+
+
+def test_no_pod_group_rights_unless_a_gang_option_is_enabled() -> None:
+    for variant in VARIANTS.values():
+        assert not any(r == "podgroups" for _, r, _ in granted(render(variant), ("ClusterRole", "Role")))
+
+
+def test_namespaced_installs_grant_pod_groups_in_each_watched_namespace() -> None:
+    values = {"watchNamespaces": ["team-a"], **GANG_VALUES["Volcano"]}
+    roles = of_kind(render(values), "Role")
+    assert all(("scheduling.volcano.sh", "podgroups", "create") in granted([r], ("Role",)) for r in roles)

@@ -43,6 +43,8 @@ SERVICES = kmock.resource("", "v1", "services")
 CONFIGMAPS = kmock.resource("", "v1", "configmaps")
 EVENTS = kmock.resource("", "v1", "events")
 NETWORK_POLICIES = kmock.resource("networking.k8s.io", "v1", "networkpolicies")
+VOLCANO_PODGROUPS = kmock.resource("scheduling.volcano.sh", "v1beta1", "podgroups")
+COSCHEDULING_PODGROUPS = kmock.resource("scheduling.x-k8s.io", "v1alpha1", "podgroups")
 WITH_STATUS_SUBRESOURCE = {JOBS}
 VERBS = {
     kmock.action.LIST: "list",
@@ -114,6 +116,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     _collections: set[asyncio.Task[None]] = attrs.field(factory=set)
     # admission plugins (tests/support/admission.py): each may refuse a create with an API error
     admission: list[Callable[..., kmock.KubernetesError | None]] = attrs.field(factory=list)
+    # mutating admission (a webhook such as Kueue's pod webhook, tests/support/gangs.py): each may
+    # change an object being created, given (resource, namespace, object)
+    mutators: list[Callable[[kmock.resource, str, dict[str, Any]], None]] = attrs.field(factory=list)
 
     def declare(self) -> None:
         info = kmock.ResourceInfo
@@ -125,6 +130,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = info(
             kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
         )
+        for podgroups in (VOLCANO_PODGROUPS, COSCHEDULING_PODGROUPS):
+            self.resources[podgroups] = info(
+                kind="PodGroup", namespaced=True, verbs={"list", "watch", "get", "create", "delete"}
+            )
         self.resources["kopf.dev/v1/clusterkopfpeerings"] = info(
             kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "get", "patch"}
         )
@@ -262,6 +271,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 data.pop("status", None)
             if resource == PODS:
                 data["status"] = {"phase": "Pending"}
+            for mutate in self.mutators:
+                mutate(resource, request.namespace or "", data)
         elif request.action == kmock.action.UPDATE and isinstance(data, dict):
             current = self.get(resource, request.namespace or "", request.name or "")
             if current is None:

@@ -62,6 +62,10 @@ class Kubelet:
         self._deleting: dict[tuple[str, str], asyncio.Event] = {}
         self.started: list[str] = []  # pod names in the order they started running
         self.nodes = NodeLifecycle(cluster, clock)
+        # What keeps a pod from being scheduled (a gate, a gang not yet admitted): a pod any of these
+        # holds is left as created and looked at again on each change of it (tests/support/gangs.py).
+        self.holds: list[Callable[[dict[str, Any]], bool]] = []
+        self._held: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
         lifecycle = asyncio.create_task(self.nodes.run())
@@ -76,12 +80,20 @@ class Kubelet:
     def _on(self, kind: str, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
-        if kind == "ADDED" and key not in self._pods:
+        if kind in ("ADDED", "MODIFIED") and key not in self._pods and not meta.get("deletionTimestamp"):
+            if any(hold(pod) for hold in self.holds):
+                self._held.add(key)
+                return
+            if kind == "MODIFIED" and key not in self._held:
+                return
+            self._held.discard(key)
             self._deleting[key] = asyncio.Event()
             self._pods[key] = asyncio.create_task(self._live(key, meta.get("labels") or {}))
         elif kind == "MODIFIED" and meta.get("deletionTimestamp") and key in self._deleting:
             self._deleting[key].set()
-        elif kind == "DELETED" and key in self._pods:
+        elif kind == "DELETED":
+            self._held.discard(key)
+        if kind == "DELETED" and key in self._pods:
             self._pods.pop(key).cancel()
             self._deleting.pop(key, None)
 

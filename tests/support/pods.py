@@ -147,3 +147,18 @@ def unschedulable(**kw: Any) -> dict[str, Any]:
 
 def after(seconds: float) -> datetime:
     return CREATED + timedelta(seconds=seconds)
+
+
+def gated(gate: str = contract.KUEUE_ADMISSION_GATE, **kw: Any) -> dict[str, Any]:
+    """A pod held by a scheduling gate: unbound, with the PodScheduled=False/SchedulingGated
+    condition the API server sets on such a pod (kubernetes pkg/registry/core/pod/strategy.go,
+    applySchedulingGatedCondition)."""
+    condition = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "SchedulingGated",
+        "message": "Scheduling is blocked due to non-empty scheduling gates",
+    }
+    built = pod(phase="Pending", conditions=[condition], scheduled=False, **kw)
+    built["spec"]["schedulingGates"] = [{"name": gate}]
+    return built

@@ -87,7 +87,7 @@ def _everything() -> dict[str, Any]:
         ],
         "spec.resources.scratch": {"size": "2Ti", "storageClassName": "local-nvme"},
         "spec.resources.podMetadata": {
-            "labels": {"team": "nlp", "kueue.x-k8s.io/queue-name": "gpu"},
+            "labels": {"team": "nlp", "kueue.x-k8s.io/priority-class": "gpu"},
             "annotations": {"sidecar.istio.io/inject": "false", "cost-center": "4711"},
         },
         "spec.resources.extendedResources": {"rdma/ib": 1, "nvidia.com/hostdev": 8},

@@ -8,10 +8,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from finetune_operator import contract
 from finetune_operator.api import parse_manifest
-from finetune_operator.builders import BuildContext, build_attempt
+from finetune_operator.builders import BuildContext, build_attempt, build_rank_pod
 
 from tests.support.apiserver import FakeApiServer
+from tests.support.podgroups import validate_pod_group
 from tests.support.versions import KUBERNETES_VERSIONS
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
@@ -48,8 +50,20 @@ def test_example_builds_objects_valid_for_kubernetes(path: Path) -> None:
     data["metadata"]["uid"] = "00000000-0000-4000-8000-000000000000"
     job = parse_manifest(data)
     for obj in build_attempt(job, 1, BuildContext(default_image="trainer:test")):
+        if obj["kind"] == "PodGroup":  # a CRD kubernetes-validate does not know
+            validate_pod_group(obj)
+            continue
         for version in KUBERNETES_VERSIONS:
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_70b_example_is_a_kueue_gang_kept_in_one_topology_domain() -> None:
+    data = _load(Path(EXAMPLES[0].parent / "llama-3.1-70b-zero3.yaml"))
+    pod = build_rank_pod(parse_manifest(data), 1, 3, BuildContext(default_image="trainer:test"))
+    labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+    assert labels[contract.KUEUE_QUEUE_LABEL] == "gpu-h100"
+    assert annotations[contract.KUEUE_TOTAL_COUNT_ANNOTATION] == "4"
+    assert annotations[contract.KUEUE_REQUIRED_TOPOLOGY_ANNOTATION] == "topology.kubernetes.io/zone"
 
 
 def test_tiny_cpu_runs_two_ranks_without_gpus() -> None:

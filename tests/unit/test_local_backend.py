@@ -71,6 +71,16 @@ def test_a_status_written_from_a_stale_read_is_refused(tmp_path: Path) -> None:
     assert not asyncio.run(backend.write_status(stale, FineTuneJobStatus(phase="Running")))
 
 
+def test_a_gang_job_runs_locally_as_if_it_had_no_gang_scheduler(tmp_path: Path) -> None:
+    """One machine has no Kueue or Volcano: the decide step sees no spec.gang (never Queued, no
+    PodGroup actions), while the stored manifest keeps it for the cluster."""
+    backend = LocalBackend(tmp_path)
+    backend.submit(_job(**{"spec.gang": {"scheduler": "Volcano"}}), NOW)
+    observed = asyncio.run(backend.observe(("default", "tiny"), NOW))
+    assert observed is not None and observed.job.spec.gang is None
+    assert (backend.read_job() or {})["spec"]["gang"] == {"scheduler": "Volcano"}
+
+
 def test_a_workdir_holds_one_job(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path)
     backend.submit(_job(), NOW)

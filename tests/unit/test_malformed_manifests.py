@@ -398,6 +398,61 @@ CASES = [
         "spec.resources.env",
         rule=True,
     ),
+    # gang scheduling (spec.gang)
+    Bad("gang scheduler unknown", {"spec.gang": {"scheduler": "Yunikorn"}}, "spec.gang.scheduler"),
+    Bad("gang without a scheduler", {"spec.gang": {"queueName": "gpu"}}, "spec.gang.scheduler"),
+    Bad("kueue without a queue", {"spec.gang": {"scheduler": "Kueue"}}, "spec.gang.queueName", rule=True),
+    Bad(
+        "queue name too long for a label",
+        {"spec.gang": {"scheduler": "Kueue", "queueName": "q" * 64}},
+        "spec.gang.queueName",
+    ),
+    Bad(
+        "queue name with capitals",
+        {"spec.gang": {"scheduler": "Volcano", "queueName": "GPU"}},
+        "spec.gang.queueName",
+    ),
+    Bad(
+        "coscheduling with a queue",
+        {"spec.gang": {"scheduler": "Coscheduling", "queueName": "gpu"}},
+        "spec.gang.queueName",
+        rule=True,
+    ),
+    Bad(
+        "schedule timeout for volcano",
+        {"spec.gang": {"scheduler": "Volcano", "scheduleTimeoutSeconds": 60}},
+        "spec.gang.scheduleTimeoutSeconds",
+        rule=True,
+    ),
+    Bad(
+        "schedule timeout zero",
+        {"spec.gang": {"scheduler": "Coscheduling", "scheduleTimeoutSeconds": 0}},
+        "spec.gang.scheduleTimeoutSeconds",
+    ),
+    Bad(
+        "two schedulers named",
+        {"spec.gang": {"scheduler": "Volcano"}, "spec.resources.schedulerName": "volcano"},
+        "spec.resources.schedulerName",
+        rule=True,
+    ),
+    Bad(
+        "gang group label through pod metadata",
+        {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/pod-group-name": "mine"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "queue label through pod metadata",
+        {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/queue-name": "gpu"}},
+        "spec.resources.podMetadata.labels",
+        rule=True,
+    ),
+    Bad(
+        "volcano group annotation through pod metadata",
+        {"spec.resources.podMetadata.annotations": {"scheduling.k8s.io/group-name": "mine"}},
+        "spec.resources.podMetadata.annotations",
+        rule=True,
+    ),
     # names
     Bad(
         "secret name with capitals",
@@ -455,7 +510,7 @@ def test_no_secret_value_is_echoed_in_an_error() -> None:
 
 # What the new fields must still take: the rules above refuse collisions, not ordinary use.
 GOOD = [
-    {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/queue-name": "gpu", "team": ""}},
+    {"spec.resources.podMetadata.labels": {"kueue.x-k8s.io/priority-class": "high", "team": ""}},
     {"spec.resources.podMetadata.annotations": {"sidecar.istio.io/inject": "false", "note": "a b/c"}},
     _mounted({"name": "data", "mountPath": "/data/train", "readOnly": True, "subPath": "v3"}),
     _mount_at("/etc/finetune-extra"),  # a sibling of the config directory, not under it
@@ -476,6 +531,11 @@ GOOD = [
         "spec.placement.topologyPolicy": "Preferred",
     },
     {"spec.model.tokenSecret": {"name": "hf-token"}},
+    {"spec.gang": {"scheduler": "Kueue", "queueName": "team-a-gpu"}},
+    {"spec.gang": {"scheduler": "Volcano"}},
+    {"spec.gang": {"scheduler": "Volcano", "queueName": "research", "schedulerName": "volcano-gpu"}},
+    {"spec.gang": {"scheduler": "Coscheduling", "scheduleTimeoutSeconds": 300}},
+    {"spec.gang": {"scheduler": "Kueue", "queueName": "gpu"}, "spec.resources.schedulerName": "my-sched"},
 ]
 
 

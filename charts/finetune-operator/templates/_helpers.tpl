@@ -63,4 +63,14 @@ against the API traffic recorded from the operator). */}}
   resources: ["networkpolicies"]
   verbs: ["create"]
 {{- end }}
+{{- if .Values.gangScheduling.volcano.enabled }}
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["list", "create", "delete"]
+{{- end }}
+{{- if .Values.gangScheduling.coscheduling.enabled }}
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["list", "create", "delete"]
+{{- end }}
 {{- end -}}

@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 
 from finetune_operator import contract
 from finetune_operator.api.base import ApiModel, Rule, ServerRule
+from finetune_operator.api.gang import GangSpec
 from finetune_operator.api.spec import (
     CheckpointSpec,
     DatasetSpec,
@@ -51,8 +52,22 @@ class FineTuneJobSpec(ApiModel):
     output: OutputSpec = Field(default_factory=OutputSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
+    gang: GangSpec | None = Field(
+        None,
+        description="Gang scheduling through Kueue, Volcano or scheduler-plugins' Coscheduling. "
+        "Left out: the ranks are scheduled one by one.",
+    )
 
     rules = (
+        Rule(
+            cel="!has(self.gang) || self.gang.scheduler == 'Kueue' || !has(self.resources.schedulerName)",
+            message="a Volcano or Coscheduling gang picks the pods' scheduler: set gang.schedulerName "
+            "instead of resources.schedulerName",
+            field="resources.schedulerName",
+            check=lambda s: (
+                s.gang is None or s.gang.scheduler == "Kueue" or s.resources.scheduler_name is None
+            ),
+        ),
         Rule(
             cel="!has(self.training.globalBatchSize) || self.training.globalBatchSize % "
             f"(self.training.microBatchSize * {_world_cel('self.resources')}) == 0",

@@ -61,6 +61,7 @@ class ScratchSpec(ApiModel):
 
 
 _OPERATOR_KEYS = _cel_list(contract.OPERATOR_LABEL_KEYS)
+_OPERATOR_ANNOTATIONS = _cel_list(contract.OPERATOR_ANNOTATION_KEYS)
 _PREFIX = contract.RESERVED_METADATA_PREFIX
 
 
@@ -92,17 +93,22 @@ class PodMetadata(ApiModel):
         Rule(
             cel=f"self.labels.all(k, !k.startsWith('{_PREFIX}') && !(k in {_OPERATOR_KEYS}))",
             message=f"labels under {_PREFIX} and the operator's own labels "
-            f"({', '.join(contract.OPERATOR_LABEL_KEYS[3:])}) are set by the operator",
+            f"({', '.join(contract.OPERATOR_LABEL_KEYS[3:])}) are set by the operator; choose a gang "
+            "scheduler's queue and group through spec.gang",
             field="labels",
             check=lambda s: all(
                 not k.startswith(_PREFIX) and k not in contract.OPERATOR_LABEL_KEYS for k in s.labels
             ),
         ),
         Rule(
-            cel=f"self.annotations.all(k, !k.startsWith('{_PREFIX}'))",
-            message=f"annotations under {_PREFIX} are set by the operator",
+            cel=f"self.annotations.all(k, !k.startsWith('{_PREFIX}') && !(k in {_OPERATOR_ANNOTATIONS}))",
+            message=f"annotations under {_PREFIX} and the gang schedulers' group annotations "
+            f"({', '.join(contract.OPERATOR_ANNOTATION_KEYS)}) are set by the operator: use spec.gang",
             field="annotations",
-            check=lambda s: all(not k.startswith(_PREFIX) for k in s.annotations),
+            check=lambda s: all(
+                not k.startswith(_PREFIX) and k not in contract.OPERATOR_ANNOTATION_KEYS
+                for k in s.annotations
+            ),
         ),
     )
 

@@ -19,6 +19,7 @@ Timestamp = Annotated[datetime, Strict(False)]
 
 class Phase(StrEnum):
     PENDING = "Pending"  # accepted, no pods yet
+    QUEUED = "Queued"  # spec.gang: the attempt's gang waits for its scheduler to admit it whole
     STARTING = "Starting"  # pods of the current attempt exist, not all running
     RUNNING = "Running"  # every rank of the current attempt is running
     RESTARTING = "Restarting"  # a rank failed; the gang is being torn down or backing off
@@ -28,11 +29,11 @@ class Phase(StrEnum):
 
 
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
-ACTIVE_PHASES = frozenset({Phase.STARTING, Phase.RUNNING, Phase.RESTARTING})
+ACTIVE_PHASES = frozenset({Phase.QUEUED, Phase.STARTING, Phase.RUNNING, Phase.RESTARTING})
 
 
 class Condition(ApiModel):
-    """A Kubernetes-style condition (Running, Succeeded, Failed, Suspended, Restarting)."""
+    """A Kubernetes-style condition (Running, Succeeded, Failed, Suspended, Restarting, Queued)."""
 
     type: ShortString
     status: Literal["True", "False", "Unknown"]

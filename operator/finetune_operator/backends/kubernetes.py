@@ -29,15 +29,23 @@ from finetune_operator.api import API_VERSION, FineTuneJob, FineTuneJobStatus, P
 from finetune_operator.backends.base import REFUSAL_CODES, CreateRefused, JobKey
 from finetune_operator.builders import (
     build_config_map,
+    build_gang_group,
     build_network_policy,
     build_rank_pod,
     build_service,
     naming,
 )
+from finetune_operator.builders.gang import pod_group_api
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy import actions as act
 from finetune_operator.policy.decide import Observed
-from finetune_operator.policy.observed import format_time, observe_pod, rank0_of_current_attempt
+from finetune_operator.policy.observed import (
+    ObservedGroup,
+    format_time,
+    observe_group,
+    observe_pod,
+    rank0_of_current_attempt,
+)
 from finetune_operator.progress import TAIL_BYTES, ProgressReport, parse_last
 from finetune_operator.settings import OperatorSettings
 
@@ -173,7 +181,32 @@ class KubernetesBackend:
             service_exists=running or await self._service_exists(namespace, name, job.metadata.uid),
             now=now,
             progress=await self._progress(job, pods, poller_reads_running=running),
+            groups=await self._groups(job),
         )
+
+    async def _groups(self, job: FineTuneJob) -> tuple[ObservedGroup, ...]:
+        """The job's PodGroups, when its gang scheduler uses them (the only case the chart grants
+        the operator rights to them). None readable (no rights: 403; no such API: 404) reads as
+        none: the decide step then creates the group, and that create's refusal is recorded and
+        shown like any other (status.createRefusal), instead of a pass that fails before deciding."""
+        api = pod_group_api(job)
+        if api is None:
+            return ()
+        try:
+            listed = await self._json(
+                f"list {api.plural}.{api.group}",
+                self.custom.list_namespaced_custom_object,
+                api.group,
+                api.version,
+                job.metadata.namespace,
+                api.plural,
+                label_selector=f"{contract.LABEL_JOB}={job.metadata.name}",
+            )
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return ()
+            raise
+        return tuple(observe_group(g) for g in listed.get("items") or [])
 
     async def _service_exists(self, namespace: str, job: str, uid: str | None) -> bool:
         """An older incarnation's Service (the garbage collector has not removed it yet) is not
@@ -319,6 +352,40 @@ class KubernetesBackend:
                     )
                     for rank in ranks
                 )
+            case act.CreatePodGroup(attempt=attempt):
+                api, group = pod_group_api(job), build_gang_group(job, attempt)
+                if api is not None and group is not None:
+                    try:
+                        await self._create(
+                            f"create {api.plural}.{api.group}",
+                            partial(self.custom.create_namespaced_custom_object, api.group, api.version),
+                            group,
+                            plural=api.plural,
+                        )
+                    except ApiException as exc:
+                        if exc.status != 404:
+                            raise
+                        # The API server does not serve the resource: the scheduler's CRDs are missing.
+                        message = (
+                            f"{api.plural}.{api.group}/{api.version} is not served by this cluster: install "
+                            "the gang scheduler's CRDs or choose another spec.gang.scheduler"
+                        )
+                        raise CreateRefused(404, "NotFound", message) from None
+            case act.DeletePodGroup(attempt=attempt):
+                api = pod_group_api(job)
+                if api is not None:
+                    await self._tolerate(
+                        404,
+                        self._call(
+                            f"delete {api.plural}.{api.group}",
+                            self.custom.delete_namespaced_custom_object,
+                            api.group,
+                            api.version,
+                            ns,
+                            api.plural,
+                            naming.group_name(name, attempt),
+                        ),
+                    )
             case act.DeletePods(names=names, force=force):
                 options = {"grace_period_seconds": 0} if force else {}
                 await self._bounded(
@@ -352,10 +419,14 @@ class KubernetesBackend:
                     ),
                 )
 
-    async def _create(self, operation: str, fn: Callable[..., Any], body: dict[str, Any]) -> bool:
-        """Create; False when it already existed (names are deterministic: usually our own)."""
+    async def _create(
+        self, operation: str, fn: Callable[..., Any], body: dict[str, Any], plural: str | None = None
+    ) -> bool:
+        """Create; False when it already existed (names are deterministic: usually our own). A custom
+        object's create takes its plural between the namespace and the body."""
+        args = (body["metadata"]["namespace"], *((plural,) if plural else ()), body)
         try:
-            await self._call(operation, fn, body["metadata"]["namespace"], body)
+            await self._call(operation, fn, *args)
         except ApiException as exc:
             if exc.status == 409:
                 return False

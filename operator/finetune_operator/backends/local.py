@@ -140,6 +140,10 @@ class LocalBackend:
         if body is None or body["metadata"]["name"] != key[1]:
             return None
         job = parse_manifest(body)
+        if job.spec.gang is not None:
+            # One machine, no gang scheduler: the job is decided as if it had none (never Queued, no
+            # PodGroup actions); the manifest keeps it for the cluster.
+            job = job.model_copy(update={"spec": job.spec.model_copy(update={"gang": None})})
         pods = [self._refresh(path, now) for path in sorted((self.workdir / "pods").glob("*.json"))]
         observed = tuple(observe_pod(p) for p in pods if p is not None)
         return Observed(
@@ -176,6 +180,8 @@ class LocalBackend:
                 for rank in ranks:
                     if not self.pod_path(naming.pod_name(job.metadata.name, attempt, rank)).exists():
                         self._start(job, attempt, rank, port)
+            case act.CreatePodGroup() | act.DeletePodGroup():
+                pass  # never decided here (observe drops spec.gang); a gang on one machine starts whole
             case act.DeletePods(names=names, force=force):
                 for name in names:
                     self.delete_pod(name, force, job.spec.run_policy.termination_grace_period_seconds)

@@ -44,3 +44,9 @@ def attempt_labels(job: str, attempt: int) -> dict[str, str]:
 
 def rank_labels(job: str, attempt: int, rank: int) -> dict[str, str]:
     return {**attempt_labels(job, attempt), contract.LABEL_RANK: str(rank)}
+
+
+def group_name(job: str, attempt: int) -> str:
+    """The attempt's gang (a Kueue pod group, a Volcano or Coscheduling PodGroup): one per attempt, so
+    a restarted gang is admitted as a new whole and never counted against the old group's pods."""
+    return f"{job}-a{attempt}"

@@ -9,6 +9,7 @@ from finetune_operator import contract
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.kubernetes import wire
 from finetune_operator.builders import naming
+from finetune_operator.builders.gang import build_pod_group, gang_pod_metadata
 from finetune_operator.builders.objects import Manifest, child_metadata
 from finetune_operator.builders.placement import affinity
 
@@ -165,12 +166,18 @@ def _scratch_volume(job: FineTuneJob) -> dict[str, Any]:
 def _pod_metadata(job: FineTuneJob, pod_name: str, attempt: int, rank: int) -> dict[str, Any]:
     """The user's labels first, the operator's over them: the operator finds its pods by its labels,
     so no manifest may move a pod out of (or into) a job. The API refuses such keys too."""
-    extra = job.spec.resources.pod_metadata
-    labels = {**extra.labels, **naming.rank_labels(job.metadata.name, attempt, rank)}
+    extra, gang = job.spec.resources.pod_metadata, gang_pod_metadata(job, attempt)
+    labels = {**extra.labels, **gang.labels, **naming.rank_labels(job.metadata.name, attempt, rank)}
     meta = child_metadata(job, pod_name, labels)
-    if extra.annotations:
-        meta["annotations"] = dict(extra.annotations)
+    annotations = {**extra.annotations, **gang.annotations}
+    if annotations:
+        meta["annotations"] = annotations
     return meta
+
+
+def build_gang_group(job: FineTuneJob, attempt: int) -> Manifest | None:
+    """The attempt's PodGroup when spec.gang needs one, asking for every rank's requests."""
+    return build_pod_group(job, attempt, _container_resources(job).get("requests", {}))
 
 
 def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext) -> Manifest:
@@ -218,7 +225,7 @@ def build_rank_pod(job: FineTuneJob, attempt: int, rank: int, ctx: BuildContext)
         "tolerations": [t.to_wire() for t in res.tolerations] or None,
         "affinity": affinity(job, attempt),
         "priorityClassName": res.priority_class_name,
-        "schedulerName": res.scheduler_name,
+        "schedulerName": gang_pod_metadata(job, attempt).scheduler_name or res.scheduler_name,
         "serviceAccountName": res.service_account_name,
         "imagePullSecrets": [{"name": s} for s in res.image_pull_secrets] or None,
     }

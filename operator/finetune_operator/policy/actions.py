@@ -20,6 +20,20 @@ class CreateAttempt:
 
 
 @dataclass(frozen=True)
+class CreatePodGroup:
+    """The attempt's PodGroup (spec.gang with Volcano or Coscheduling), before its pods."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class DeletePodGroup:
+    """A PodGroup no pods need any more: an earlier attempt's, or the last one's once the job stopped."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
 class DeletePods:
     names: tuple[str, ...]
     force: bool = False  # grace period 0: for pods stuck Terminating on a lost node
@@ -42,4 +56,12 @@ class Event:
     message: str
 
 
-Action = CreateService | CreateAttempt | DeletePods | DeleteAttemptConfig | DeleteJob
+Action = (
+    CreateService
+    | CreateAttempt
+    | CreatePodGroup
+    | DeletePodGroup
+    | DeletePods
+    | DeleteAttemptConfig
+    | DeleteJob
+)

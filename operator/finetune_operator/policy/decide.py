@@ -2,7 +2,8 @@
 an input, randomness is derived from the job, and everything remembered lives in the status.
 
 Phases: Pending -> Starting -> Running -> Succeeded | Failed, with Restarting (a rank failed: the
-attempt's pods are deleted, the backoff runs, then attempt N+1 starts) and Suspended.
+attempt's pods are deleted, the backoff runs, then attempt N+1 starts), Suspended, and Queued (between
+Starting and Running while spec.gang's scheduler holds the attempt's gang: policy/gang.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from datetime import datetime, timedelta
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
+from finetune_operator.policy import gang as gangs
 from finetune_operator.policy import goodput, refusals
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
+    CreatePodGroup,
     CreateService,
     DeleteAttemptConfig,
     DeleteJob,
@@ -26,7 +29,7 @@ from finetune_operator.policy.actions import (
 from finetune_operator.policy.backoff import backoff_seconds
 from finetune_operator.policy.conditions import condition, set_condition
 from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, rooted_in_a_lost_node
-from finetune_operator.policy.observed import ObservedPod
+from finetune_operator.policy.observed import ObservedGroup, ObservedPod
 from finetune_operator.progress import ProgressReport
 
 FORCE_DELETE_AFTER = timedelta(seconds=60)  # past a pod's deletion deadline: its node is gone
@@ -40,6 +43,7 @@ class Observed:
     service_exists: bool
     now: datetime
     progress: ProgressReport | None = None
+    groups: tuple[ObservedGroup, ...] = ()  # spec.gang's PodGroups (Volcano, Coscheduling)
 
 
 @dataclass
@@ -130,6 +134,7 @@ def decide(obs: Observed) -> Decision:
         _attempt(obs, d, current)
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         d.actions.insert(0, CreateService())
+    d.actions = gangs.group_actions(job, st, obs.groups, d.actions)
     _hold_refused_creates(obs, d)
     _hold_names_taken(d, obs.job.metadata.name, foreign)
     _watch_terminating(obs, d)
@@ -158,7 +163,9 @@ def _hold_names_taken(d: Decision, job: str, foreign: set[str]) -> None:
 def _hold_refused_creates(obs: Observed, d: Decision) -> None:
     left = refusals.hold_seconds(d.status, obs.now)
     if left > 0 and d.status.phase not in (Phase.SUCCEEDED, Phase.FAILED):
-        d.actions = [a for a in d.actions if not isinstance(a, (CreateService, CreateAttempt))]
+        d.actions = [
+            a for a in d.actions if not isinstance(a, (CreateService, CreateAttempt, CreatePodGroup))
+        ]
         d.wake(left)
 
 
@@ -223,7 +230,12 @@ def _suspend(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
 def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     job, st, now = obs.job, d.status, obs.now
     policy, nodes = job.spec.run_policy, job.spec.resources.nodes
-    verdicts = [classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds) for p in current]
+    queued = gangs.waiting(job, st.attempt, current, obs.groups)
+    since = gangs.track_queue(st, queued, now, d.events)
+    verdicts = [
+        classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds, since=since)
+        for p in current
+    ]
     missing = sorted(set(range(nodes)) - {p.rank for p in current})
     judged = refusals.judge(
         st,
@@ -283,7 +295,8 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         if policy.progress_timeout_seconds:
             d.wake(policy.progress_timeout_seconds)
     else:
-        st.phase = Phase.STARTING
+        # A queued gang has no startup deadline: the resync looks again, and pod events wake it.
+        st.phase = Phase.QUEUED if queued else Phase.STARTING
         d.wake(policy.startup_timeout_seconds)
 
 

@@ -89,8 +89,10 @@ SIGKILL_EXIT = 137  # the kernel's OOM killer sends SIGKILL; any other exit was 
 NODE_LOSS_SETTLE_SECONDS = 60.0
 
 
-def _age(pod: ObservedPod, now: datetime) -> float:
-    return (now - pod.created_at).total_seconds() if pod.created_at else 0.0
+def _age(pod: ObservedPod, now: datetime, since: datetime | None = None) -> float:
+    """How long the pod has been waiting to start: since its creation, or since its gang was admitted."""
+    start = max((t for t in (pod.created_at, since) if t is not None), default=None)
+    return (now - start).total_seconds() if start else 0.0
 
 
 def _said(*parts: str | None) -> str:
@@ -121,7 +123,9 @@ def node_lost(pod: ObservedPod) -> str | None:
     return None
 
 
-def classify(pod: ObservedPod, *, now: datetime, startup_timeout_seconds: int) -> Verdict:
+def classify(
+    pod: ObservedPod, *, now: datetime, startup_timeout_seconds: int, since: datetime | None = None
+) -> Verdict:
     """One rank pod's verdict. The rules run in this order:
     1. a trainer that exited 0 finished its rank, whatever a sidecar, an eviction or a node shutdown
        did afterwards (the shutdown manager keeps a Succeeded pod Succeeded, but a sidecar's 143 or a
@@ -132,7 +136,8 @@ def classify(pod: ObservedPod, *, now: datetime, startup_timeout_seconds: int) -
     4. the trainer's exit: OOMKilled only as the kernel's SIGKILL (137), never for a pod being deleted;
     5. failed without a trainer exit (node admission), or deleted by someone else: not counted;
     6. waiting: non-recovering waits, unschedulable, or scheduled but never started fail past the
-       startup deadline; before it everything waits.
+       startup deadline (counted from `since` when that is later than the pod's creation: a gang
+       scheduler admitted the gang then); before it everything waits.
     """
     who = f"rank {pod.rank} ({pod.name})"
     if pod.exit_code == 0 or (pod.phase == "Succeeded" and pod.init_failure is None):
@@ -170,7 +175,8 @@ def classify(pod: ObservedPod, *, now: datetime, startup_timeout_seconds: int) -
         return Verdict(Outcome.INFRA_RESTART, "PodDeleted", f"{who} is being deleted by someone else")
     if pod.running:
         return Verdict(Outcome.RUNNING, "Running")
-    return _waiting(pod, who, late=_age(pod, now) > startup_timeout_seconds, limit=startup_timeout_seconds)
+    late = _age(pod, now, since) > startup_timeout_seconds
+    return _waiting(pod, who, late=late, limit=startup_timeout_seconds)
 
 
 def _waiting(pod: ObservedPod, who: str, *, late: bool, limit: int) -> Verdict:

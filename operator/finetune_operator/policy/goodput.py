@@ -3,7 +3,8 @@
 Each pass charges the time since `goodput.accountedUntil` to what the job was doing according to the
 status it started from (its phase before this pass decided anything): Running is productive,
 Restarting and the Starting that follows a restart are lost to that restart's class, the Starting of
-the first attempt or of a resumed one is queueing, and Suspended or finished time is not accounted.
+the first attempt or of a resumed one is queueing, and so is Queued (a gang scheduler holding any
+attempt); Suspended or finished time is not accounted.
 A pass whose only change is goodput need not write it: the next write charges the whole interval
 since the last one, so nothing is lost and the figures cost no extra status writes.
 
@@ -24,6 +25,8 @@ WAITING = {"Queue": "queued_seconds", "Application": "application_restart_second
 def _bucket(before: FineTuneJobStatus, goodput: Goodput) -> str | None:
     if before.phase == Phase.RUNNING:
         return "productive_seconds"
+    if before.phase == Phase.QUEUED:
+        return "queued_seconds"  # a gang scheduler held the attempt, whatever started it
     if before.phase == Phase.RESTARTING:
         return WAITING["Infrastructure" if before.restart_class == "Infrastructure" else "Application"]
     if before.phase in (Phase.PENDING, Phase.STARTING, None):

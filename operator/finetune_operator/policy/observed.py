@@ -40,6 +40,7 @@ class ObservedPod:
     disruption: str | None = None  # reason of a True DisruptionTarget condition
     disruption_message: str | None = None
     unschedulable: str | None = None  # message of PodScheduled=False/Unschedulable
+    gated: tuple[str, ...] = ()  # spec.schedulingGates: the scheduler does not look at it yet
     scheduled: bool = False  # bound to a node
     ready: bool | None = None  # the Ready condition; None when the pod has none yet
     waiting_reason: str | None = None  # trainer container waiting: ImagePullBackOff, ...
@@ -152,6 +153,7 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod:
         unschedulable=(scheduled.get("message") or "unschedulable")
         if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
         else None,
+        gated=tuple(str(g.get("name", "")) for g in (pod.get("spec") or {}).get("schedulingGates") or []),
         scheduled=bool((pod.get("spec") or {}).get("nodeName"))
         or bool(scheduled and scheduled.get("status") == "True"),
         ready=None if ready is None else ready.get("status") == "True",
@@ -165,4 +167,23 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod:
         finished_at=parse_time(terminated.get("finishedAt")),
         init_failure=_init_failure(status, _sidecars(pod.get("spec") or {})),
         blocked_by=_blocked_by(status),
+    )
+
+
+@dataclass(frozen=True)
+class ObservedGroup:
+    """A gang scheduler's PodGroup of one attempt (Volcano, Coscheduling)."""
+
+    attempt: int
+    phase: str | None  # status.phase; None before the scheduler looked at it
+    owner_uid: str | None = None
+
+
+def observe_group(group: dict[str, Any]) -> ObservedGroup:
+    meta = group.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return ObservedGroup(
+        attempt=int(labels.get(contract.LABEL_ATTEMPT, 0)),
+        phase=(group.get("status") or {}).get("phase") or None,
+        owner_uid=_owner_uid(meta),
     )
