@@ -17,6 +17,12 @@ class Example:
     id: str
     input_ids: list[int]
     labels: list[int]
+    segments: tuple[int, ...] = ()  # a packed window's parts' lengths (packing.py); () for one example
+
+    @property
+    def position_ids(self) -> list[int]:
+        """Positions restarting at every part, as if each part were alone."""
+        return [p for length in (self.segments or (len(self.input_ids),)) for p in range(length)]
 
 
 @dataclass
@@ -94,36 +100,46 @@ def iter_encode(
         yield Example(id=record.id, input_ids=ids, labels=labels)
 
 
-def pack(examples: Iterable[Example], max_len: int) -> list[Example]:
-    return list(iter_pack(examples, max_len))
+def collate(
+    batch: list[Example], pad_id: int, max_len: int, *, packed: bool = False, flatten: bool = False
+) -> dict[str, list[list[int]]]:
+    """A micro batch as model inputs; padding is neither attended to nor learned.
 
-
-def iter_pack(examples: Iterable[Example], max_len: int) -> Iterator[Example]:
-    """Concatenate examples into full windows of max_len; the remainder shorter than a window is
-    kept as the last (padded) block so no labelled token is lost. A packed block's id lists its
-    parts. Streamed: only the window being filled is held."""
-    ids: list[int] = []
-    labels: list[int] = []
-    parts: list[str] = []
-    for example in examples:
-        ids += example.input_ids
-        labels += example.labels
-        parts.append(example.id)
-        while len(ids) >= max_len:
-            yield Example(id="+".join(parts), input_ids=ids[:max_len], labels=labels[:max_len])
-            ids, labels = ids[max_len:], labels[max_len:]
-            parts = [example.id] if ids else []
-    if ids:
-        yield Example(id="+".join(parts), input_ids=ids, labels=labels)
-
-
-def collate(batch: list[Example], pad_id: int, max_len: int) -> dict[str, list[list[int]]]:
-    """Right-pad a micro batch to its longest example; padding is neither attended to nor learned."""
+    - Plain: right-padded to the longest example, with an attention mask.
+    - `packed`: right-padded, with position ids restarting per part and no attention mask. In the
+      transformers we pin (5.24, `masking_utils._preprocess_mask_arguments`), position ids with no
+      attention mask are read as packed sequences and sdpa and eager get a block-diagonal causal
+      mask (`find_packed_sequence_indices`), so a part attends only to itself. The padding tail is a
+      part of its own (positions from 0), which nothing real attends to.
+    - `flatten` (flash_attention_2): the whole micro batch as one row without padding, parts
+      delimited by the position ids; flash-attention's varlen kernel then keeps them apart
+      (`modeling_flash_attention_utils._is_packed_sequence` requires exactly one row).
+    """
+    if flatten:
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for e in batch:
+            row["input_ids"] += e.input_ids[:max_len]
+            row["labels"] += [IGNORE_INDEX, *e.labels[1:max_len]]  # never predict across examples
+            row["position_ids"] += e.position_ids[:max_len]
+        return {k: [v] for k, v in row.items()}
     width = min(max_len, max(len(e.input_ids) for e in batch))
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+    keys = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels", "attention_mask")
+    out: dict[str, list[list[int]]] = {k: [] for k in keys}
     for e in batch:
         pad = width - len(e.input_ids)
         out["input_ids"].append(e.input_ids + [pad_id] * pad)
         out["labels"].append(e.labels + [IGNORE_INDEX] * pad)
-        out["attention_mask"].append([1] * len(e.input_ids) + [0] * pad)
+        if packed:
+            out["position_ids"].append(e.position_ids + list(range(pad)))
+        else:
+            out["attention_mask"].append([1] * len(e.input_ids) + [0] * pad)
     return out
+
+
+def model_inputs(columns: dict[str, list[list[int]]], device: Any = None) -> dict[str, Any]:
+    """Collated columns as the model's keyword arguments. `use_cache=False`: Llama otherwise builds
+    a KV cache even in training, and transformers reads packed position ids only without one
+    (`masking_utils._preprocess_mask_arguments`), so packed parts would attend to each other."""
+    import torch
+
+    return {**{k: torch.tensor(v, device=device) for k, v in columns.items()}, "use_cache": False}

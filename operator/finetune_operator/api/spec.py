@@ -162,8 +162,25 @@ class TrainingSpec(ApiModel):
         None, ge=1, description="Evaluate every N steps. Left out: at every checkpoint when data is held out."
     )
     log_every_steps: int = Field(10, ge=1, description="Report progress every N steps.")
+    attention_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel: PyTorch's scaled-dot-product attention, flash-attention 2 "
+        "(needs the flash-attn package in the image and a CUDA GPU; packed micro batches go to its "
+        "varlen kernel unpadded), or the plain eager implementation.",
+    )
+    liger_kernels: bool = Field(
+        False,
+        description="Patch the model with Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
+        "linear cross-entropy); needs the liger-kernel package in the image and a CUDA GPU.",
+    )
 
     rules = (
+        Rule(
+            cel="self.attentionImplementation != 'flash_attention_2' || self.precision != 'fp32'",
+            message="flash_attention_2 runs in bf16 or fp16 only; set precision bf16 or use sdpa",
+            field="attentionImplementation",
+            check=lambda s: s.attention_implementation != "flash_attention_2" or s.precision != "fp32",
+        ),
         Rule(
             cel="self.method == 'lora' || !has(self.lora)",
             message="lora settings are only allowed with method lora",
