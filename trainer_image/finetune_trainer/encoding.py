@@ -3,11 +3,16 @@ trained to produce (prompts, user and system turns, padding) is masked with -100
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_trainer.data import Record
+from finetune_trainer.failures import InvalidInput
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
 
@@ -30,6 +35,15 @@ class EncodingReport:
     truncated: int = 0
     dropped_overlength: int = 0
     dropped_no_target: int = 0  # nothing left to learn after truncation (the prompt filled the window)
+    unencodable: int = 0  # the chat template refused the record (roles out of order, say)
+
+
+class TemplateMismatch(InvalidInput):
+    """The tokenizer's chat template cannot give turn-by-turn labels: a property of the tokenizer,
+    not of a record, so the run stops (exit 2) instead of counting every record as bad."""
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def _ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
@@ -46,6 +60,19 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Assistant tokens as the template marks them with `{% generation %}` (transformers'
+    `return_assistant_tokens_mask`), or turn by turn when it does not mark them."""
+    if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(encoded["input_ids"])
+        mask = encoded["assistant_masks"]
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    return _chat_by_turn(tokenizer, messages)
+
+
+def _chat_by_turn(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """Template the conversation turn by turn: the tokens each turn adds are labels only when the
     turn is the assistant's. Chat templates render a conversation's prefix as a prefix of the
     whole, which is what makes the per-turn difference well defined; a template that does not is
@@ -55,7 +82,7 @@ def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], li
     for turn in range(1, len(messages) + 1):
         current = _chat_ids(tokenizer, messages[:turn])
         if current[: len(ids)] != ids:
-            raise ValueError(
+            raise TemplateMismatch(
                 "the tokenizer's chat template does not render a conversation prefix as a prefix"
             )
         added = current[len(ids) :]
@@ -87,7 +114,15 @@ def iter_encode(
 ) -> Iterator[Example]:
     """Records to examples, streamed; overlength ones truncated or dropped, counted in `report`."""
     for record in records:
-        ids, labels = encode(record, tokenizer)
+        try:
+            ids, labels = encode(record, tokenizer)
+        except TemplateMismatch:
+            raise
+        except Exception as exc:  # a record the template refuses is counted, never fatal
+            report.unencodable += 1
+            if report.unencodable <= 3:
+                log.warning("record %s not encodable, skipped: %s", record.id, str(exc).splitlines()[0])
+            continue
         if len(ids) > max_len:
             if overlength == "drop":
                 report.dropped_overlength += 1

@@ -41,7 +41,10 @@ class ModelSpec(ApiModel):
     )
 
 
-RecordShape = Literal["text", "promptCompletion", "chat"]
+RecordShape = Literal["text", "promptCompletion", "chat", "alpaca"]
+RoleNames = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=16)
+]
 DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -56,7 +59,9 @@ class DatasetSource(ApiModel):
     shape: RecordShape = Field(
         "text",
         description="Record shape: text (one text field), promptCompletion (loss only on the "
-        "completion), or chat (a list of role/content messages, loss only on assistant turns).",
+        "completion), chat (a list of messages, loss only on assistant turns: OpenAI `messages` by "
+        "default, ShareGPT with messagesField conversations, roleField from, contentField value), or "
+        "alpaca (instruction/input/output in the Alpaca prompt, loss only on the output).",
     )
     weight: float = Field(
         1.0,
@@ -72,6 +77,18 @@ class DatasetSource(ApiModel):
         "completion", description="Field holding the completion (shape promptCompletion)."
     )
     messages_field: ShortString = Field("messages", description="Field holding the messages (shape chat).")
+    role_field: ShortString = Field("role", description="A message's field naming its role (shape chat).")
+    content_field: ShortString = Field("content", description="A message's text field (shape chat).")
+    system_roles: RoleNames = Field(["system"], description="Role names read as system (shape chat).")
+    user_roles: RoleNames = Field(
+        ["user", "human"], description="Role names read as user (shape chat); other roles are malformed."
+    )
+    assistant_roles: RoleNames = Field(
+        ["assistant", "gpt"], description="Role names read as assistant, the turns learned (shape chat)."
+    )
+    instruction_field: ShortString = Field("instruction", description="The instruction (shape alpaca).")
+    input_field: ShortString = Field("input", description="The optional input (shape alpaca).")
+    output_field: ShortString = Field("output", description="The answer learned (shape alpaca).")
 
     rules = (
         Rule(
