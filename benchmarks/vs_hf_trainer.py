@@ -9,7 +9,8 @@ ratios (aim >= 1.0), and each side's final validation loss (mean cross-entropy p
 sequences on each side, so compare tokens/s there, not steps/s. `--ddp` drives the Trainer through its
 DDP path on gloo instead of DeepSpeed.
 
-    .venv/bin/python benchmarks/vs_hf_trainer.py [--steps 40] [--warmup 5] [--hidden 512] [--layers 8] [--packing]
+    .venv/bin/python benchmarks/vs_hf_trainer.py [--steps 40] [--warmup 5] [--hidden 512] [--layers 8] \\
+        [--packing] [--ddp]
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def _theirs(ws: Workspace, config: Any, root: Path, args: argparse.Namespace) ->
     (root / "hf-settings.json").write_text(json.dumps(settings))
     out = root / "hf-result.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={free_port()}",
-        str(REPO / "benchmarks" / "hf_trainer_side.py"), str(root / "hf-settings.json"), str(out),
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
+        f"--master-port={free_port()}", str(REPO / "benchmarks" / "hf_trainer_side.py"), str(root / "hf-settings.json"), str(out),
     ]  # fmt: skip
     env = {
         **os.environ,
