@@ -96,7 +96,8 @@ def _theirs(ws: Workspace, config: Any, root: Path, args: argparse.Namespace) ->
     out = root / "hf-result.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-        f"--master-port={free_port()}", str(REPO / "benchmarks" / "hf_trainer_side.py"), str(root / "hf-settings.json"), str(out),
+        f"--master-port={free_port()}", str(REPO / "benchmarks" / "hf_trainer_side.py"),
+        str(root / "hf-settings.json"), str(out),
     ]  # fmt: skip
     env = {
         **os.environ,
