@@ -105,6 +105,7 @@ def check_kernels(config: TrainerConfig) -> None:
     import importlib.util
 
     import torch
+    from transformers.utils import is_liger_kernel_available
 
     training = config.training
     if training.attention_implementation == "flash_attention_2":
@@ -117,7 +118,7 @@ def check_kernels(config: TrainerConfig) -> None:
                 "image with flash-attn for its torch and CUDA"
             )
     if training.liger_kernels:
-        if importlib.util.find_spec("liger_kernel") is None:
+        if importlib.util.find_spec("liger_kernel") is None or not is_liger_kernel_available():
             raise KernelMissing(
                 "training.ligerKernels: the liger-kernel package is not in this image; set it to false or "
                 "build an image with `pip install liger-kernel`"
@@ -143,11 +144,12 @@ def load_base(config: TrainerConfig, source: str) -> Any:
     except OSError as exc:
         raise ModelNotFound(f"model {source}: {exc}".splitlines()[0]) from None
     if config.training.liger_kernels:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from transformers.integrations.liger import apply_liger_kernel
 
-        # Its fused linear cross-entropy takes `num_items_in_batch` like transformers' own loss, so
-        # the token-weighted loss (token_loss.py) holds with it.
-        _apply_liger_kernel_to_instance(model=model)
+        # transformers' own integration (what its Trainer's use_liger_kernel calls). Liger's fused
+        # linear cross-entropy sums and divides by `num_items_in_batch` like transformers' loss
+        # (linkedin/Liger-Kernel, transformers/model/loss_utils.py), so token_loss.py holds with it.
+        apply_liger_kernel(model, None)
     return model
 
 
