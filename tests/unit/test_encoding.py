@@ -91,3 +91,14 @@ def test_a_flattened_batch_is_one_unpadded_row_whose_parts_never_predict_each_ot
         "labels": [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]],
         "position_ids": [[0, 1, 2, 0, 1]],
     }
+
+
+def test_an_overlength_record_split_into_windows_still_predicts_each_token_once(tok: Any) -> None:
+    record = _rec(text=" ".join(["hello", "there", "how", "are", "you"] * 4))  # 20 words + eos
+    report = EncodingReport()
+    windows = encode_all([record], tok, max_len=8, overlength="split", report=report)
+    ids, _ = encode(record, tok)
+    assert report.split == 1 and [w.id for w in windows] == ["s:0", "s:0#1", "s:0#2"]
+    assert all(len(w.input_ids) <= 8 for w in windows)
+    predicted = [t for w in windows for t in w.labels[1:]]  # what the shifted loss learns
+    assert predicted == ids[1:]

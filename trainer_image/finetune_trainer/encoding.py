@@ -36,6 +36,7 @@ class EncodingReport:
     dropped_overlength: int = 0
     dropped_no_target: int = 0  # nothing left to learn after truncation (the prompt filled the window)
     unencodable: int = 0  # the chat template refused the record (roles out of order, say)
+    split: int = 0  # overlength records split into windows (overlength split)
 
 
 class TemplateMismatch(InvalidInput):
@@ -112,7 +113,7 @@ def encode_all(
 def iter_encode(
     records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str, report: EncodingReport
 ) -> Iterator[Example]:
-    """Records to examples, streamed; overlength ones truncated or dropped, counted in `report`."""
+    """Records to examples, streamed; overlength ones truncated, dropped or split, counted in `report`."""
     for record in records:
         try:
             ids, labels = encode(record, tokenizer)
@@ -127,12 +128,31 @@ def iter_encode(
             if overlength == "drop":
                 report.dropped_overlength += 1
                 continue
+            if overlength == "split":
+                report.split += 1
+                yield from _kept(_windows(record.id, ids, labels, max_len), report)
+                continue
             ids, labels = ids[:max_len], labels[:max_len]
             report.truncated += 1
-        if all(label == IGNORE_INDEX for label in labels):
+        yield from _kept([Example(id=record.id, input_ids=ids, labels=labels)], report)
+
+
+def _windows(record_id: str, ids: list[int], labels: list[int], max_len: int) -> Iterator[Example]:
+    """An overlength example as windows overlapping by one token: a window's first label is never a
+    target (the loss shifts labels), so with a stride of max_len - 1 every token but the very first
+    is still predicted exactly once. Window k > 0 is `<id>#k`."""
+    stride = max_len - 1
+    for k, start in enumerate(range(0, len(ids) - 1, stride)):
+        window = slice(start, start + max_len)
+        yield Example(id=f"{record_id}#{k}" if k else record_id, input_ids=ids[window], labels=labels[window])
+
+
+def _kept(examples: Iterable[Example], report: EncodingReport) -> Iterator[Example]:
+    for example in examples:
+        if all(label == IGNORE_INDEX for label in example.labels[1:]):
             report.dropped_no_target += 1
             continue
-        yield Example(id=record.id, input_ids=ids, labels=labels)
+        yield example
 
 
 def collate(

@@ -107,10 +107,14 @@ class DatasetSpec(ApiModel):
     sources: list[DatasetSource] = Field(min_length=1, max_length=64, description="One or more sources.")
     max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per training sequence.")
     packing: bool = Field(
-        False, description="Concatenate records into full-length sequences instead of padding each one."
+        False,
+        description="Pack whole records into sequences of maxSeqLength instead of padding each one; "
+        "each record still attends only to itself and its positions restart.",
     )
-    overlength: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with records longer than maxSeqLength."
+    overlength: Literal["truncate", "drop", "split"] = Field(
+        "truncate",
+        description="What to do with records longer than maxSeqLength: keep the first window, drop "
+        "them, or split them into windows (each token still predicted once).",
     )
     validation_fraction: float = Field(
         0.01, ge=0, lt=0.5, description="Share of records held out for evaluation (a deterministic split)."
