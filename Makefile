@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed JIT-builds the few ops it needs on first use; nothing is compiled at install time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install test unit e2e lint typecheck crds docs chart-docs demo bench clean lock
+.PHONY: install test unit e2e lint typecheck crds docs chart-docs demo bench clean lock gpu-wheels gpu-check
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,24 @@ bench: $(INSTALLED)
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/operator_scale.py
 	$(PY) benchmarks/local_recovery.py
+
+# What tools/gpu_check.py needs on a GPU machine whose python3 (3.12) has torch, transformers and peft
+# but no network: CPython 3.12 manylinux wheels of the locked versions (never torch: the machine's
+# own CUDA build stays), DeepSpeed as the pure-Python wheel it is without prebuilt ops, and our own.
+GPU_WHEELS := gpu-wheels
+GPU_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi none \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any
+gpu-wheels: $(INSTALLED)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download --quiet $(GPU_TAGS) -d $(GPU_WHEELS) \
+		pydantic boto3 kopf tensorboard hjson ninja psutil py-cpuinfo msgpack einops nvidia-ml-py
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) deepspeed
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) .
+	@echo "$(GPU_WHEELS)/: $$(ls $(GPU_WHEELS) | wc -l) wheels; on the GPU machine: python3 tools/gpu_check.py --wheels $(GPU_WHEELS)"
+
+# The same check end to end on CPU (a tiny model, fp32): what tests/integration/test_gpu_check.py runs.
+gpu-check: $(INSTALLED)
+	$(PY) tools/gpu_check.py --cpu
 
 # Re-pin every installed package after a dependency change (torch without its local build label).
 lock: $(INSTALLED)

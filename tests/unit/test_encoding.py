@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from finetune_trainer.data import Record
-from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, collate, encode, encode_all, pack
+from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, collate, encode, encode_all
 from finetune_trainer.tiny import tiny_tokenizer
 
 CORPUS = "what is two plus two four system be brief hello there how are you fine thanks long prompt"
@@ -67,14 +67,6 @@ def test_a_prompt_filling_the_window_leaves_nothing_to_learn_and_is_dropped(tok:
     assert report.dropped_no_target == 1
 
 
-def test_packing_fills_windows_and_loses_no_labelled_token() -> None:
-    examples = [Example(id=f"s:{i}", input_ids=[i] * 5, labels=[i] * 5) for i in range(5)]
-    blocks = pack(examples, max_len=8)
-    assert [len(b.input_ids) for b in blocks] == [8, 8, 8, 1]
-    assert sorted(t for b in blocks for t in b.labels) == sorted(t for e in examples for t in e.labels)
-    assert blocks[1].id == "s:1+s:2+s:3"
-
-
 def test_collate_pads_right_and_masks_padding() -> None:
     batch = collate(
         [Example("a", [5, 6, 7], [5, 6, 7]), Example("b", [8], [IGNORE_INDEX])], pad_id=1, max_len=16
@@ -82,3 +74,31 @@ def test_collate_pads_right_and_masks_padding() -> None:
     assert batch["input_ids"] == [[5, 6, 7], [8, 1, 1]]
     assert batch["labels"][1] == [IGNORE_INDEX] * 3
     assert batch["attention_mask"] == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_packed_batch_restarts_positions_per_part_and_has_no_attention_mask() -> None:
+    window = Example("a+b", [5, 6, 7, 8, 9], [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9], segments=(3, 2))
+    batch = collate([window, Example("c", [4, 4], [IGNORE_INDEX, 4])], pad_id=1, max_len=8, packed=True)
+    assert "attention_mask" not in batch  # transformers reads packed position ids only without one
+    assert batch["position_ids"] == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]  # the padding tail is a part too
+    assert batch["labels"][1] == [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_a_flattened_batch_is_one_unpadded_row_whose_parts_never_predict_each_other() -> None:
+    batch = collate([Example("a", [5, 6, 7], [5, 6, 7]), Example("b", [8, 9], [8, 9])], 1, 8, flatten=True)
+    assert batch == {
+        "input_ids": [[5, 6, 7, 8, 9]],
+        "labels": [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]],
+        "position_ids": [[0, 1, 2, 0, 1]],
+    }
+
+
+def test_an_overlength_record_split_into_windows_still_predicts_each_token_once(tok: Any) -> None:
+    record = _rec(text=" ".join(["hello", "there", "how", "are", "you"] * 4))  # 20 words + eos
+    report = EncodingReport()
+    windows = encode_all([record], tok, max_len=8, overlength="split", report=report)
+    ids, _ = encode(record, tok)
+    assert report.split == 1 and [w.id for w in windows] == ["s:0", "s:0#1", "s:0#2"]
+    assert all(len(w.input_ids) <= 8 for w in windows)
+    predicted = [t for w in windows for t in w.labels[1:]]  # what the shifted loss learns
+    assert predicted == ids[1:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from finetune_trainer import token_loss
 from finetune_trainer.encoding import IGNORE_INDEX, Example
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.prepared_data import MANIFEST, _commit, _prefix, _read
@@ -39,14 +40,16 @@ def test_the_tokens_are_mapped_not_loaded(tmp_path: Path) -> None:
 
 def test_a_committed_cache_is_read_by_another_node(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
-    _commit(store, "k1", {"train": EXAMPLES, "validation": EXAMPLES[:1]}, {"train": 3}, tmp_path / "a" / "k1")
+    _commit(
+        store, "k1", {"train": EXAMPLES, "validation": EXAMPLES[:1]}, {"train": 3}, tmp_path / "a" / "k1", 64
+    )
     assert _read(store, "k1", tmp_path / "b" / "k1")
     assert list(ExampleTable(tmp_path / "b" / "k1", "train")) == EXAMPLES
 
 
 def test_a_torn_cache_is_not_reused(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
-    _commit(store, "k1", {"train": EXAMPLES, "validation": []}, {}, tmp_path / "a" / "k1")
+    _commit(store, "k1", {"train": EXAMPLES, "validation": []}, {}, tmp_path / "a" / "k1", 64)
     tokens = tmp_path / "store" / _prefix("k1") / "train.tokens.bin"
     tokens.write_bytes(tokens.read_bytes()[:-4])
     assert not _read(store, "k1", tmp_path / "b" / "k1")
@@ -55,6 +58,30 @@ def test_a_torn_cache_is_not_reused(tmp_path: Path) -> None:
 
 def test_an_uncommitted_cache_is_not_reused(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
-    _commit(store, "k1", {"train": EXAMPLES, "validation": []}, {}, tmp_path / "a" / "k1")
+    _commit(store, "k1", {"train": EXAMPLES, "validation": []}, {}, tmp_path / "a" / "k1", 64)
     store.delete([f"{_prefix('k1')}/{MANIFEST}"])
     assert not _read(store, "k1", tmp_path / "b" / "k1")
+
+
+def test_target_counts_skip_the_first_label_and_the_masked_ones(tmp_path: Path) -> None:
+    """The count transformers' shifted causal-LM loss divides by (`labels[..., 1:] != -100`)."""
+    examples = [
+        Example(id="a", input_ids=[1, 2, 3, 4], labels=[1, 2, 3, 4]),
+        Example(id="b", input_ids=[5, 6, 7], labels=[IGNORE_INDEX, IGNORE_INDEX, 7]),
+        Example(id="c", input_ids=[8, 9], labels=[8, IGNORE_INDEX]),
+    ]
+    write_examples(examples, tmp_path, "train")
+    table = ExampleTable(tmp_path, "train")
+    assert [token_loss.targets_of(e.labels) for e in examples] == [3, 1, 0]
+    assert table.targets([0, 1, 2]) == 4
+    assert table.targets([1, 1]) == 2
+
+
+def test_a_packed_windows_parts_read_back(tmp_path: Path) -> None:
+    window = Example(
+        id="a+b", input_ids=[1, 2, 3, 4, 5], labels=[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5], segments=(3, 2)
+    )
+    write_examples([EXAMPLES[0], window, EXAMPLES[1]], tmp_path, "train")
+    table = ExampleTable(tmp_path, "train")
+    assert list(table) == [EXAMPLES[0], window, EXAMPLES[1]]
+    assert table[1].position_ids == [0, 1, 2, 0, 1] and table.lengths().tolist() == [3, 5, 1]

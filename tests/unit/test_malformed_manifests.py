@@ -113,6 +113,12 @@ CASES = [
         rule=True,
     ),
     Bad(
+        "flash-attention in fp32",
+        {"spec.training.attentionImplementation": "flash_attention_2", "spec.training.precision": "fp32"},
+        "spec.training.attentionImplementation",
+        rule=True,
+    ),
+    Bad(
         "parameter offload below ZeRO-3",
         {"spec.deepspeed.offloadParameters": True},
         "spec.deepspeed.offloadParameters",

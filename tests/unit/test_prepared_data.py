@@ -65,3 +65,14 @@ def test_build_reports_what_cleaning_and_encoding_did(files: dict[int, list[Path
     source = report["sources"]["source0"]
     assert source["read"] == 40 and source["kept"] + source["duplicates"] == 40
     assert report["train"] == len(train) and report["validation"] == len(validation) and validation
+
+
+def test_the_report_gives_the_padding_share_and_packing_lowers_it(files: dict[int, list[Path]]) -> None:
+    tokenizer = tiny_tokenizer(CORPUS)
+    changes = {"spec.dataset.maxSeqLength": 64, "spec.dataset.validationFraction": 0.2}
+    train, _, padded = build(_config(changes), files, tokenizer)
+    packed_train, _, packed = build(_config({**changes, "spec.dataset.packing": True}), files, tokenizer)
+    tokens = sum(len(e.input_ids) for e in train)
+    assert padded["paddingShare"]["train"] == round(1 - tokens / (len(train) * 64), 4)
+    assert sum(len(e.input_ids) for e in packed_train) == tokens  # whole examples, none lost
+    assert packed["paddingShare"]["train"] < padded["paddingShare"]["train"] / 2

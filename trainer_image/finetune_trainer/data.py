@@ -119,13 +119,50 @@ def _clean(source: DatasetSource, row: Any) -> tuple[str, dict[str, Any] | None]
         if not isinstance(prompt, str) or not isinstance(completion, str):
             return "malformed", None
         return ("ok", {"prompt": prompt, "completion": completion}) if completion.strip() else ("empty", None)
+    if source.shape == "alpaca":
+        return _alpaca(source, row)
+    return _chat(source, row)
+
+
+# Stanford Alpaca's own prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), which models
+# trained on Alpaca-format data expect at inference.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+
+
+def _alpaca(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    instruction, extra = row.get(source.instruction_field), row.get(source.input_field)
+    output, extra = row.get(source.output_field), "" if extra is None else extra
+    if not all(isinstance(v, str) for v in (instruction, extra, output)):
+        return "malformed", None
+    if not instruction.strip() or not output.strip():
+        return "empty", None
+    prompt = ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if extra.strip() else "",
+        instruction=instruction,
+        input=f"### Input:\n{extra}\n\n" if extra.strip() else "",
+    )
+    return "ok", {"prompt": prompt, "completion": output}
+
+
+def _chat(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """Messages under the source's keys and role names (OpenAI, ShareGPT...) as role/content
+    messages with the roles system, user and assistant; an unknown role makes the record malformed."""
+    roles = {name: "system" for name in source.system_roles}
+    roles |= {name: "user" for name in source.user_roles}
+    roles |= {name: "assistant" for name in source.assistant_roles}
     messages = row.get(source.messages_field)
     if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        isinstance(m, dict)
+        and m.get(source.role_field) in roles
+        and isinstance(m.get(source.content_field), str)
         for m in messages
     ):
         return "malformed", None
-    kept = [{"role": m["role"], "content": m["content"]} for m in messages]
+    kept = [{"role": roles[m[source.role_field]], "content": m[source.content_field]} for m in messages]
     has_answer = any(m["role"] == "assistant" and m["content"].strip() for m in kept)
     return ("ok", {"messages": kept}) if has_answer else ("empty", None)
 

@@ -3,11 +3,16 @@ trained to produce (prompts, user and system turns, padding) is masked with -100
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_trainer.data import Record
+from finetune_trainer.failures import InvalidInput
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
 
@@ -17,6 +22,12 @@ class Example:
     id: str
     input_ids: list[int]
     labels: list[int]
+    segments: tuple[int, ...] = ()  # a packed window's parts' lengths (packing.py); () for one example
+
+    @property
+    def position_ids(self) -> list[int]:
+        """Positions restarting at every part, as if each part were alone."""
+        return [p for length in (self.segments or (len(self.input_ids),)) for p in range(length)]
 
 
 @dataclass
@@ -24,6 +35,16 @@ class EncodingReport:
     truncated: int = 0
     dropped_overlength: int = 0
     dropped_no_target: int = 0  # nothing left to learn after truncation (the prompt filled the window)
+    unencodable: int = 0  # the chat template refused the record (roles out of order, say)
+    split: int = 0  # overlength records split into windows (overlength split)
+
+
+class TemplateMismatch(InvalidInput):
+    """The tokenizer's chat template cannot give turn-by-turn labels: a property of the tokenizer,
+    not of a record, so the run stops (exit 2) instead of counting every record as bad."""
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def _ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
@@ -40,6 +61,19 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Assistant tokens as the template marks them with `{% generation %}` (transformers'
+    `return_assistant_tokens_mask`), or turn by turn when it does not mark them."""
+    if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(encoded["input_ids"])
+        mask = encoded["assistant_masks"]
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    return _chat_by_turn(tokenizer, messages)
+
+
+def _chat_by_turn(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """Template the conversation turn by turn: the tokens each turn adds are labels only when the
     turn is the assistant's. Chat templates render a conversation's prefix as a prefix of the
     whole, which is what makes the per-turn difference well defined; a template that does not is
@@ -49,7 +83,7 @@ def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], li
     for turn in range(1, len(messages) + 1):
         current = _chat_ids(tokenizer, messages[:turn])
         if current[: len(ids)] != ids:
-            raise ValueError(
+            raise TemplateMismatch(
                 "the tokenizer's chat template does not render a conversation prefix as a prefix"
             )
         added = current[len(ids) :]
@@ -79,51 +113,88 @@ def encode_all(
 def iter_encode(
     records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str, report: EncodingReport
 ) -> Iterator[Example]:
-    """Records to examples, streamed; overlength ones truncated or dropped, counted in `report`."""
+    """Records to examples, streamed; overlength ones truncated, dropped or split, counted in `report`."""
     for record in records:
-        ids, labels = encode(record, tokenizer)
+        try:
+            ids, labels = encode(record, tokenizer)
+        except TemplateMismatch:
+            raise
+        except Exception as exc:  # a record the template refuses is counted, never fatal
+            report.unencodable += 1
+            if report.unencodable <= 3:
+                log.warning("record %s not encodable, skipped: %s", record.id, str(exc).splitlines()[0])
+            continue
         if len(ids) > max_len:
             if overlength == "drop":
                 report.dropped_overlength += 1
                 continue
+            if overlength == "split":
+                report.split += 1
+                yield from _kept(_windows(record.id, ids, labels, max_len), report)
+                continue
             ids, labels = ids[:max_len], labels[:max_len]
             report.truncated += 1
-        if all(label == IGNORE_INDEX for label in labels):
+        yield from _kept([Example(id=record.id, input_ids=ids, labels=labels)], report)
+
+
+def _windows(record_id: str, ids: list[int], labels: list[int], max_len: int) -> Iterator[Example]:
+    """An overlength example as windows overlapping by one token: a window's first label is never a
+    target (the loss shifts labels), so with a stride of max_len - 1 every token but the very first
+    is still predicted exactly once. Window k > 0 is `<id>#k`."""
+    stride = max_len - 1
+    for k, start in enumerate(range(0, len(ids) - 1, stride)):
+        window = slice(start, start + max_len)
+        yield Example(id=f"{record_id}#{k}" if k else record_id, input_ids=ids[window], labels=labels[window])
+
+
+def _kept(examples: Iterable[Example], report: EncodingReport) -> Iterator[Example]:
+    for example in examples:
+        if all(label == IGNORE_INDEX for label in example.labels[1:]):
             report.dropped_no_target += 1
             continue
-        yield Example(id=record.id, input_ids=ids, labels=labels)
+        yield example
 
 
-def pack(examples: Iterable[Example], max_len: int) -> list[Example]:
-    return list(iter_pack(examples, max_len))
+def collate(
+    batch: list[Example], pad_id: int, max_len: int, *, packed: bool = False, flatten: bool = False
+) -> dict[str, list[list[int]]]:
+    """A micro batch as model inputs; padding is neither attended to nor learned.
 
-
-def iter_pack(examples: Iterable[Example], max_len: int) -> Iterator[Example]:
-    """Concatenate examples into full windows of max_len; the remainder shorter than a window is
-    kept as the last (padded) block so no labelled token is lost. A packed block's id lists its
-    parts. Streamed: only the window being filled is held."""
-    ids: list[int] = []
-    labels: list[int] = []
-    parts: list[str] = []
-    for example in examples:
-        ids += example.input_ids
-        labels += example.labels
-        parts.append(example.id)
-        while len(ids) >= max_len:
-            yield Example(id="+".join(parts), input_ids=ids[:max_len], labels=labels[:max_len])
-            ids, labels = ids[max_len:], labels[max_len:]
-            parts = [example.id] if ids else []
-    if ids:
-        yield Example(id="+".join(parts), input_ids=ids, labels=labels)
-
-
-def collate(batch: list[Example], pad_id: int, max_len: int) -> dict[str, list[list[int]]]:
-    """Right-pad a micro batch to its longest example; padding is neither attended to nor learned."""
+    - Plain: right-padded to the longest example, with an attention mask.
+    - `packed`: right-padded, with position ids restarting per part and no attention mask. In the
+      transformers we pin (5.24, `masking_utils._preprocess_mask_arguments`), position ids with no
+      attention mask are read as packed sequences and sdpa and eager get a block-diagonal causal
+      mask (`find_packed_sequence_indices`), so a part attends only to itself. The padding tail is a
+      part of its own (positions from 0), which nothing real attends to.
+    - `flatten` (flash_attention_2): the whole micro batch as one row without padding, parts
+      delimited by the position ids; flash-attention's varlen kernel then keeps them apart
+      (`modeling_flash_attention_utils._is_packed_sequence` requires exactly one row).
+    """
+    if flatten:
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for e in batch:
+            row["input_ids"] += e.input_ids[:max_len]
+            row["labels"] += [IGNORE_INDEX, *e.labels[1:max_len]]  # never predict across examples
+            row["position_ids"] += e.position_ids[:max_len]
+        return {k: [v] for k, v in row.items()}
     width = min(max_len, max(len(e.input_ids) for e in batch))
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+    keys = ("input_ids", "labels", "position_ids") if packed else ("input_ids", "labels", "attention_mask")
+    out: dict[str, list[list[int]]] = {k: [] for k in keys}
     for e in batch:
         pad = width - len(e.input_ids)
         out["input_ids"].append(e.input_ids + [pad_id] * pad)
         out["labels"].append(e.labels + [IGNORE_INDEX] * pad)
-        out["attention_mask"].append([1] * len(e.input_ids) + [0] * pad)
+        if packed:
+            out["position_ids"].append(e.position_ids + list(range(pad)))
+        else:
+            out["attention_mask"].append([1] * len(e.input_ids) + [0] * pad)
     return out
+
+
+def model_inputs(columns: dict[str, list[list[int]]], device: Any = None) -> dict[str, Any]:
+    """Collated columns as the model's keyword arguments. `use_cache=False`: Llama otherwise builds
+    a KV cache even in training, and transformers reads packed position ids only without one
+    (`masking_utils._preprocess_mask_arguments`), so packed parts would attend to each other."""
+    import torch
+
+    return {**{k: torch.tensor(v, device=device) for k, v in columns.items()}, "use_cache": False}

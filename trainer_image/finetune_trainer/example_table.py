@@ -8,6 +8,8 @@ One split (`train`, `validation`) is five flat files, written in one streaming p
     <split>.ends.bin     int64  where each example's tokens end
     <split>.ids.bin      utf-8  every example's id (`<source>:<row>`, `+`-joined when packed)
     <split>.id_ends.bin  int64  where each id ends
+    <split>.segments.bin int32  the lengths of each example's parts (one part unless packed)
+    <split>.segment_ends.bin int64 where each example's parts end
 
 Example `i` is read on demand (two slices and an id), so training touches only the pages of the
 examples it trains on.
@@ -21,9 +23,17 @@ from typing import IO, Any
 
 import numpy as np
 
-from finetune_trainer.encoding import Example
+from finetune_trainer.encoding import IGNORE_INDEX, Example
 
-COLUMNS = {"tokens": np.int32, "labels": np.int32, "ends": np.int64, "ids": np.uint8, "id_ends": np.int64}
+COLUMNS = {
+    "tokens": np.int32,
+    "labels": np.int32,
+    "ends": np.int64,
+    "ids": np.uint8,
+    "id_ends": np.int64,
+    "segments": np.int32,
+    "segment_ends": np.int64,
+}
 
 
 def _path(directory: Path, split: str, column: str) -> Path:
@@ -34,7 +44,7 @@ def write_examples(examples: Iterable[Example], directory: Path, split: str) -> 
     """Stream `examples` into the split's files; how many were written."""
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, IO[bytes]] = {c: _path(directory, split, c).open("wb") for c in COLUMNS}
-    count = token_end = id_end = 0
+    count = token_end = id_end = segment_end = 0
     try:
         for example in examples:
             files["tokens"].write(np.asarray(example.input_ids, dtype=np.int32).tobytes())
@@ -45,6 +55,10 @@ def write_examples(examples: Iterable[Example], directory: Path, split: str) -> 
             files["ids"].write(encoded)
             id_end += len(encoded)
             files["id_ends"].write(np.int64(id_end).tobytes())
+            segments = example.segments or (len(example.input_ids),)
+            files["segments"].write(np.asarray(segments, dtype=np.int32).tobytes())
+            segment_end += len(segments)
+            files["segment_ends"].write(np.int64(segment_end).tobytes())
             count += 1
     finally:
         for f in files.values():
@@ -77,11 +91,28 @@ class ExampleTable:
         start = int(c["ends"][index - 1]) if index else 0
         end = int(c["ends"][index])
         id_start = int(c["id_ends"][index - 1]) if index else 0
+        segment_start = int(c["segment_ends"][index - 1]) if index else 0
+        segments = tuple(c["segments"][segment_start : int(c["segment_ends"][index])].tolist())
         return Example(
             id=bytes(c["ids"][id_start : int(c["id_ends"][index])]).decode(),
             input_ids=c["tokens"][start:end].tolist(),
             labels=c["labels"][start:end].tolist(),
+            segments=segments if len(segments) > 1 else (),
         )
+
+    def lengths(self) -> np.ndarray[Any, Any]:
+        """Every example's token count, from the mapped ends alone."""
+        return np.diff(self._columns["ends"], prepend=0)
+
+    def targets(self, indices: Iterable[int]) -> int:
+        """How many tokens the examples at `indices` are trained to predict (token_loss.targets_of),
+        counted on the mapped labels without copying them."""
+        ends, labels = self._columns["ends"], self._columns["labels"]
+        total = 0
+        for index in indices:
+            start = int(ends[index - 1]) if index else 0
+            total += int(np.count_nonzero(labels[start + 1 : int(ends[index])] != IGNORE_INDEX))
+        return total
 
     def __iter__(self) -> Iterator[Example]:
         return (self[i] for i in range(len(self)))

@@ -16,7 +16,7 @@ from typing import Any
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.coordination import Coordinator
-from finetune_trainer.failures import InputMissing
+from finetune_trainer.failures import InputMissing, InvalidInput
 from finetune_trainer.storage import ObjectNotFound, Opener, is_storage_uri, local_path, open_store
 
 log = logging.getLogger(__name__)
@@ -96,18 +96,61 @@ def lora_config(config: TrainerConfig) -> Any:
     )
 
 
+class KernelMissing(InvalidInput):
+    """A requested kernel is not in the image: an invalid configuration for this image (exit 2)."""
+
+
+def check_kernels(config: TrainerConfig) -> None:
+    """Refuse, naming the field, a kernel this image or machine cannot run, before any weight loads."""
+    import importlib.util
+
+    import torch
+    from transformers.utils import is_liger_kernel_available
+
+    training = config.training
+    if training.attention_implementation == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise KernelMissing(
+                "training.attentionImplementation: flash_attention_2 needs the flash-attn package and a "
+                "CUDA GPU, and this image or machine has not both; use sdpa (the default), or build an "
+                "image with flash-attn for its torch and CUDA"
+            )
+    if training.liger_kernels:
+        if importlib.util.find_spec("liger_kernel") is None or not is_liger_kernel_available():
+            raise KernelMissing(
+                "training.ligerKernels: the liger-kernel package is not in this image; set it to false or "
+                "build an image with `pip install liger-kernel`"
+            )
+        if not torch.cuda.is_available():
+            raise KernelMissing(
+                "training.ligerKernels: Liger's kernels are Triton GPU kernels; set it to false on CPU"
+            )
+
+
 def load_base(config: TrainerConfig, source: str) -> Any:
     from transformers import AutoModelForCausalLM
 
+    check_kernels(config)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             source,
             revision=config.model.revision,
             trust_remote_code=config.model.trust_remote_code,
             dtype=torch_dtype(config.training.precision),
+            attn_implementation=config.training.attention_implementation,
         )
     except OSError as exc:
         raise ModelNotFound(f"model {source}: {exc}".splitlines()[0]) from None
+    if config.training.liger_kernels:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        # transformers' own integration (what its Trainer's use_liger_kernel calls). Liger's fused
+        # linear cross-entropy sums and divides by `num_items_in_batch` like transformers' loss
+        # (linkedin/Liger-Kernel, transformers/model/loss_utils.py), so token_loss.py holds with it.
+        apply_liger_kernel(model, None)
+    return model
 
 
 def load_model(config: TrainerConfig, source: str, ds_config: dict[str, Any]) -> tuple[Any, Any]:

@@ -27,8 +27,9 @@ from finetune_operator.api import TrainerConfig
 from finetune_trainer.checkpoint_store import FileEntry, sha256_of, upload_tree
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data import DataNotFound, fetch_source
-from finetune_trainer.encoding import EncodingReport, Example, encode_all, pack
+from finetune_trainer.encoding import EncodingReport, Example, encode_all
 from finetune_trainer.example_table import ExampleTable, write_examples
+from finetune_trainer.packing import iter_pack, padding_share
 from finetune_trainer.storage import ObjectNotFound, ObjectStore, Opener, open_store
 from finetune_trainer.tokenization import (
     SPLITS,
@@ -41,7 +42,7 @@ from finetune_trainer.tokenization import (
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: memory-mapped columns (example_table.py) instead of one pickle
+CACHE_FORMAT = 3  # 2: memory-mapped columns (example_table.py); 3: packed parts' lengths, bin packing
 MANIFEST = "MANIFEST.json"
 
 
@@ -87,13 +88,23 @@ def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -
     train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
     validation_examples = encode_all(validation, tokenizer, report=EncodingReport(), **kwargs)
     if spec.packing:
-        train_examples = pack(train_examples, spec.max_seq_length)
-        validation_examples = pack(validation_examples, spec.max_seq_length)
+        train_examples = list(
+            iter_pack(train_examples, [len(e.input_ids) for e in train_examples], spec.max_seq_length)
+        )
+        validation_examples = list(
+            iter_pack(
+                validation_examples, [len(e.input_ids) for e in validation_examples], spec.max_seq_length
+            )
+        )
     report = {
         "sources": data_report.as_dict(),
         "encoding": asdict(encoding_report),
         "train": len(train_examples),
         "validation": len(validation_examples),
+        "paddingShare": {
+            name: padding_report([len(e.input_ids) for e in examples], spec.max_seq_length)
+            for name, examples in (("train", train_examples), ("validation", validation_examples))
+        },
     }
     return train_examples, validation_examples, report  # type: ignore[return-value]
 
@@ -102,14 +113,22 @@ def _prefix(key: str) -> str:
     return f"cache/tokenized-{key}"
 
 
+def padding_report(lengths: Any, window: int) -> float:
+    """The share of padding tokens when every sequence is padded to the window (what packing
+    removes; collate pads a micro batch only to its longest sequence, so training pads less)."""
+    return round(padding_share(lengths, len(lengths), window), 4)
+
+
 def _commit(store: ObjectStore, key: str, splits: dict[str, Iterable[Example]], report: dict[str, Any],
-            local: Path) -> None:  # fmt: skip
+            local: Path, window: int) -> None:  # fmt: skip
     """Write the examples memory-mappable, upload them, then MANIFEST.json last (the commit). The
     node's own copy becomes `local` only once complete, so a killed build leaves nothing reusable."""
     partial = local.with_name(local.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    report["paddingShare"] = {}
     for name, examples in splits.items():
         report[name] = write_examples(examples, partial, name)
+        report["paddingShare"][name] = padding_report(ExampleTable(partial, name).lengths(), window)
     entries = upload_tree(store, partial, _prefix(key))
     manifest = json.dumps({"files": [e.model_dump() for e in entries], "report": report}, indent=1)
     store.put_bytes(f"{_prefix(key)}/{MANIFEST}", manifest.encode())
@@ -211,7 +230,7 @@ def _tokenize(config: TrainerConfig, tokenizer: Any, store: ObjectStore, cache: 
                 store.get_file(obj.key, part / obj.key[len(prefix) :])
         report = {"sources": plan["sources"], "encoding": merged_report(reports)}
         splits = {name: merged(config, parts, name) for name in SPLITS}
-        _commit(store, key, splits, report, cache / key)
+        _commit(store, key, splits, report, cache / key, config.dataset.max_seq_length)
         log.info("data: %s", json.dumps(report))
         log.info("planned, tokenized on %d ranks and committed in %.2fs", ranks.world_size,
                  time.monotonic() - started)  # fmt: skip

@@ -42,12 +42,15 @@ class StepPlan:
             "samplesSeen": step * self.global_batch,
         }
 
-    def rank_indices(self, step: int, rank: int) -> list[int]:
-        """Example indices rank `rank` trains on in optimizer step `step` (0-based), in order."""
+    def global_indices(self, step: int) -> list[int]:
+        """Example indices of optimizer step `step` (0-based) on all ranks together."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.examples, epoch, self.seed, self.shuffle)
-        window = order[in_epoch * self.global_batch : (in_epoch + 1) * self.global_batch]
-        return rank_shard(window, 0, rank, self.world_size)
+        return order[in_epoch * self.global_batch : (in_epoch + 1) * self.global_batch]
+
+    def rank_indices(self, step: int, rank: int) -> list[int]:
+        """Example indices rank `rank` trains on in optimizer step `step` (0-based), in order."""
+        return rank_shard(self.global_indices(step), 0, rank, self.world_size)
 
 
 def plan(config: TrainerConfig, examples: int) -> StepPlan:

@@ -3,9 +3,9 @@
 Cleaning, deduplication, the split and the mixture need every record at once and are cheap; encoding
 is what takes hours on one rank for a few GB. So rank 0 plans (the records of each split, in their
 final order, as jsonl), every rank encodes its contiguous share of that order into memory-mappable
-columns, and rank 0 concatenates the shares in rank order and packs them. Encoding is per record and
-the order is kept, so the result is exactly what one rank encoding everything would produce, and the
-cache key keeps its meaning.
+columns, and rank 0 concatenates the shares in rank order and packs them (packing.py). Encoding is
+per record and the order is kept, so the result is exactly what one rank encoding everything would
+produce, and the cache key keeps its meaning.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.data import DataReport, Record, load_records, mix, split
-from finetune_trainer.encoding import EncodingReport, Example, iter_encode, iter_pack
+from finetune_trainer.encoding import EncodingReport, Example, iter_encode
 from finetune_trainer.example_table import ExampleTable, write_examples
+from finetune_trainer.packing import iter_pack
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,36 @@ def encode_share(config: TrainerConfig, tokenizer: Any, plan: Path, counts: dict
     return asdict(train_report)
 
 
+class Concatenated:
+    """Tables one after another as one random-access sequence (the shares in rank order)."""
+
+    def __init__(self, tables: list[ExampleTable]) -> None:
+        import numpy as np
+
+        self.tables = tables
+        self.starts = np.cumsum([0, *(len(t) for t in tables)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> Example:
+        import numpy as np
+
+        table = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.tables[table][index - int(self.starts[table])]
+
+    def lengths(self) -> list[int]:
+        return [int(n) for t in self.tables for n in t.lengths()]
+
+
 def merged(config: TrainerConfig, shares: list[Path], name: str) -> Iterator[Example]:
-    """Every rank's share of a split in rank order, packed into full windows when packing is on."""
-    examples = chain.from_iterable(ExampleTable(directory, name) for directory in shares)
+    """Every rank's share of a split in rank order; whole examples packed into windows when packing
+    is on (packing.py): the bins depend on every length, which is why packing happens here."""
+    tables = [ExampleTable(directory, name) for directory in shares]
     if config.dataset.packing:
-        return iter_pack(examples, config.dataset.max_seq_length)
-    return examples
+        examples = Concatenated(tables)
+        return iter_pack(examples, examples.lengths(), config.dataset.max_seq_length)
+    return chain.from_iterable(tables)
 
 
 def merged_report(reports: list[dict[str, int]]) -> dict[str, int]:

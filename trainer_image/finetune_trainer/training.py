@@ -21,12 +21,13 @@ from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer import ranks as dist
+from finetune_trainer import token_loss
 from finetune_trainer.cadence import Cadence
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
-from finetune_trainer.encoding import IGNORE_INDEX, Example, collate
+from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.export import export, exported_step
 from finetune_trainer.failures import Terminated
@@ -159,11 +160,15 @@ class Run:
         return {**steps.position(step), "dataKey": data.key}
 
     def _batch(self, examples: list[Example]) -> dict[str, Any]:
-        import torch
-
         pad_id = 0  # masked out of attention and loss, so any id serves
-        columns = collate(examples, pad_id, self.config.dataset.max_seq_length)
-        return {k: torch.tensor(v, device=self.device) for k, v in columns.items()}
+        columns = collate(
+            examples,
+            pad_id,
+            self.config.dataset.max_seq_length,
+            packed=self.config.dataset.packing,
+            flatten=self.config.training.attention_implementation == "flash_attention_2",
+        )
+        return model_inputs(columns, self.device)
 
     def _train(self, engine: Any, data: PreparedData, steps: StepPlan, checkpointer: Checkpointer,
                reporter: Reporter, start: int) -> None:  # fmt: skip
@@ -180,22 +185,23 @@ class Run:
         cadence = Cadence.of(config, steps.total_steps, has_validation=bool(data.validation))
         micro, every_seconds = config.training.micro_batch_size, config.checkpoint.every_minutes * 60
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        tokens = steps_in_window = 0
+        tokens = targets_in_window = 0
         window_start = last_checkpoint = time.monotonic()
         checkpointed_at = start
         flags_in_flight: Callable[[], list[float]] | None = None
         engine.train()
         for step in range(start, steps.total_steps):
             indices = steps.rank_indices(step, ranks.rank)
-            for at in range(0, len(indices), micro):
-                examples = [data.train[i] for i in indices[at : at + micro]]
-                loss = engine(**self._batch(examples)).loss
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().to(torch.float64) / (len(indices) // micro)
-                tokens += sum(len(e.input_ids) for e in examples)
+            global_targets = data.train.targets(steps.global_indices(step))
+            batches = [
+                [data.train[i] for i in indices[at : at + micro]] for at in range(0, len(indices), micro)
+            ]
+            loss_sum += token_loss.step(
+                engine, (self._batch(b) for b in batches), global_targets, ranks.world_size
+            )
+            tokens += sum(len(e.input_ids) for b in batches for e in b)
+            targets_in_window += global_targets
             done = self.step = step + 1
-            steps_in_window += 1
             trace.record(done, [data.train[i].id for i in indices])
             time_due = every_seconds > 0 and time.monotonic() - last_checkpoint >= every_seconds
             agreed = flags_in_flight() if flags_in_flight is not None else [0.0, 0.0]
@@ -214,12 +220,12 @@ class Run:
                 elapsed = time.monotonic() - window_start
                 reporter.step(
                     done,
-                    loss=total_loss / ranks.world_size / steps_in_window,
+                    loss=total_loss / max(targets_in_window, 1),  # token-weighted over the window
                     tokens_per_second=total_tokens / max(elapsed, 1e-9),
                     learning_rate=float(engine.get_lr()[0]),
                 )
                 loss_sum.zero_()
-                tokens = steps_in_window = 0
+                tokens = targets_in_window = 0
                 window_start = time.monotonic()
             if decisions.evaluate:
                 eval_loss = self._evaluate(engine, data.validation)

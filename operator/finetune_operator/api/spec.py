@@ -55,7 +55,10 @@ class ModelSpec(ApiModel):
     )
 
 
-RecordShape = Literal["text", "promptCompletion", "chat"]
+RecordShape = Literal["text", "promptCompletion", "chat", "alpaca"]
+RoleNames = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=16)
+]
 DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -70,7 +73,9 @@ class DatasetSource(ApiModel):
     shape: RecordShape = Field(
         "text",
         description="Record shape: text (one text field), promptCompletion (loss only on the "
-        "completion), or chat (a list of role/content messages, loss only on assistant turns).",
+        "completion), chat (a list of messages, loss only on assistant turns: OpenAI `messages` by "
+        "default, ShareGPT with messagesField conversations, roleField from, contentField value), or "
+        "alpaca (instruction/input/output in the Alpaca prompt, loss only on the output).",
     )
     weight: float = Field(
         1.0,
@@ -86,6 +91,18 @@ class DatasetSource(ApiModel):
         "completion", description="Field holding the completion (shape promptCompletion)."
     )
     messages_field: ShortString = Field("messages", description="Field holding the messages (shape chat).")
+    role_field: ShortString = Field("role", description="A message's field naming its role (shape chat).")
+    content_field: ShortString = Field("content", description="A message's text field (shape chat).")
+    system_roles: RoleNames = Field(["system"], description="Role names read as system (shape chat).")
+    user_roles: RoleNames = Field(
+        ["user", "human"], description="Role names read as user (shape chat); other roles are malformed."
+    )
+    assistant_roles: RoleNames = Field(
+        ["assistant", "gpt"], description="Role names read as assistant, the turns learned (shape chat)."
+    )
+    instruction_field: ShortString = Field("instruction", description="The instruction (shape alpaca).")
+    input_field: ShortString = Field("input", description="The optional input (shape alpaca).")
+    output_field: ShortString = Field("output", description="The answer learned (shape alpaca).")
 
     rules = (
         Rule(
@@ -104,10 +121,14 @@ class DatasetSpec(ApiModel):
     sources: list[DatasetSource] = Field(min_length=1, max_length=64, description="One or more sources.")
     max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per training sequence.")
     packing: bool = Field(
-        False, description="Concatenate records into full-length sequences instead of padding each one."
+        False,
+        description="Pack whole records into sequences of maxSeqLength instead of padding each one; "
+        "each record still attends only to itself and its positions restart.",
     )
-    overlength: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with records longer than maxSeqLength."
+    overlength: Literal["truncate", "drop", "split"] = Field(
+        "truncate",
+        description="What to do with records longer than maxSeqLength: keep the first window, drop "
+        "them, or split them into windows (each token still predicted once).",
     )
     validation_fraction: float = Field(
         0.01, ge=0, lt=0.5, description="Share of records held out for evaluation (a deterministic split)."
@@ -176,8 +197,25 @@ class TrainingSpec(ApiModel):
         None, ge=1, description="Evaluate every N steps. Left out: at every checkpoint when data is held out."
     )
     log_every_steps: int = Field(10, ge=1, description="Report progress every N steps.")
+    attention_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel: PyTorch's scaled-dot-product attention, flash-attention 2 "
+        "(needs the flash-attn package in the image and a CUDA GPU; packed micro batches go to its "
+        "varlen kernel unpadded), or the plain eager implementation.",
+    )
+    liger_kernels: bool = Field(
+        False,
+        description="Patch the model with Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused "
+        "linear cross-entropy); needs the liger-kernel package in the image and a CUDA GPU.",
+    )
 
     rules = (
+        Rule(
+            cel="self.attentionImplementation != 'flash_attention_2' || self.precision != 'fp32'",
+            message="flash_attention_2 runs in bf16 or fp16 only; set precision bf16 or use sdpa",
+            field="attentionImplementation",
+            check=lambda s: s.attention_implementation != "flash_attention_2" or s.precision != "fp32",
+        ),
         Rule(
             cel="self.method == 'lora' || !has(self.lora)",
             message="lora settings are only allowed with method lora",
