@@ -62,3 +62,14 @@ def test_checkpoint_stalls_of_earlier_attempts_are_kept_when_the_trainer_counts_
     status.progress = Progress(step=1, checkpoint_stall_seconds=5.0)
     charged = _charged(status, 10)
     assert charged.goodput is not None and charged.goodput.checkpoint_stall_seconds == pytest.approx(55)
+
+
+def test_the_old_attempts_progress_does_not_count_its_stalls_twice_while_the_next_one_starts() -> None:
+    status = _status(Phase.RUNNING, until=0)
+    status.progress = Progress(step=40, checkpoint_stall_seconds=12.0)
+    status = _charged(status, 10)  # the pass that sees the failure
+    start_attempt(status, "Application")
+    for seconds in (20, 30, 40):  # passes while attempt 2 downloads and loads: no new report yet
+        status.phase = Phase.STARTING
+        status = _charged(status, seconds)
+    assert status.goodput is not None and status.goodput.checkpoint_stall_seconds == pytest.approx(12)

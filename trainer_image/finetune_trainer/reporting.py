@@ -32,7 +32,8 @@ class Reporter:
         self.total_steps = total_steps
         self.start_step = start_step
         self.started = time.monotonic()
-        self.progress = Progress(step=start_step, total_steps=total_steps)
+        # Every report carries this attempt's stall count, 0 until a save blocked training.
+        self.progress = Progress(step=start_step, total_steps=total_steps, checkpoint_stall_seconds=0.0)
         self.checkpoint: CheckpointRef | None = None
         self._lock = threading.Lock()  # the upload thread reports commits
         self._writer: Any = None

@@ -64,3 +64,7 @@ def start_attempt(status: FineTuneJobStatus, charged_to: str) -> None:
     goodput.waiting_for = charged_to  # type: ignore[assignment]
     goodput.stalls_before_attempt = goodput.checkpoint_stall_seconds
     status.goodput = goodput
+    if status.progress is not None:
+        # The progress shown until the new attempt reports is the old attempt's: its stalls are in
+        # stalls_before_attempt now and must not be added again by the passes in between.
+        status.progress = status.progress.model_copy(update={"checkpoint_stall_seconds": None})
