@@ -133,11 +133,24 @@ def _pod_state(pod: dict[str, Any]) -> str:
     return f"{status.get('phase', 'Pending')}{deleting}"
 
 
+def _defaulted(policy: dict[str, Any]) -> dict[str, Any]:
+    """The run policy with the API's defaults filled in, as the API server fills them: a local run's
+    job.json keeps the manifest as written."""
+    from pydantic import ValidationError
+
+    from finetune_operator.api.spec import RunPolicy
+
+    try:
+        return {**RunPolicy.model_validate(policy).model_dump(by_alias=True, mode="json"), **policy}
+    except ValidationError:
+        return policy
+
+
 def describe(view: JobView, now: datetime | None = None) -> str:
     body = view.body
     meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
     progress, checkpoint = status.get("progress") or {}, status.get("latestCheckpoint") or {}
-    resources, policy = spec.get("resources") or {}, spec.get("runPolicy") or {}
+    resources, policy = spec.get("resources") or {}, _defaulted(spec.get("runPolicy") or {})
     lines = [
         f"Name:         {meta['name']}",
         f"Namespace:    {meta.get('namespace', 'default')}",

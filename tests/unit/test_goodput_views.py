@@ -33,6 +33,12 @@ def test_describe_shows_where_the_time_went() -> None:
     ) in text
 
 
+def test_describe_shows_the_restart_budgets_a_manifest_left_to_their_defaults() -> None:
+    body = _body()
+    body["spec"].pop("runPolicy", None)  # a local run's job.json keeps the manifest as written
+    assert "restarts 0 (max 3), infrastructure restarts 0 (max 20)" in describe(JobView(body))
+
+
 def test_the_wide_listing_has_a_goodput_column() -> None:
     assert wide_row(_body())["GOODPUT"] == "63.2"
 
