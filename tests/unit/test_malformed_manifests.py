@@ -94,6 +94,12 @@ CASES = [
     Bad("output to gcs scheme", {"spec.output.uri": "gs://out/final"}, "spec.output.uri"),
     Bad("resume from a made-up keyword", {"spec.checkpoint.resume": "earliest"}, "spec.checkpoint.resume"),
     Bad(
+        "resume from a bucket name S3 does not allow",
+        {"spec.checkpoint.resume": "s3://My_Bucket/ns/job/checkpoints/step-00000100"},
+        "spec.checkpoint.resume",
+    ),
+    Bad("resume, unknown scheme", {"spec.checkpoint.resume": "gs://b/ns/job"}, "spec.checkpoint.resume"),
+    Bad(
         "endpoint without scheme",
         {"spec.checkpoint.endpointUrl": "minio:9000"},
         "spec.checkpoint.endpointUrl",

@@ -137,12 +137,13 @@ FILE_URI_PATTERN = r"file:///[^\s]*"
 # The storage schemes the API accepts, each with its pattern: the one list the trainer's storage.py
 # dispatches on (a test keeps the two in step).
 STORAGE_SCHEMES: dict[str, str] = {"s3": S3_URI_PATTERN, "file": FILE_URI_PATTERN}
-STORAGE_URI_PATTERN = rf"^({'|'.join(STORAGE_SCHEMES.values())})$"
+ANY_STORAGE_URI = "|".join(STORAGE_SCHEMES.values())  # an alternation, for patterns that accept more
+STORAGE_URI_PATTERN = rf"^({ANY_STORAGE_URI})$"
 StorageUri = Annotated[str, Field(pattern=STORAGE_URI_PATTERN, max_length=2048)]
 
 # A model can also come from a hub id ("org/name"), for clusters that reach a model hub.
 HUB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?"
-MODEL_SOURCE_PATTERN = rf"^({S3_URI_PATTERN}|{FILE_URI_PATTERN}|{HUB_ID_PATTERN})$"
+MODEL_SOURCE_PATTERN = rf"^({ANY_STORAGE_URI}|{HUB_ID_PATTERN})$"
 ModelSource = Annotated[str, Field(pattern=MODEL_SOURCE_PATTERN, max_length=2048)]
 
 ShortString = Annotated[str, Field(min_length=1, max_length=253)]

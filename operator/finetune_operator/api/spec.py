@@ -13,6 +13,7 @@ from pydantic import Field
 
 from finetune_operator import contract
 from finetune_operator.api.base import (
+    ANY_STORAGE_URI,
     ApiModel,
     K8sName,
     ModelSource,
@@ -457,7 +458,7 @@ class CheckpointSpec(ApiModel):
     )
     resume: Annotated[str, Field(max_length=2048)] = Field(
         "latest",
-        pattern=r"^(latest|none|s3://[^\s]+|file:///[^\s]*)$",
+        pattern=rf"^(latest|none|{ANY_STORAGE_URI})$",
         description="latest (the newest committed checkpoint of this job), none (start fresh), or the "
         "uri of one committed checkpoint.",
     )
