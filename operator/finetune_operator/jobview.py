@@ -241,26 +241,38 @@ def plot_loss(attempts: list[tuple[int, list[ProgressReport]]], path: Path, titl
     return path
 
 
-def load_cluster(name: str, namespace: str, kubeconfig: str | None = None) -> JobView | None:
-    """The same view read from a cluster through the kubernetes client (the user's kubeconfig)."""
+def cluster_job(
+    name: str, namespace: str, kubeconfig: str | None = None
+) -> tuple[dict[str, Any] | None, Any]:
+    """The job's body (None when there is none) and the api client it was read with, through the
+    user's kubeconfig."""
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
     from finetune_operator import contract
 
     api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     try:
-        body = cast(
-            dict[str, Any],
-            custom.get_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
-            ),
+        body = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
         )
     except ApiException as exc:
         if exc.status == 404:
-            return None
+            return None, api
         raise
+    return cast(dict[str, Any], body), api
+
+
+def load_cluster(name: str, namespace: str, kubeconfig: str | None = None) -> JobView | None:
+    """The same view read from a cluster through the kubernetes client (the user's kubeconfig)."""
+    from kubernetes import client
+
+    from finetune_operator import contract
+
+    body, api = cluster_job(name, namespace, kubeconfig)
+    if body is None:
+        return None
+    core = client.CoreV1Api(api)
     pods = core.list_namespaced_pod(namespace, label_selector=f"{contract.LABEL_JOB}={name}")
     events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
     return JobView(

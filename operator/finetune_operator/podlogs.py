@@ -4,13 +4,13 @@ another is named. Following ends when the rank's process (pod) ends or the reade
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from finetune_operator import contract
+from finetune_operator.backends.local import process_alive
 from finetune_operator.builders import naming
 from finetune_operator.pipes import QuietStdout
 
@@ -41,15 +41,7 @@ def _local_pod_running(record: dict[str, Any] | None) -> bool:
     if record is None or (record.get("status") or {}).get("phase") != "Running":
         return False
     pid = (record.get("local") or {}).get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and process_alive(pid)
 
 
 def local_logs(
@@ -96,22 +88,15 @@ def cluster_logs(
     out: QuietStdout,
     kubeconfig: str | None = None,
 ) -> None:
-    from kubernetes import client, config
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    api = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-    try:
-        body = cast(
-            dict[str, Any],
-            custom.get_namespaced_custom_object(
-                contract.API_GROUP, contract.API_VERSION, namespace, contract.PLURAL, name
-            ),
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            raise LogsError(f"no FineTuneJob {name!r} in namespace {namespace}") from None
-        raise
+    from finetune_operator.jobview import cluster_job
+
+    body, api = cluster_job(name, namespace, kubeconfig)
+    if body is None:
+        raise LogsError(f"no FineTuneJob {name!r} in namespace {namespace}")
+    core = client.CoreV1Api(api)
     pod = rank_pod(body, rank, attempt)
     try:
         # Unparsed: the client would decode the whole log into one str, and never stream a follow.

@@ -65,7 +65,7 @@ def _free_port() -> int:
         return port
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -302,7 +302,7 @@ class LocalBackend:
             if code is None:
                 return None
             return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a container
-        return None if _alive(pid) else -1
+        return None if process_alive(pid) else -1
 
     def _terminated(self, name: str, code: int) -> dict[str, Any]:
         if code == -1:
