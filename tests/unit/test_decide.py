@@ -482,15 +482,19 @@ def _wire(d: Decision) -> dict[str, Any]:
 
 
 def test_goodput_over_a_life_with_queueing_a_crash_and_a_restart() -> None:
-    """Applied at 0, running at 60, rank 1 crashes at 1060 (its peer too), attempt 2 runs at 1100."""
+    """Applied at 0, running at 60, rank 1 crashes at 1060 (its peer too), attempt 2 runs at 1100 and
+    reports its first step at 1110: the restart cost 1060 to 1110."""
     started = decide(Observed(job=_job(), pods=(), service_exists=True, now=after(0)))
     running = _decide(_job(_wire(started)), _gang(), after(60))
     crashed = [pod(rank=r, phase="Failed", exit_code=1 if r else 75, finished_at=1060) for r in range(2)]
     restarting = _decide(_job(_wire(running)), crashed, after(1060))
     next_attempt = _decide(_job(_wire(restarting)), [], after(1080))
     running_again = _decide(_job(_wire(next_attempt)), _gang(attempt=2), after(1100))
-    later = _decide(_job(_wire(running_again)), _gang(attempt=2), after(2100))
+    first_step = _decide(  # attempt 2 reloads its checkpoint and reports its first step at 1110
+        _job(_wire(running_again)), _gang(attempt=2), after(1110), progress=_reported(41, after(1110))
+    )
+    later = _decide(_job(_wire(first_step)), _gang(attempt=2), after(2100))
     g = later.status.goodput
     assert g is not None
-    assert (g.queued_seconds, g.productive_seconds, g.application_restart_seconds) == (60, 2000, 40)
-    assert g.infrastructure_restart_seconds == 0 and g.percent == pytest.approx(95.24)
+    assert (g.queued_seconds, g.productive_seconds, g.application_restart_seconds) == (60, 1990, 50)
+    assert g.infrastructure_restart_seconds == 0 and g.percent == pytest.approx(94.76)

@@ -73,3 +73,13 @@ def test_the_old_attempts_progress_does_not_count_its_stalls_twice_while_the_nex
         status.phase = Phase.STARTING
         status = _charged(status, seconds)
     assert status.goodput is not None and status.goodput.checkpoint_stall_seconds == pytest.approx(12)
+
+
+def test_after_a_restart_time_is_lost_until_the_first_step_is_reported() -> None:
+    ran = {"type": "Running", "status": "True", "lastTransitionTime": after(0).isoformat()}
+    status = _status(Phase.RUNNING, until=0, goodput={"waitingFor": "Infrastructure"}, conditions=[ran])
+    reloading = _charged(status, 60)  # running again, loading the checkpoint: no step yet
+    assert reloading.goodput is not None and reloading.goodput.infrastructure_restart_seconds == 60
+    reloading.progress = Progress(step=41, updated_at=after(60))
+    training = _charged(reloading, 90)
+    assert training.goodput is not None and training.goodput.productive_seconds == 30

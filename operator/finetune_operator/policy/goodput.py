@@ -2,7 +2,8 @@
 
 Each pass charges the time since `goodput.accountedUntil` to what the job was doing according to the
 status it started from (its phase before this pass decided anything): Running is productive,
-Restarting and the Starting that follows a restart are lost to that restart's class, the Starting of
+Restarting, the Starting that follows a restart and its Running until the first step is reported
+are lost to that restart's class, the Starting of
 the first attempt or of a resumed one is queueing, and so is Queued (a gang scheduler holding any
 attempt); Suspended or finished time is not accounted.
 A pass whose only change is goodput need not write it: the next write charges the whole interval
@@ -22,8 +23,19 @@ WAITING = {"Queue": "queued_seconds", "Application": "application_restart_second
            "Infrastructure": "infrastructure_restart_seconds"}  # fmt: skip
 
 
+def _stepped_this_attempt(status: FineTuneJobStatus) -> bool:
+    """A progress report newer than the attempt's Running transition: it has trained a step."""
+    running = next((c for c in status.conditions if c.type == "Running"), None)
+    reported = status.progress.updated_at if status.progress else None
+    began = running.last_transition_time if running else None
+    return reported is not None and (began is None or reported >= began)
+
+
 def _bucket(before: FineTuneJobStatus, goodput: Goodput) -> str | None:
     if before.phase == Phase.RUNNING:
+        if goodput.waiting_for in ("Application", "Infrastructure") and not _stepped_this_attempt(before):
+            # After a restart the ranks run but reload and redo set-up: lost until the first step.
+            return WAITING[goodput.waiting_for]
         return "productive_seconds"
     if before.phase == Phase.QUEUED:
         return "queued_seconds"  # a gang scheduler held the attempt, whatever started it
