@@ -35,6 +35,17 @@ def _cel_list(values: tuple[str, ...] | list[str]) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
+def _qualified_keys(field: str, start: str) -> Rule:
+    """Every key of the map `field` is a Kubernetes qualified name, in both layers."""
+    return Rule(
+        cel=f"self.{field}.all(k, size(k) <= {MAX_QUALIFIED_NAME} && k.matches('{QUALIFIED_NAME_PATTERN}'))",
+        message=f"{start}[prefix/]name: an optional DNS subdomain, then at most 63 letters, digits, '-', "
+        "'_' or '.', starting and ending with a letter or digit",
+        field=field,
+        check=lambda s: all(_qualified(k) for k in getattr(s, field)),
+    )
+
+
 class SecretKeySelector(ApiModel):
     """One key of a Secret in the job's namespace."""
 
@@ -74,22 +85,8 @@ class PodMetadata(ApiModel):
     )
 
     rules = (
-        Rule(
-            cel=f"self.labels.all(k, size(k) <= {MAX_QUALIFIED_NAME} "
-            f"&& k.matches('{QUALIFIED_NAME_PATTERN}'))",
-            message="label keys are [prefix/]name: an optional DNS subdomain, then at most 63 letters, "
-            "digits, '-', '_' or '.', starting and ending with a letter or digit",
-            field="labels",
-            check=lambda s: all(_qualified(k) for k in s.labels),
-        ),
-        Rule(
-            cel=f"self.annotations.all(k, size(k) <= {MAX_QUALIFIED_NAME} "
-            f"&& k.matches('{QUALIFIED_NAME_PATTERN}'))",
-            message="annotation keys are [prefix/]name: an optional DNS subdomain, then at most 63 "
-            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
-            field="annotations",
-            check=lambda s: all(_qualified(k) for k in s.annotations),
-        ),
+        _qualified_keys("labels", "label keys are "),
+        _qualified_keys("annotations", "annotation keys are "),
         Rule(
             cel=f"self.labels.all(k, !k.startsWith('{_PREFIX}') && !(k in {_OPERATOR_KEYS}))",
             message=f"labels under {_PREFIX} and the operator's own labels "
