@@ -5,6 +5,7 @@ batches, accumulation steps and ranks (token_loss.py; the fix transformers 4.46 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,17 @@ def _run(world: int, out: Path) -> dict[str, dict[str, torch.Tensor]]:
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _why(done.stderr)
     results: dict[str, dict[str, torch.Tensor]] = torch.load(out)
     return results
+
+
+def _why(stderr: str) -> str:
+    """A failed run's first error lines from every rank, then the launcher's summary: the summary
+    alone names only the signal."""
+    pattern = re.compile(r"Error|error:|terminate|Traceback|abort")
+    clues = [line for line in stderr.splitlines() if pattern.search(line)]
+    return "\n".join(clues[:40]) + "\n...\n" + stderr[-2000:]
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ from finetune_trainer.data import (
     Record,
     epoch_order,
     fetch_source,
-    load_records,
-    mix,
+    in_validation,
+    iter_records,
+    mixture,
     rank_shard,
-    split,
 )
+from finetune_trainer.data_plan import SeenFields
 
 
 def _jsonl(path: Path, lines: list[Any]) -> Path:
@@ -35,9 +37,11 @@ def _spec(*sources: dict[str, Any], **settings: Any) -> DatasetSpec:
 
 
 def _load(spec: DatasetSpec, cache: Path) -> tuple[list[list[Record]], DataReport]:
-    report = DataReport()
+    report, seen = DataReport(), SeenFields(cache.with_name("seen.sqlite"))
     files = {i: fetch_source(s, cache) for i, s in enumerate(spec.sources)}
-    return load_records(spec, files, report), report
+    records = [list(iter_records(spec, i, files[i], report, seen)) for i in files]
+    seen.close()
+    return records, report
 
 
 def test_cleaning_counts_malformed_empty_and_duplicate_rows(tmp_path: Path) -> None:
@@ -123,34 +127,40 @@ def test_a_missing_source_is_data_not_found(tmp_path: Path) -> None:
         _load(_spec({"uri": f"file://{tmp_path}/nope.jsonl"}), tmp_path / "cache")
 
 
-def _records(n: int, source: str = "s") -> list[Record]:
-    return [Record(id=f"{source}:{i}", source=source, fields={"text": str(i)}) for i in range(n)]
+def _validation(ids: list[str], seed: int) -> set[str]:
+    return {i for i in ids if in_validation(i, 0.1, seed)}
 
 
-def test_the_split_is_deterministic_disjoint_and_near_the_fraction() -> None:
-    records = _records(2000)
-    train, validation = split(records, 0.1, seed=7)
-    assert split(records, 0.1, seed=7) == (train, validation)
-    assert not {r.id for r in train} & {r.id for r in validation}
-    assert len(train) + len(validation) == 2000 and 150 < len(validation) < 250
+def test_the_split_is_deterministic_and_near_the_fraction() -> None:
+    ids = [f"s:{i}" for i in range(2000)]
+    validation = _validation(ids, seed=7)
+    assert _validation(ids, seed=7) == validation and 150 < len(validation) < 250
+    assert _validation(ids, seed=8) != validation
 
 
 def test_a_record_keeps_its_side_of_the_split_when_the_source_grows() -> None:
-    _, before = split(_records(500), 0.1, seed=1)
-    _, after = split(_records(1000), 0.1, seed=1)
-    assert {r.id for r in before} <= {r.id for r in after}
+    before = _validation([f"s:{i}" for i in range(500)], seed=1)
+    after = _validation([f"s:{i}" for i in range(1000)], seed=1)
+    assert before <= after
+
+
+def _epoch(counts: list[int], weights: list[float]) -> list[int]:
+    return [int(p) for chunk in mixture(counts, weights, seed=0) for p in chunk]
 
 
 def test_mixture_shares_follow_the_weights() -> None:
-    epoch = mix([_records(100, "a"), _records(100, "b")], [3.0, 1.0], seed=0)
-    counts = Counter(r.source for r in epoch)
-    assert counts == {"a": 150, "b": 50}
-    assert len({r.id for r in epoch if r.source == "b"}) == 50  # subsampled without repeats
+    epoch = _epoch([100, 100], [3.0, 1.0])  # positions 0-99 are source a's, 100-199 source b's
+    assert sum(p < 100 for p in epoch) == 150 and sum(p >= 100 for p in epoch) == 50
+    assert len({p for p in epoch if p >= 100}) == 50  # subsampled without repeats
 
 
 def test_mixture_repeats_a_small_source_to_fill_its_share() -> None:
-    epoch = mix([_records(10, "small"), _records(90, "big")], [1.0, 1.0], seed=0)
-    assert Counter(r.source for r in epoch)["small"] == 50
+    epoch = _epoch([10, 90], [1.0, 1.0])
+    assert sum(p < 10 for p in epoch) == 50 and set(epoch[:50]) == set(range(10))
+
+
+def test_a_source_that_kept_nothing_takes_no_share() -> None:
+    assert sorted(_epoch([0, 30], [5.0, 1.0])) == list(range(30))  # the other source's whole weight
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
@@ -170,5 +180,23 @@ def test_resuming_from_a_position_continues_with_the_next_unseen_samples() -> No
 
 
 def test_each_epoch_has_its_own_order() -> None:
-    assert epoch_order(50, 0, seed=1, shuffle=True) != epoch_order(50, 1, seed=1, shuffle=True)
-    assert epoch_order(50, 3, seed=1, shuffle=False) == list(range(50))
+    first, second = epoch_order(50, 0, seed=1, shuffle=True), epoch_order(50, 1, seed=1, shuffle=True)
+    assert first.tolist() != second.tolist()
+    assert epoch_order(50, 3, seed=1, shuffle=False).tolist() == list(range(50))
+
+
+def test_an_epoch_order_is_the_permutation_a_shuffled_list_gets() -> None:
+    """What checkpoints taken before the order became an array recorded as their data position."""
+    shuffled = list(range(1000))
+    random.Random("5:2").shuffle(shuffled)
+    assert epoch_order(1000, epoch=2, seed=5, shuffle=True).tolist() == shuffled
+
+
+def test_a_subsample_draws_every_subset_alike() -> None:
+    """2 of 4 records under 6000 seeds: each of the 6 subsets about 1000 times (selection sampling)."""
+    drawn = Counter(tuple(_subsample_of(seed)) for seed in range(6000))
+    assert len(drawn) == 6 and all(850 < n < 1150 for n in drawn.values()), drawn
+
+
+def _subsample_of(seed: int) -> list[int]:
+    return [int(p) for chunk in mixture([4, 4], [1.0, 3.0], seed) for p in chunk if p < 4]

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.spec import DatasetSpec
-from finetune_trainer.data import ALPACA_PROMPT, DataReport, Record, fetch_source, load_records
+from finetune_trainer.data import ALPACA_PROMPT, DataReport, Record, fetch_source, iter_records
 from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, encode, encode_all
 from finetune_trainer.tiny import tiny_tokenizer
 
@@ -20,9 +20,8 @@ def _load(tmp_path: Path, rows: list[Any], **source: Any) -> tuple[list[Record],
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     spec = DatasetSpec.model_validate({"sources": [{"uri": f"file://{path}", "name": "s", **source}]})
-    report = DataReport()
-    files = {0: fetch_source(spec.sources[0], tmp_path / "cache")}
-    (records,) = load_records(spec, files, report)
+    report, files = DataReport(), fetch_source(spec.sources[0], tmp_path / "cache")
+    records = list(iter_records(spec, 0, files, report, seen=lambda digest: False))
     return records, report.as_dict()["s"]
 
 

@@ -7,20 +7,24 @@ randomness is seeded: every rank computes the same split, mixture and order with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
 from finetune_operator.api.spec import DatasetSource, DatasetSpec
 
 from finetune_trainer.failures import InputMissing
 from finetune_trainer.storage import ObjectNotFound, Opener, open_store
+
+CHUNK = 1 << 16  # positions handed on at a time by the mixture
 
 
 class DataNotFound(InputMissing):
@@ -167,71 +171,98 @@ def _chat(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, An
     return ("ok", {"messages": kept}) if has_answer else ("empty", None)
 
 
-def load_records(spec: DatasetSpec, files: dict[int, list[Path]], report: DataReport) -> list[list[Record]]:
-    """Cleaned, deduplicated records of every source (duplicates removed across all sources)."""
-    seen: set[str] = set()
-    per_source: list[list[Record]] = []
-    for index, source in enumerate(spec.sources):
-        name = source_name(source, index)
-        records = []
-        row_number = 0
-        for path in files[index]:
-            for row in _read_rows(path, _format(source, path.name)):
-                row_id = f"{name}:{row_number}"
-                row_number += 1
-                report.read[name] += 1
-                if isinstance(row, Exception):
-                    report.malformed[name] += 1
-                    continue
-                verdict, fields = _clean(source, row)
-                if fields is None:
-                    getattr(report, verdict)[name] += 1
-                    continue
-                digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-                if spec.dedupe and digest in seen:
-                    report.duplicates[name] += 1
-                    continue
-                seen.add(digest)
-                records.append(Record(id=row_id, source=name, fields=fields))
-                report.kept[name] += 1
-        per_source.append(records)
-    return per_source
+def iter_records(spec: DatasetSpec, index: int, paths: list[Path], report: DataReport,
+                 seen: Callable[[bytes], bool]) -> Iterator[Record]:  # fmt: skip
+    """Source `index`'s cleaned records, streamed from its files in order. `seen(digest)` says
+    whether a record with the same fields came before (in any source) and remembers it: the
+    caller owns that memory (data_plan.py keeps it on disk)."""
+    source = spec.sources[index]
+    name = source_name(source, index)
+    row_number = 0
+    for path in paths:
+        for row in _read_rows(path, _format(source, path.name)):
+            row_id = f"{name}:{row_number}"
+            row_number += 1
+            report.read[name] += 1
+            if isinstance(row, Exception):
+                report.malformed[name] += 1
+                continue
+            verdict, fields = _clean(source, row)
+            if fields is None:
+                getattr(report, verdict)[name] += 1
+                continue
+            if spec.dedupe and seen(hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()):
+                report.duplicates[name] += 1
+                continue
+            report.kept[name] += 1
+            yield Record(id=row_id, source=name, fields=fields)
 
 
-def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """A deterministic train/validation split by hashed record id: stable when sources grow."""
-    train, validation = [], []
-    for record in records:
-        bucket = int(hashlib.sha256(f"{seed}:{record.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (validation if bucket < fraction else train).append(record)
-    return train, validation
+def in_validation(record_id: str, fraction: float, seed: int) -> bool:
+    """The train/validation split by hashed record id: deterministic, and stable when sources grow."""
+    bucket = int(hashlib.sha256(f"{seed}:{record_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
 
 
-def mix(per_source: list[list[Record]], weights: list[float], seed: int) -> list[Record]:
-    """One epoch's training records: each source's share follows its normalised weight, over the
-    total number of records. A source is subsampled (without repeats) or repeated to fill its share."""
-    total = sum(len(r) for r in per_source)
-    weight_sum = sum(w for w, r in zip(weights, per_source, strict=True) if r)
+def shares(counts: list[int], weights: list[float]) -> list[int]:
+    """How many records of each source one epoch holds: its normalised weight of the total number of
+    records (none from a source that kept none)."""
+    total = sum(counts)
+    weight_sum = sum(w for w, n in zip(weights, counts, strict=True) if n)
+    return [round(total * w / weight_sum) if n else 0 for w, n in zip(weights, counts, strict=True)]
+
+
+def mixture(counts: list[int], weights: list[float], seed: int) -> Iterator[np.ndarray[Any, Any]]:
+    """One epoch's training records as positions in the sources' kept train records laid end to
+    end, in chunks, each source filling its share (`shares`): repeated whole, then subsampled
+    without repeats. Positions, not records, and nothing held: a mixture costs 8 bytes a record, on
+    disk (data_plan.py)."""
     rng = random.Random(seed)
-    epoch: list[Record] = []
-    for records, weight in zip(per_source, weights, strict=True):
-        if not records:
-            continue
-        share = round(total * weight / weight_sum)
-        full, rest = divmod(share, len(records))
-        epoch += records * full + rng.sample(records, rest)
-    return epoch
+    base = 0
+    for count, share in zip(counts, shares(counts, weights), strict=True):
+        if count:
+            full, rest = divmod(share, count)
+            for _ in range(full):
+                for start in range(base, base + count, CHUNK):
+                    yield np.arange(start, min(start + CHUNK, base + count), dtype=np.int64)
+            yield from _subsample(rng, base, count, rest)
+        base += count
 
 
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    order = list(range(n))
+def _subsample(rng: random.Random, base: int, count: int, wanted: int) -> Iterator[np.ndarray[Any, Any]]:
+    """`wanted` of the positions base..base+count without repeats, in order, streamed: selection
+    sampling (Knuth, TAOCP vol. 2, 3.4.2, Algorithm S) takes each candidate with probability
+    still-wanted / still-left, so every subset is equally likely and no pool is held."""
+    chosen: list[int] = []
+    for offset in range(count):
+        if not wanted:
+            break
+        if rng.random() * (count - offset) < wanted:
+            chosen.append(base + offset)
+            wanted -= 1
+            if len(chosen) == CHUNK:
+                yield np.asarray(chosen, dtype=np.int64)
+                chosen = []
+    if chosen:
+        yield np.asarray(chosen, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=2)  # this epoch's and, across a boundary, the last one's
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray[Any, Any]:
+    """Epoch `epoch`'s order of the `n` examples: computed once per epoch, not per step (a shuffle of
+    a million examples takes about a second), 8 bytes an example. shuffle() swaps by position, so
+    the array gets the permutation a list of the same length would: data positions keep their
+    meaning."""
+    order = np.arange(n, dtype=np.int64)
     if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
+        random.Random(f"{seed}:{epoch}").shuffle(order)  # type: ignore[arg-type]
+    order.flags.writeable = False  # shared by every later call for the epoch
     return order
 
 
-def rank_shard(order: list[int], start: int, rank: int, world_size: int) -> list[int]:
+def rank_shard(order: Sequence[int] | np.ndarray[Any, Any], start: int, rank: int, world_size: int
+               ) -> list[int]:  # fmt: skip
     """Rank `rank`'s indices of the epoch from global position `start` on: disjoint across ranks.
     The tail that does not fill a whole step across all ranks is dropped, as every rank must step."""
     usable = (len(order) - start) // world_size * world_size
-    return order[start : start + usable][rank::world_size]
+    return [int(i) for i in order[start : start + usable][rank::world_size]]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -27,22 +28,18 @@ from finetune_operator.api import TrainerConfig
 from finetune_trainer.checkpoint_store import FileEntry, sha256_of, upload_tree
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data import DataNotFound, fetch_source
+from finetune_trainer.data_plan import SPLITS, read_plan, write_plan
 from finetune_trainer.encoding import EncodingReport, Example, encode_all
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack, padding_share
 from finetune_trainer.storage import ObjectNotFound, ObjectStore, Opener, open_store
-from finetune_trainer.tokenization import (
-    SPLITS,
-    encode_share,
-    merged,
-    merged_report,
-    plan_records,
-    write_plan,
-)
+from finetune_trainer.tokenization import encode_share, merged, merged_report
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 2: memory-mapped columns (example_table.py); 3: packed parts' lengths, bin packing
+# 2: memory-mapped columns (example_table.py); 3: packed parts' lengths, bin packing; 4: the plan
+# streamed through disk, its subsample drawn by selection sampling (data.py)
+CACHE_FORMAT = 4
 MANIFEST = "MANIFEST.json"
 
 
@@ -82,11 +79,14 @@ def cache_key(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: An
 def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -> tuple[list[Example], ...]:
     """Everything one rank would do alone: the reference the spread tokenization must equal."""
     spec = config.dataset
-    train, validation, data_report = plan_records(config, files)
-    encoding_report = EncodingReport()
-    kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
-    train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
-    validation_examples = encode_all(validation, tokenizer, report=EncodingReport(), **kwargs)
+    with tempfile.TemporaryDirectory() as scratch:
+        plan = write_plan(config, files, Path(scratch) / "plan")
+        encoding_report = EncodingReport()
+        kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
+        train = read_plan(Path(scratch) / "plan" / "train.jsonl")
+        train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
+        validation = read_plan(Path(scratch) / "plan" / "validation.jsonl")
+        validation_examples = encode_all(validation, tokenizer, report=EncodingReport(), **kwargs)
     if spec.packing:
         train_examples = list(
             iter_pack(train_examples, [len(e.input_ids) for e in train_examples], spec.max_seq_length)
@@ -97,7 +97,7 @@ def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -
             )
         )
     report = {
-        "sources": data_report.as_dict(),
+        "sources": plan.report.as_dict(),
         "encoding": asdict(encoding_report),
         "train": len(train_examples),
         "validation": len(validation_examples),
@@ -174,12 +174,9 @@ def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: 
         if _read(store, key, cache / key):
             log.info("tokenized cache %s found: not tokenizing again", key)
             return key, None
-        train, validation, data_report = plan_records(config, files)
-        plan = cache / f"{key}.plan"
-        write_plan(train, plan / "train.jsonl")
-        write_plan(validation, plan / "validation.jsonl")
-        upload_tree(store, plan, f"{_prefix(key)}/plan")
-        return key, {"train": len(train), "validation": len(validation), "sources": data_report.as_dict()}
+        plan = write_plan(config, files, cache / f"{key}.plan")
+        upload_tree(store, cache / f"{key}.plan", f"{_prefix(key)}/plan")
+        return key, {**plan.counts, "sources": plan.report.as_dict()}
 
     # Rank 0 reads and plans while the others wait on the rendezvous store, not in a collective.
     started = time.monotonic()

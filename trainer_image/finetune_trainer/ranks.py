@@ -136,6 +136,16 @@ def all_reduce_started(
     return result
 
 
+def shutdown() -> None:
+    """Tear the process group down once this rank's collectives are done: a rank that leaves it to
+    interpreter exit can die in the backend's teardown (SIGABRT) after it trained to the end, and
+    the operator would read a finished rank as a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

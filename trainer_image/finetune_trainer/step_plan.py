@@ -46,7 +46,7 @@ class StepPlan:
         """Example indices of optimizer step `step` (0-based) on all ranks together."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.examples, epoch, self.seed, self.shuffle)
-        return order[in_epoch * self.global_batch : (in_epoch + 1) * self.global_batch]
+        return order[in_epoch * self.global_batch : (in_epoch + 1) * self.global_batch].tolist()  # type: ignore[no-any-return]
 
     def rank_indices(self, step: int, rank: int) -> list[int]:
         """Example indices rank `rank` trains on in optimizer step `step` (0-based), in order."""

@@ -1,20 +1,18 @@
 """Tokenization spread over the ranks: rank 0 plans, every rank encodes a share, rank 0 merges.
 
-Cleaning, deduplication, the split and the mixture need every record at once and are cheap; encoding
-is what takes hours on one rank for a few GB. So rank 0 plans (the records of each split, in their
-final order, as jsonl), every rank encodes its contiguous share of that order into memory-mappable
-columns, and rank 0 concatenates the shares in rank order and packs them (packing.py). Encoding is
-per record and the order is kept, so the result is exactly what one rank encoding everything would
-produce, and the cache key keeps its meaning.
+Cleaning, deduplication, the split and the mixture need every record once and are cheap; encoding
+is what takes hours on one rank for a few GB. So rank 0 plans (data_plan.py: each split's records in
+their final order, as jsonl, streamed through disk), every rank encodes its contiguous share of that
+order into memory-mappable columns, and rank 0 concatenates the shares in rank order and packs them
+(packing.py). Encoding is per record and the order is kept, so the result is exactly what one rank
+encoding everything would produce, and the cache key keeps its meaning.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from itertools import chain
 from pathlib import Path
@@ -22,49 +20,15 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.data import DataReport, Record, load_records, mix, split
+from finetune_trainer.data import Record
+from finetune_trainer.data_plan import SPLITS, read_plan
 from finetune_trainer.encoding import EncodingReport, Example, iter_encode
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation")
 PROGRESS_EVERY = 10.0  # seconds between rank 0's progress lines
-
-
-def plan_records(
-    config: TrainerConfig, files: dict[int, list[Path]]
-) -> tuple[list[Record], list[Record], DataReport]:
-    """Every split's records in their final order: cleaned, deduplicated, split, mixed, shuffled."""
-    spec, seed = config.dataset, config.training.seed
-    data_report = DataReport()
-    per_source = load_records(spec, files, data_report)
-    splits = [split(records, spec.validation_fraction, seed) for records in per_source]
-    train = mix([t for t, _ in splits], [s.weight for s in spec.sources], seed)
-    # Mixing lays sources out one after another; shuffling once before packing keeps packed
-    # windows from being single-source. The per-epoch order is shuffled again when training.
-    random.Random(f"{seed}:mix").shuffle(train)
-    validation = [record for _, v in splits for record in v]
-    return train, validation, data_report
-
-
-def write_plan(records: Iterable[Record], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({"id": r.id, "source": r.source, "fields": r.fields}) + "\n")
-
-
-def read_plan(path: Path, start: int, stop: int) -> Iterator[Record]:
-    """Records `start` to `stop` of a plan, streamed."""
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if index >= stop:
-                return
-            if index >= start:
-                row = json.loads(line)
-                yield Record(id=row["id"], source=row["source"], fields=row["fields"])
 
 
 def share(count: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -155,6 +155,7 @@ class Run:
         reporter.close()
         self._upload_tensorboard(reporter, job_store)
         del keep_alive
+        dist.shutdown()
 
     def _position(self, steps: StepPlan, step: int, data: PreparedData) -> dict[str, Any]:
         return {**steps.position(step), "dataKey": data.key}
