@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from finetune_operator.api.status import FineTuneJobStatus, Phase, Progress
+from finetune_operator.api.status import Condition, FineTuneJobStatus, Phase, Progress
 from finetune_operator.policy.goodput import account, start_attempt
 
 from tests.support.pods import after
@@ -83,3 +83,26 @@ def test_after_a_restart_time_is_lost_until_the_first_step_is_reported() -> None
     reloading.progress = Progress(step=41, updated_at=after(60))
     training = _charged(reloading, 90)
     assert training.goodput is not None and training.goodput.productive_seconds == 30
+
+
+def test_after_a_restart_steps_up_to_the_highest_one_reached_before_are_redone_work_and_lost() -> None:
+    status = _status(Phase.RUNNING, until=0)
+    status.progress = Progress(step=50, updated_at=after(0))
+    status = _charged(status, 10)  # attempt 1 reached step 50; its last checkpoint was step 40
+    start_attempt(status, "Application")
+    ran = Condition(type="Running", status="True", last_transition_time=after(20))
+    status.phase, status.conditions = Phase.RUNNING, [ran]
+    status.progress = Progress(step=42, updated_at=after(30))  # resumed from 40: redoing 41-50
+    redoing = _charged(status, 60)
+    assert redoing.goodput is not None and redoing.goodput.application_restart_seconds == pytest.approx(50)
+    redoing.progress = Progress(step=51, updated_at=after(60))  # new ground
+    training = _charged(redoing, 90)
+    assert training.goodput is not None and training.goodput.productive_seconds == pytest.approx(40)
+
+
+def test_a_first_attempt_has_nothing_to_redo() -> None:
+    status = _status(Phase.RUNNING, until=0)
+    status.progress = Progress(step=3, updated_at=after(0))
+    charged = _charged(status, 30)
+    assert charged.goodput is not None and charged.goodput.productive_seconds == pytest.approx(30)
+    assert charged.goodput.redo_until_step is None and charged.goodput.step_reached == 3

@@ -91,10 +91,12 @@ class Goodput(ApiModel):
         0.0, ge=0, description="Waiting for the first (or a resumed) attempt to run."
     )
     application_restart_seconds: float = Field(
-        0.0, ge=0, description="From an application failure until every rank of the next attempt runs."
+        0.0, ge=0, description="From an application failure until the next attempt trains a step it had "
+        "not reached before (restart, reload, redone steps).",
     )
     infrastructure_restart_seconds: float = Field(
-        0.0, ge=0, description="From an eviction, preemption or lost node until every rank runs again."
+        0.0, ge=0, description="From an eviction, preemption or lost node until the next attempt trains a "
+        "step it had not reached before.",
     )
     checkpoint_stall_seconds: float = Field(
         0.0, ge=0, description="Training time spent waiting on checkpoint saves (trainer-reported)."
@@ -108,6 +110,11 @@ class Goodput(ApiModel):
     )
     stalls_before_attempt: float = Field(
         0.0, ge=0, description="Checkpoint stalls of the attempts before the current one."
+    )
+    step_reached: int | None = Field(None, ge=0, description="The highest step any attempt reported.")
+    redo_until_step: int | None = Field(
+        None, ge=0, description="The highest step reached before the current attempt, which redoes the "
+        "steps from its checkpoint up to there: that time is lost to the restart.",
     )
 
 

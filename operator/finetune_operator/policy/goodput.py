@@ -2,8 +2,9 @@
 
 Each pass charges the time since `goodput.accountedUntil` to what the job was doing according to the
 status it started from (its phase before this pass decided anything): Running is productive,
-Restarting, the Starting that follows a restart and its Running until the first step is reported
-are lost to that restart's class, the Starting of
+Restarting, the Starting that follows a restart and its Running until it reports a step beyond the
+highest any attempt reached before (reloading, then redoing the steps since the checkpoint it
+resumed from) are lost to that restart's class, the Starting of
 the first attempt or of a resumed one is queueing, and so is Queued (a gang scheduler holding any
 attempt); Suspended or finished time is not accounted.
 A pass whose only change is goodput need not write it: the next write charges the whole interval
@@ -31,10 +32,18 @@ def _stepped_this_attempt(status: FineTuneJobStatus) -> bool:
     return reported is not None and (began is None or reported >= began)
 
 
+def _redoing(before: FineTuneJobStatus, goodput: Goodput) -> bool:
+    """Still short of the step the attempts before this one reached: training it again."""
+    step = before.progress.step if before.progress else None
+    return goodput.redo_until_step is not None and step is not None and step < goodput.redo_until_step
+
+
 def _bucket(before: FineTuneJobStatus, goodput: Goodput) -> str | None:
     if before.phase == Phase.RUNNING:
-        if goodput.waiting_for in ("Application", "Infrastructure") and not _stepped_this_attempt(before):
-            # After a restart the ranks run but reload and redo set-up: lost until the first step.
+        if goodput.waiting_for in ("Application", "Infrastructure") and (
+            not _stepped_this_attempt(before) or _redoing(before, goodput)
+        ):
+            # After a restart the ranks run but reload, then redo the steps since the checkpoint.
             return WAITING[goodput.waiting_for]
         return "productive_seconds"
     if before.phase == Phase.QUEUED:
@@ -57,6 +66,8 @@ def account(before: FineTuneJobStatus, after: FineTuneJobStatus, now: datetime) 
         goodput.checkpoint_stall_seconds = (
             goodput.stalls_before_attempt + after.progress.checkpoint_stall_seconds
         )
+    if after.progress is not None and after.progress.step is not None:
+        goodput.step_reached = max(goodput.step_reached or 0, after.progress.step)
     goodput.accounted_until = now
     total = (
         goodput.productive_seconds
@@ -70,11 +81,14 @@ def account(before: FineTuneJobStatus, after: FineTuneJobStatus, now: datetime) 
 
 
 def start_attempt(status: FineTuneJobStatus, charged_to: str) -> None:
-    """A new attempt begins: its Starting time is charged to `charged_to`, and the previous
-    attempt's checkpoint stalls are kept (the trainer's count starts again)."""
+    """A new attempt begins: its Starting time is charged to `charged_to`, the previous attempt's
+    checkpoint stalls are kept (the trainer's count starts again), and so is the highest step
+    reached so far, up to which the new attempt only redoes work."""
     goodput = (status.goodput or Goodput()).model_copy()
     goodput.waiting_for = charged_to  # type: ignore[assignment]
     goodput.stalls_before_attempt = goodput.checkpoint_stall_seconds
+    reported = status.progress.step if status.progress else None
+    goodput.redo_until_step = max(goodput.step_reached or 0, reported or 0) or None
     status.goodput = goodput
     if status.progress is not None:
         # The progress shown until the new attempt reports is the old attempt's: its stalls are in
