@@ -82,15 +82,24 @@ def _column(path: Path, values: Iterator[np.ndarray[Any, Any]], count: int) -> n
 def write_plan(config: TrainerConfig, files: dict[int, list[Path]], directory: Path) -> PlanSummary:
     """Plan every split into `directory` (`train.jsonl`, `validation.jsonl`), using `directory`.work
     for the spill and the columns (removed when done)."""
-    spec, seed = config.dataset, config.training.seed
     work = directory.with_name(directory.name + ".work")
+    for path in (work, directory):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    report = DataReport()
+    kept_train, validation = _first_pass(config, files, directory, work, report)
+    train = _second_pass(config, kept_train, directory, work)
     shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(directory, ignore_errors=True)
-    work.mkdir(parents=True)
-    directory.mkdir(parents=True)
-    report, kept_train = DataReport(), []
+    return PlanSummary(counts={"train": train, "validation": validation}, report=report)
+
+
+def _first_pass(config: TrainerConfig, files: dict[int, list[Path]], directory: Path, work: Path,
+                report: DataReport) -> tuple[list[int], int]:  # fmt: skip
+    """Read, clean and dedupe every source in order: validation records into their plan, train
+    records into the spill. How many train records each source kept, and the validation count."""
+    spec, seed = config.dataset, config.training.seed
     seen = SeenFields(work / "seen.sqlite")
-    validation_count = spilled = 0
+    kept_train, validation_count, spilled = [], 0, 0
     try:
         with (work / "train.spill").open("wb") as spill, (work / "offsets.bin").open("wb") as offsets, \
                 (directory / "validation.jsonl").open("wb") as validation:  # fmt: skip
@@ -107,12 +116,18 @@ def write_plan(config: TrainerConfig, files: dict[int, list[Path]], directory: P
                 kept_train.append(count)
     finally:
         seen.close()
-    weights = [s.weight for s in spec.sources]
+    return kept_train, validation_count
+
+
+def _second_pass(config: TrainerConfig, kept_train: list[int], directory: Path, work: Path) -> int:
+    """Mix and shuffle record positions, then copy the chosen records' lines from the spill into
+    the train plan, in that order. How many it holds."""
+    seed, weights = config.training.seed, [s.weight for s in config.dataset.sources]
     total = sum(shares(kept_train, weights))
     order = _column(work / "order.npy", mixture(kept_train, weights, seed), total)
     # Mixing lays sources out one after another; shuffling once before packing keeps packed windows
     # from being single-source (the per-epoch order is shuffled again when training). shuffle()
-    # only swaps by position, so the memory-mapped column gets the permutation a list would.
+    # swaps by position, so it shuffles the memory-mapped column in place.
     random.Random(f"{seed}:mix").shuffle(order)  # type: ignore[arg-type]
     with (work / "train.spill").open("rb") as spill, (directory / "train.jsonl").open("wb") as train:
         if total:
@@ -120,10 +135,7 @@ def write_plan(config: TrainerConfig, files: dict[int, list[Path]], directory: P
             for position in order:
                 spill.seek(int(starts[position]))
                 train.write(spill.readline())
-            del starts
-    del order
-    shutil.rmtree(work, ignore_errors=True)
-    return PlanSummary(counts={"train": total, "validation": validation_count}, report=report)
+    return total
 
 
 def read_plan(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Record]:
