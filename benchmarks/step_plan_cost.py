@@ -59,7 +59,7 @@ def main() -> None:
     if args.baseline_src:
         for kind in ("first", "steady"):
             ratio = cost["this tree"][kind] / cost["baseline"][kind]
-            print(f"ratio ({kind} step, this tree / baseline): {ratio:.4f}")
+            print(f"ratio ({kind} step, this tree / baseline): {ratio:.2g}")
 
 
 if __name__ == "__main__":
