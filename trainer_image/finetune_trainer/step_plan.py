@@ -46,7 +46,8 @@ class StepPlan:
         """Example indices of optimizer step `step` (0-based) on all ranks together."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = epoch_order(self.examples, epoch, self.seed, self.shuffle)
-        return order[in_epoch * self.global_batch : (in_epoch + 1) * self.global_batch].tolist()  # type: ignore[no-any-return]
+        window = order[in_epoch * self.global_batch : (in_epoch + 1) * self.global_batch]
+        return [int(i) for i in window]
 
     def rank_indices(self, step: int, rank: int) -> list[int]:
         """Example indices rank `rank` trains on in optimizer step `step` (0-based), in order."""
