@@ -35,6 +35,8 @@ def _gang(config: Any, tmp_path: Path, world: int, local_world: int) -> list[Pre
     """Every rank of a world of `world` prepares the data, each in a thread, each node its own disk."""
     kv, store = HashStore(), FileStore(tmp_path / "store")
     results: list[Any] = [None] * world
+    # Built before the threads start: transformers' first, lazy import is not safe across threads.
+    tokenizers = [tiny_tokenizer(CORPUS) for _ in range(world)]
 
     def rank(r: int) -> None:
         ranks = Ranks(rank=r, local_rank=r % local_world, world_size=world, local_world_size=local_world,
@@ -42,7 +44,7 @@ def _gang(config: Any, tmp_path: Path, world: int, local_world: int) -> list[Pre
         phases = Coordinator(kv, ranks, deadline=60, poll=0.001)
         try:
             node_disk = tmp_path / f"node{ranks.node_rank}"
-            results[r] = prepare(config, tiny_tokenizer(CORPUS), store, node_disk, phases)
+            results[r] = prepare(config, tokenizers[r], store, node_disk, phases)
         except Exception as exc:
             results[r] = exc
 
@@ -64,6 +66,14 @@ def test_three_ranks_on_two_nodes_tokenize_exactly_what_one_rank_would(tmp_path:
         assert isinstance(result, PreparedData), result
         assert list(result.train) == train and list(result.validation) == validation
         assert result.report == report
+
+
+def test_the_sources_local_copies_are_gone_once_planned(tmp_path: Path) -> None:
+    """They would take as much of rank 0's scratch volume as the dataset, next to the checkpoints."""
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", counting_records(20))
+    prepared = _gang(_config(data, packing=False), tmp_path, world=2, local_world=2)
+    assert all(isinstance(p, PreparedData) for p in prepared), prepared
+    assert (tmp_path / "node0" / "cache").is_dir() and not (tmp_path / "node0" / "datasets").exists()
 
 
 @pytest.mark.parametrize(("count", "world"), [(10, 3), (2, 4), (0, 2), (97, 8)])

@@ -169,12 +169,17 @@ def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: 
 
     def plan_or_reuse() -> tuple[str, dict[str, Any] | None]:
         sources = enumerate(config.dataset.sources)
-        files = {i: fetch_source(s, scratch / "datasets", open_store) for i, s in sources}
-        key = cache_key(config, files, tokenizer)
-        if _read(store, key, cache / key):
-            log.info("tokenized cache %s found: not tokenizing again", key)
-            return key, None
-        plan = write_plan(config, files, cache / f"{key}.plan")
+        try:
+            files = {i: fetch_source(s, scratch / "datasets", open_store) for i, s in sources}
+            key = cache_key(config, files, tokenizer)
+            if _read(store, key, cache / key):
+                log.info("tokenized cache %s found: not tokenizing again", key)
+                return key, None
+            plan = write_plan(config, files, cache / f"{key}.plan")
+        finally:
+            # The plan holds every record it needs: the sources' copies would only crowd the scratch
+            # volume the checkpoints need (every attempt downloads them again for the key).
+            shutil.rmtree(scratch / "datasets", ignore_errors=True)
         upload_tree(store, cache / f"{key}.plan", f"{_prefix(key)}/plan")
         return key, {**plan.counts, "sources": plan.report.as_dict()}
 
