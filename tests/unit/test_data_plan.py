@@ -1,6 +1,6 @@
-"""Rank 0's data plan streams through disk: the same plan, record for record, as the in-memory plan
-it replaced (so tokenized caches and resumed data positions keep their meaning), in a memory that
-does not grow with the dataset."""
+"""Rank 0's data plan streams through disk: the same inputs give the same plan, record for record
+(what the tokenized cache key and a checkpoint's data position rely on), in a memory that does not
+grow with the dataset, and nothing but the plan is left on scratch."""
 
 from __future__ import annotations
 
@@ -73,6 +73,14 @@ def test_the_plan_leaves_only_its_two_splits(tmp_path: Path) -> None:
     write_plan(config, files, tmp_path / "plan")
     assert sorted(p.name for p in tmp_path.iterdir() if "plan" in p.name) == ["plan"]
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == ["train.jsonl", "validation.jsonl"]
+
+
+def test_a_source_that_cannot_be_read_leaves_no_spill_behind(tmp_path: Path) -> None:
+    config, files = _two_sources(tmp_path)
+    (tmp_path / "b.jsonl").unlink()
+    with pytest.raises(FileNotFoundError):
+        write_plan(config, files, tmp_path / "plan")
+    assert not (tmp_path / "plan.work").exists()
 
 
 def test_a_record_with_fields_seen_before_is_a_duplicate(tmp_path: Path) -> None:

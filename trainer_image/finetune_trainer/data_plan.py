@@ -87,9 +87,11 @@ def write_plan(config: TrainerConfig, files: dict[int, list[Path]], directory: P
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
     report = DataReport()
-    kept_train, validation = _first_pass(config, files, directory, work, report)
-    train = _second_pass(config, kept_train, directory, work)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        kept_train, validation = _first_pass(config, files, directory, work, report)
+        train = _second_pass(config, kept_train, directory, work)
+    finally:  # the spill is as large as the dataset: never left on scratch, even by a bad source
+        shutil.rmtree(work, ignore_errors=True)
     return PlanSummary(counts={"train": train, "validation": validation}, report=report)
 
 

@@ -139,7 +139,9 @@ def all_reduce_started(
 def shutdown() -> None:
     """Tear the process group down once this rank's collectives are done: a rank that leaves it to
     interpreter exit can die in the backend's teardown (SIGABRT) after it trained to the end, and
-    the operator would read a finished rank as a failed one."""
+    the operator would read a finished rank as a failed one. No barrier first: no rank runs a
+    collective after the export, and one here would turn a peer lost after a finished run into a
+    failed rank."""
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -114,7 +114,7 @@ class Goodput(ApiModel):
     step_reached: int | None = Field(None, ge=0, description="The highest step any attempt reported.")
     redo_until_step: int | None = Field(
         None, ge=0, description="The highest step reached before the current attempt, which redoes the "
-        "steps from its checkpoint up to there: that time is lost to the restart.",
+        "steps from its checkpoint up to there: after a restart, that time is lost to the restart.",
     )
 
 

@@ -2,9 +2,9 @@
 
 Each pass charges the time since `goodput.accountedUntil` to what the job was doing according to the
 status it started from (its phase before this pass decided anything): Running is productive,
-Restarting, the Starting that follows a restart and its Running until it reports a step beyond the
-highest any attempt reached before (reloading, then redoing the steps since the checkpoint it
-resumed from) are lost to that restart's class, the Starting of
+Restarting, the Starting that follows a restart and its Running until it reports the highest step
+any attempt reached before (reloading, then redoing the steps since the checkpoint it resumed from)
+are lost to that restart's class, the Starting of
 the first attempt or of a resumed one is queueing, and so is Queued (a gang scheduler holding any
 attempt); Suspended or finished time is not accounted.
 A pass whose only change is goodput need not write it: the next write charges the whole interval
