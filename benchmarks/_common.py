@@ -4,6 +4,7 @@ the code under test for this process's interpreter lock, and a results table."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -60,6 +61,18 @@ def new_bucket(url: str) -> str:
     name = f"bench-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket=name)
     return name
+
+
+def run_in_tree(src: Path, code: str, *arguments: str) -> dict[str, Any]:
+    """Run `code` in a Python process that imports the trainer and the operator from the tree `src`
+    (this checkout, or a baseline from `git archive <commit> trainer_image operator`); the JSON object
+    its last line prints."""
+    env = {**os.environ, "PYTHONPATH": f"{src / 'trainer_image'}{os.pathsep}{src / 'operator'}"}
+    done = subprocess.run([sys.executable, "-c", code, *arguments], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the run in {src} failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

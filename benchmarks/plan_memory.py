@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, print_table
+from _common import REPO, print_table, run_in_tree
 
 from tests.support.factories import job
 
@@ -80,15 +77,8 @@ def _config(directory: Path, files: dict[int, list[Path]]) -> Path:
 
 
 def _plan(src: Path, directory: Path, files: dict[int, list[Path]], config: Path) -> dict[str, Any]:
-    paths = {"PYTHONPATH": f"{src / 'trainer_image'}{os.pathsep}{src / 'operator'}"}
     by_source = json.dumps({k: [str(p) for p in v] for k, v in files.items()})
-    arguments = [str(config), str(directory / "plan"), by_source]
-    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], env={**os.environ, **paths},
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode:
-        raise SystemExit(f"planning failed: {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_tree(src, CHILD, str(config), str(directory / "plan"), by_source)
 
 
 def main() -> None:

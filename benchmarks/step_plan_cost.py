@@ -12,13 +12,10 @@ for a world of 8 ranks and a global batch of 64.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
-from _common import REPO, print_table
+from _common import REPO, print_table, run_in_tree
 
 CHILD = """
 import json, sys, time
@@ -36,13 +33,9 @@ print(json.dumps({"first": first, "steady": steady}))
 """
 
 
-def _cost(src: Path, examples: int, steps: int) -> dict[str, float]:
+def _cost(src: Path, examples: int, steps: int) -> dict[str, Any]:
     """Milliseconds of an epoch's first step and of the steps after it, on average."""
-    env = {**os.environ, "PYTHONPATH": f"{src / 'trainer_image'}{os.pathsep}{src / 'operator'}"}
-    command = [sys.executable, "-c", CHILD, str(examples), str(steps)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_tree(src, CHILD, str(examples), str(steps))
 
 
 def main() -> None:
