@@ -59,7 +59,10 @@ def test_cleaning_counts_malformed_empty_and_duplicate_rows(tmp_path: Path) -> N
     )
     spec = _spec({"uri": f"file://{path}", "shape": "promptCompletion", "name": "qa"})
     (records,), report = _load(spec, tmp_path / "cache")
-    assert report.as_dict()["qa"] == {"read": 7, "malformed": 2, "empty": 2, "duplicates": 1, "kept": 2}
+    assert report.as_dict()["qa"] == {
+        "read": 7, "malformed": 2, "empty": 2, "duplicates": 1, "kept": 2,
+        "malformedReasons": {"no text under prompt and completion": 1, "not JSON": 1},
+    }  # fmt: skip
     assert [r.id for r in records] == ["qa:0", "qa:1"]
 
 

@@ -43,14 +43,22 @@ def test_openai_messages_with_malformed_rows(tmp_path: Path) -> None:
             "{not json",
             {"messages": "hi"},  # not a list
             {"messages": [{"role": "user", "content": 3}]},  # content not text
-            {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},  # role
+            {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},  # role
             {"messages": [{"role": "user", "content": "hi"}]},  # nothing to learn
             "",
         ],
         shape="chat",
     )
     assert [r.fields for r in records] == [good]
-    assert counts == {"read": 7, "malformed": 4, "empty": 2, "duplicates": 0, "kept": 1}
+    assert counts == {
+        "read": 7, "malformed": 4, "empty": 2, "duplicates": 0, "kept": 1,
+        "malformedReasons": {
+            "not JSON": 1,
+            "no list of messages under messages": 1,
+            "content that is neither text nor a list of parts": 1,
+            "unknown role 'robot'": 1,
+        },
+    }  # fmt: skip
 
 
 def test_sharegpt_conversations_map_their_roles_and_learn_only_gpt_turns(tmp_path: Path, tok: Any) -> None:
@@ -70,7 +78,7 @@ def test_sharegpt_conversations_map_their_roles_and_learn_only_gpt_turns(tmp_pat
     assert counts["kept"] == 1 and counts["malformed"] == 1
     assert [m["role"] for m in records[0].fields["messages"]] == ["system", "user", "assistant"]
     ids, labels = encode(records[0], tok)
-    assert _learned(tok, ids, labels) == "<|assistant|> fine thanks <|end|>"
+    assert _learned(tok, ids, labels) == "fine thanks <|end|>"  # the answer and its end, no header
 
 
 def test_custom_role_names_replace_the_defaults(tmp_path: Path) -> None:
@@ -89,7 +97,9 @@ def test_alpaca_becomes_its_prompt_and_the_output_alone_is_learned(tmp_path: Pat
         {"instruction": "what is it", "input": None, "output": "it"},  # a null input is no input
     ]
     records, counts = _load(tmp_path, rows, shape="alpaca")
-    assert counts == {"read": 6, "malformed": 2, "empty": 1, "duplicates": 0, "kept": 3}
+    assert {k: v for k, v in counts.items() if k != "malformedReasons"} == {
+        "read": 6, "malformed": 2, "empty": 1, "duplicates": 0, "kept": 3
+    }  # fmt: skip
     assert records[0].fields["prompt"] == ALPACA_PROMPT.format(
         with_input="", instruction="add two and three", input=""
     )

@@ -21,7 +21,9 @@ import numpy as np
 from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
 from finetune_operator.api.spec import DatasetSource, DatasetSpec
 
+from finetune_trainer.data_files import Malformed, read_rows
 from finetune_trainer.failures import InputMissing
+from finetune_trainer.messages import Refused, conversation, has_target
 from finetune_trainer.storage import ObjectNotFound, Opener, open_store
 
 CHUNK = 1 << 16  # positions handed on at a time by the mixture
@@ -47,41 +49,23 @@ class DataReport:
     empty: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
     kept: Counter[str] = field(default_factory=Counter)
+    reasons: dict[str, Counter[str]] = field(default_factory=dict)  # per source: why records went
 
-    def as_dict(self) -> dict[str, dict[str, int]]:
+    def refuse(self, name: str, reason: str) -> None:
+        self.malformed[name] += 1
+        self.reasons.setdefault(name, Counter())[reason] += 1
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
         names = sorted(set(self.read) | set(self.kept))
         kinds = ("read", "malformed", "empty", "duplicates", "kept")
-        return {n: {k: getattr(self, k)[n] for k in kinds} for n in names}
+        out: dict[str, dict[str, Any]] = {n: {k: getattr(self, k)[n] for k in kinds} for n in names}
+        for name, reasons in self.reasons.items():
+            out[name]["malformedReasons"] = dict(reasons.most_common())
+        return out
 
 
 def source_name(source: DatasetSource, index: int) -> str:
     return source.name or f"source{index}"
-
-
-def _format(source: DatasetSource, path: str) -> str:
-    if source.format:
-        return source.format
-    return "parquet" if path.endswith(".parquet") else "jsonl"
-
-
-def _read_rows(path: Path, fmt: str) -> Iterator[Any]:
-    """A source file's rows, streamed: a jsonl line or a parquet record batch at a time, never the
-    whole file in memory."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-        return
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                yield None  # counted as empty
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield ValueError("not JSON")
 
 
 def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = open_store) -> list[Path]:
@@ -94,7 +78,7 @@ def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = op
         store = open_store(uri)
         keys = [o.key for o in store.list("") if o.key.endswith(DATA_EXTENSIONS)]
     if not keys:
-        raise DataNotFound(f"dataset {source.uri}: no .jsonl, .json or .parquet files there")
+        raise DataNotFound(f"dataset {source.uri}: no .jsonl, .json, .parquet or .csv files there")
     local_root = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     out = []
     for key in sorted(keys):
@@ -107,25 +91,27 @@ def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = op
     return out
 
 
-def _clean(source: DatasetSource, row: Any) -> tuple[str, dict[str, Any] | None]:
-    """('ok', fields) or ('malformed' | 'empty', None), by the source's record shape."""
-    if row is None:
-        return "empty", None
-    if not isinstance(row, dict):
-        return "malformed", None
+def _clean(source: DatasetSource, row: dict[str, Any], reasoning: str) -> tuple[str, dict[str, Any] | None]:
+    """('ok', fields) or ('empty', None) by the source's record shape; `Refused` for a malformed one.
+
+    alpaca records keep both layouts (`prompt` as plain text, `user` as the user turn of a chat),
+    because which one trains depends on the tokenizer's template
+    (promptFormat auto), which encoding knows."""
     if source.shape == "text":
         text = row.get(source.text_field)
         if not isinstance(text, str):
-            return "malformed", None
+            raise Refused(f"no text under {source.text_field}")
         return ("ok", {"text": text}) if text.strip() else ("empty", None)
     if source.shape == "promptCompletion":
         prompt, completion = row.get(source.prompt_field), row.get(source.completion_field)
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            return "malformed", None
-        return ("ok", {"prompt": prompt, "completion": completion}) if completion.strip() else ("empty", None)
+            raise Refused(f"no text under {source.prompt_field} and {source.completion_field}")
+        fields = {"prompt": prompt, "completion": completion}  # the prompt is also the chat's user turn
+        return ("ok", fields) if completion.strip() else ("empty", None)
     if source.shape == "alpaca":
         return _alpaca(source, row)
-    return _chat(source, row)
+    record = conversation(source, row, reasoning)
+    return ("ok", record) if has_target(record) else ("empty", None)
 
 
 # Stanford Alpaca's own prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), which models
@@ -141,7 +127,7 @@ def _alpaca(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, 
     instruction, extra = row.get(source.instruction_field), row.get(source.input_field)
     output, extra = row.get(source.output_field), "" if extra is None else extra
     if not all(isinstance(v, str) for v in (instruction, extra, output)):
-        return "malformed", None
+        raise Refused(f"no text under {source.instruction_field} and {source.output_field}")
     if not instruction.strip() or not output.strip():
         return "empty", None
     prompt = ALPACA_PROMPT.format(
@@ -149,26 +135,12 @@ def _alpaca(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, 
         instruction=instruction,
         input=f"### Input:\n{extra}\n\n" if extra.strip() else "",
     )
-    return "ok", {"prompt": prompt, "completion": output}
-
-
-def _chat(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """Messages under the source's keys and role names (OpenAI, ShareGPT...) as role/content
-    messages with the roles system, user and assistant; an unknown role makes the record malformed."""
-    roles = {name: "system" for name in source.system_roles}
-    roles |= {name: "user" for name in source.user_roles}
-    roles |= {name: "assistant" for name in source.assistant_roles}
-    messages = row.get(source.messages_field)
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict)
-        and m.get(source.role_field) in roles
-        and isinstance(m.get(source.content_field), str)
-        for m in messages
-    ):
-        return "malformed", None
-    kept = [{"role": roles[m[source.role_field]], "content": m[source.content_field]} for m in messages]
-    has_answer = any(m["role"] == "assistant" and m["content"].strip() for m in kept)
-    return ("ok", {"messages": kept}) if has_answer else ("empty", None)
+    # As a chat turn, instruction and input are one user message (LLaMA-Factory's alpaca reading).
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    fields: dict[str, Any] = {"prompt": prompt, "completion": output, "user": user}
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        fields["system"] = row["system"]
+    return "ok", fields
 
 
 def iter_records(spec: DatasetSpec, index: int, paths: list[Path], report: DataReport,
@@ -180,16 +152,23 @@ def iter_records(spec: DatasetSpec, index: int, paths: list[Path], report: DataR
     name = source_name(source, index)
     row_number = 0
     for path in paths:
-        for row in _read_rows(path, _format(source, path.name)):
+        for row in read_rows(path, source.format, source.records_field):
             row_id = f"{name}:{row_number}"
             row_number += 1
             report.read[name] += 1
-            if isinstance(row, Exception):
-                report.malformed[name] += 1
+            if row is None:
+                report.empty[name] += 1
                 continue
-            verdict, fields = _clean(source, row)
+            if isinstance(row, Malformed):
+                report.refuse(name, row.reason)
+                continue
+            try:
+                _, fields = _clean(source, row, spec.reasoning)
+            except Refused as exc:
+                report.refuse(name, str(exc))
+                continue
             if fields is None:
-                getattr(report, verdict)[name] += 1
+                report.empty[name] += 1
                 continue
             if spec.dedupe and seen(hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()):
                 report.duplicates[name] += 1

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_trainer.chat_labels import IGNORE_INDEX, chat_labels
 from finetune_trainer.data import Record
-from finetune_trainer.failures import InvalidInput
+from finetune_trainer.messages import Refused
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
+__all__ = ["IGNORE_INDEX", "EncodingReport", "Example", "collate", "encode", "encode_all", "iter_encode"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,15 @@ class EncodingReport:
     dropped_no_target: int = 0  # nothing left to learn after truncation (the prompt filled the window)
     unencodable: int = 0  # the chat template refused the record (roles out of order, say)
     split: int = 0  # overlength records split into windows (overlength split)
+    system_merged: int = 0  # the template takes no system prompt: it went before the first user turn
+    rewritten: int = 0  # the template rewrites content (drops reasoning): trained as written
+    # per source: examples encoded, and why records were lost (the mostly-dropped check reads these)
+    encoded: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, dict[str, int]] = field(default_factory=dict)
 
-
-class TemplateMismatch(InvalidInput):
-    """The tokenizer's chat template cannot give turn-by-turn labels: a property of the tokenizer,
-    not of a record, so the run stops (exit 2) instead of counting every record as bad."""
+    def lose(self, source: str, reason: str) -> None:
+        reasons = self.lost.setdefault(source, {})
+        reasons[reason] = reasons.get(reason, 0) + 1
 
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -52,77 +57,69 @@ def _ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return ids
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    if not messages:
-        return []
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True)
-    ids: list[int] = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return list(ids)
-
-
-def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def _marked(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int]]:
     """Assistant tokens as the template marks them with `{% generation %}` (transformers'
-    `return_assistant_tokens_mask`), or turn by turn when it does not mark them."""
-    if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
-        encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        ids = list(encoded["input_ids"])
-        mask = encoded["assistant_masks"]
-        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-    return _chat_by_turn(tokenizer, messages)
+    `return_assistant_tokens_mask`): the template's author said what is learned."""
+    encoded = tokenizer.apply_chat_template(
+        record["messages"], tools=record.get("tools"), tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )  # fmt: skip
+    ids = list(encoded["input_ids"])
+    mask = encoded["assistant_masks"]
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
 
 
-def _chat_by_turn(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Template the conversation turn by turn: the tokens each turn adds are labels only when the
-    turn is the assistant's. Chat templates render a conversation's prefix as a prefix of the
-    whole, which is what makes the per-turn difference well defined; a template that does not is
-    refused rather than trained on wrongly aligned labels."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for turn in range(1, len(messages) + 1):
-        current = _chat_ids(tokenizer, messages[:turn])
-        if current[: len(ids)] != ids:
-            raise TemplateMismatch(
-                "the tokenizer's chat template does not render a conversation prefix as a prefix"
-            )
-        added = current[len(ids) :]
-        labels += added if messages[turn - 1]["role"] == "assistant" else [IGNORE_INDEX] * len(added)
-        ids = current
-    return ids, labels
+def chat_layout(tokenizer: Any, prompt_format: str) -> bool:
+    """Whether promptCompletion and alpaca records of a source go into the chat template."""
+    return prompt_format == "chat" or (prompt_format == "auto" and bool(tokenizer.chat_template))
 
 
-def encode(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+def encode(record: Record, tokenizer: Any, *, as_chat: bool = False, report: EncodingReport | None = None
+           ) -> tuple[list[int], list[int]]:  # fmt: skip
+    """Token ids and labels of a record; `Refused` with the reason when it cannot be labelled."""
     fields = record.fields
     if "text" in fields:
         ids = [*_ids(tokenizer, fields["text"], special=True), tokenizer.eos_token_id]
         return ids, list(ids)
-    if "prompt" in fields:
+    if "prompt" in fields and not as_chat:
         prompt = _ids(tokenizer, fields["prompt"], special=True)
         completion = [*_ids(tokenizer, fields["completion"], special=False), tokenizer.eos_token_id]
         return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
-    return _chat(tokenizer, fields["messages"])
+    if "prompt" in fields:
+        system = [{"role": "system", "content": fields["system"]}] if fields.get("system") else []
+        user = {"role": "user", "content": fields.get("user", fields["prompt"])}
+        fields = {"messages": [*system, user, {"role": "assistant", "content": fields["completion"]}]}
+    if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        return _marked(tokenizer, fields)
+    ids, labels, rendered = chat_labels(tokenizer, fields)
+    if report is not None:
+        report.system_merged += rendered.system_merged
+        report.rewritten += rendered.rewritten
+    return ids, labels
 
 
-def encode_all(
-    records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str, report: EncodingReport
-) -> list[Example]:
-    return list(iter_encode(records, tokenizer, max_len=max_len, overlength=overlength, report=report))
+def encode_all(records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str,
+               report: EncodingReport, chat_sources: frozenset[str] = frozenset()
+               ) -> list[Example]:  # fmt: skip
+    return list(iter_encode(records, tokenizer, max_len=max_len, overlength=overlength, report=report,
+                            chat_sources=chat_sources))  # fmt: skip
 
 
-def iter_encode(
-    records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str, report: EncodingReport
-) -> Iterator[Example]:
-    """Records to examples, streamed; overlength ones truncated, dropped or split, counted in `report`."""
+def iter_encode(records: Iterable[Record], tokenizer: Any, *, max_len: int, overlength: str,
+                report: EncodingReport, chat_sources: frozenset[str] = frozenset()
+                ) -> Iterator[Example]:  # fmt: skip
+    """Records to examples, streamed; overlength ones truncated, dropped or split, counted in
+    `report`. `chat_sources`: the sources whose prompt/completion records go into the chat template."""
     for record in records:
         try:
-            ids, labels = encode(record, tokenizer)
-        except TemplateMismatch:
-            raise
+            ids, labels = encode(record, tokenizer, as_chat=record.source in chat_sources, report=report)
         except Exception as exc:  # a record the template refuses is counted, never fatal
+            reason = str(exc) if isinstance(exc, Refused) else f"{type(exc).__name__}: {exc}"
+            reason = reason.splitlines()[0][:160]
             report.unencodable += 1
+            report.lose(record.source, reason)
             if report.unencodable <= 3:
-                log.warning("record %s not encodable, skipped: %s", record.id, str(exc).splitlines()[0])
+                log.warning("record %s not encodable, skipped: %s", record.id, reason)
             continue
         if len(ids) > max_len:
             if overlength == "drop":
@@ -130,11 +127,11 @@ def iter_encode(
                 continue
             if overlength == "split":
                 report.split += 1
-                yield from _kept(_windows(record.id, ids, labels, max_len), report)
+                yield from _kept(record.source, _windows(record.id, ids, labels, max_len), report)
                 continue
             ids, labels = ids[:max_len], labels[:max_len]
             report.truncated += 1
-        yield from _kept([Example(id=record.id, input_ids=ids, labels=labels)], report)
+        yield from _kept(record.source, [Example(id=record.id, input_ids=ids, labels=labels)], report)
 
 
 def _windows(record_id: str, ids: list[int], labels: list[int], max_len: int) -> Iterator[Example]:
@@ -147,10 +144,12 @@ def _windows(record_id: str, ids: list[int], labels: list[int], max_len: int) ->
         yield Example(id=f"{record_id}#{k}" if k else record_id, input_ids=ids[window], labels=labels[window])
 
 
-def _kept(examples: Iterable[Example], report: EncodingReport) -> Iterator[Example]:
+def _kept(source: str, examples: Iterable[Example], report: EncodingReport) -> Iterator[Example]:
     for example in examples:
+        report.encoded[source] = report.encoded.get(source, 0) + 1
         if all(label == IGNORE_INDEX for label in example.labels[1:]):
             report.dropped_no_target += 1
+            report.lose(source, "no target left in the window")
             continue
         yield example
 

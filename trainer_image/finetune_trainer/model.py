@@ -59,15 +59,36 @@ def local_source(uri: str, cache: Path, phases: Coordinator, open_store: Opener 
     return uri
 
 
-def load_tokenizer(config: TrainerConfig, source: str) -> Any:
+class TokenizerUnusable(InvalidInput):
+    """The tokenizer loads but cannot make examples (no end-of-sequence token): exit 2."""
+
+
+def load_tokenizer(config: TrainerConfig, source: str, open_store: Opener = open_store) -> Any:
+    """The tokenizer as transformers loads it: tokenizer.json, a SentencePiece `tokenizer.model`
+    alone (Llama 2) or a tiktoken-format one (Llama 3), with `dataset.chatTemplate` applied."""
     from transformers import AutoTokenizer
 
+    from finetune_trainer.chat_templates import choose
+
+    field = "model.tokenizer" if config.model.tokenizer else "model.source"
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
         )
     except OSError as exc:
-        raise ModelNotFound(f"tokenizer {source}: {exc}".splitlines()[0]) from None
+        raise ModelNotFound(f"{field}: tokenizer {source}: {exc}".splitlines()[0]) from None
+    except Exception as exc:  # a converter's or a missing package's error, in transformers' words
+        raise ModelNotFound(
+            f"{field}: the tokenizer in {source} cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); give a folder with tokenizer.json "
+            "and tokenizer_config.json (save_pretrained writes both)"
+        ) from None
+    if tokenizer.eos_token is None:
+        raise TokenizerUnusable(
+            f"{field}: the tokenizer in {source} names no end-of-sequence token; add tokenizer_config.json "
+            'with "eos_token" (and "bos_token") beside its tokenizer files'
+        )
+    choose(config, tokenizer, source, open_store)
     if tokenizer.pad_token is None:
         # Llama tokenizers ship without a pad token; padding is masked out of attention and loss,
         # so reusing end-of-sequence is safe and adds no embedding row.

@@ -29,17 +29,19 @@ from finetune_trainer.checkpoint_store import FileEntry, sha256_of, upload_tree
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data import DataNotFound, fetch_source
 from finetune_trainer.data_plan import SPLITS, read_plan, write_plan
+from finetune_trainer.dropped import check_encoding, check_plan
 from finetune_trainer.encoding import EncodingReport, Example, encode_all
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack, padding_share
 from finetune_trainer.storage import ObjectNotFound, ObjectStore, Opener, open_store
-from finetune_trainer.tokenization import encode_share, merged, merged_report
+from finetune_trainer.tokenization import chat_sources, encode_share, merged, merged_report
 
 log = logging.getLogger(__name__)
 
 # 2: memory-mapped columns (example_table.py); 3: packed parts' lengths, bin packing; 4: the plan
-# streamed through disk, its subsample drawn by selection sampling (data.py)
-CACHE_FORMAT = 4
+# streamed through disk, its subsample drawn by selection sampling (data.py); 5: chat labels from one
+# render located by span, without role headers; prompt/completion and alpaca in the chat template
+CACHE_FORMAT = 5
 MANIFEST = "MANIFEST.json"
 
 
@@ -82,7 +84,10 @@ def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -
     with tempfile.TemporaryDirectory() as scratch:
         plan = write_plan(config, files, Path(scratch) / "plan")
         encoding_report = EncodingReport()
-        kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
+        kwargs: dict[str, Any] = {
+            "max_len": spec.max_seq_length, "overlength": spec.overlength,
+            "chat_sources": chat_sources(config, tokenizer),
+        }  # fmt: skip
         train = read_plan(Path(scratch) / "plan" / "train.jsonl")
         train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
         validation = read_plan(Path(scratch) / "plan" / "validation.jsonl")
@@ -176,6 +181,7 @@ def prepare(config: TrainerConfig, tokenizer: Any, store: ObjectStore, scratch: 
                 log.info("tokenized cache %s found: not tokenizing again", key)
                 return key, None
             plan = write_plan(config, files, cache / f"{key}.plan")
+            check_plan(config, plan.report.as_dict())
         finally:
             # The plan holds every record it needs: the sources' copies would only crowd the scratch
             # volume the checkpoints need (every attempt downloads them again for the key).
@@ -231,6 +237,7 @@ def _tokenize(config: TrainerConfig, tokenizer: Any, store: ObjectStore, cache: 
             for obj in store.list(prefix):
                 store.get_file(obj.key, part / obj.key[len(prefix) :])
         report = {"sources": plan["sources"], "encoding": merged_report(reports)}
+        check_encoding(config, report["encoding"])
         splits = {name: merged(config, parts, name) for name in SPLITS}
         _commit(store, key, splits, report, cache / key, config.dataset.max_seq_length)
         log.info("data: %s", json.dumps(report))

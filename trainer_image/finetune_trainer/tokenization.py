@@ -20,9 +20,9 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.data import Record
+from finetune_trainer.data import Record, source_name
 from finetune_trainer.data_plan import SPLITS, read_plan
-from finetune_trainer.encoding import EncodingReport, Example, iter_encode
+from finetune_trainer.encoding import EncodingReport, Example, chat_layout, iter_encode
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack
 
@@ -53,7 +53,10 @@ def encode_share(config: TrainerConfig, tokenizer: Any, plan: Path, counts: dict
                  world_size: int, out: Path) -> dict[str, int]:  # fmt: skip
     """Encode this rank's share of every split into `out`; the encoding counts of its train share."""
     spec = config.dataset
-    kwargs: dict[str, Any] = {"max_len": spec.max_seq_length, "overlength": spec.overlength}
+    kwargs: dict[str, Any] = {
+        "max_len": spec.max_seq_length, "overlength": spec.overlength,
+        "chat_sources": chat_sources(config, tokenizer),
+    }  # fmt: skip
     train_report = EncodingReport()
     for name in SPLITS:
         start, stop = share(counts[name], rank, world_size)
@@ -97,5 +100,19 @@ def merged(config: TrainerConfig, shares: list[Path], name: str) -> Iterator[Exa
     return chain.from_iterable(tables)
 
 
-def merged_report(reports: list[dict[str, int]]) -> dict[str, int]:
-    return {key: sum(r[key] for r in reports) for key in reports[0]}
+def chat_sources(config: TrainerConfig, tokenizer: Any) -> frozenset[str]:
+    """The sources whose prompt/completion and alpaca records go into the chat template."""
+    sources = enumerate(config.dataset.sources)
+    return frozenset(source_name(s, i) for i, s in sources if chat_layout(tokenizer, s.prompt_format))
+
+
+def merged_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' encoding reports added up, per-source counts included."""
+    return {key: _added([r[key] for r in reports]) for key in reports[0]}
+
+
+def _added(values: list[Any]) -> Any:
+    if isinstance(values[0], dict):
+        keys = {k for v in values for k in v}
+        return {k: _added([v[k] for v in values if k in v]) for k in sorted(keys)}
+    return sum(values)

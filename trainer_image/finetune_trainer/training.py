@@ -88,7 +88,7 @@ class Run:
             if config.model.tokenizer
             else model_source
         )
-        tokenizer = load_tokenizer(config, tokenizer_source)
+        tokenizer = load_tokenizer(config, tokenizer_source, self._open)
         data = prepare(config, tokenizer, job_store, self.scratch, self.phases, self._open)
         steps = plan(config, len(data.train))
         ds_config = deepspeed_config(config, cpu=dist.on_cpu())

@@ -60,7 +60,8 @@ RecordShape = Literal["text", "promptCompletion", "chat", "alpaca"]
 RoleNames = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=16)
 ]
-DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet")
+DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+NAMED_CHAT_TEMPLATES = ("llama3", "llama3.1", "llama2", "mistral", "chatml")
 
 
 class DatasetSource(ApiModel):
@@ -68,15 +69,31 @@ class DatasetSource(ApiModel):
 
     uri: StorageUri = Field(description="A file or a prefix of files (s3:// or file://).")
     name: ShortString | None = Field(None, description="Label used in logs and data reports.")
-    format: Literal["jsonl", "parquet"] | None = Field(
-        None, description="File format; inferred from the uri's extension when left out."
+    format: Literal["jsonl", "json", "parquet", "csv"] | None = Field(
+        None,
+        description="File format. JSON Lines, a JSON array, a JSON object holding the list and parquet "
+        "are told apart by content whatever this says; CSV is read as CSV only when named here or by "
+        "a .csv extension.",
+    )
+    records_field: ShortString | None = Field(
+        None,
+        description="For a JSON file that is one object: the key holding the list of records. Left "
+        "out: the first key whose value is a list.",
     )
     shape: RecordShape = Field(
         "text",
         description="Record shape: text (one text field), promptCompletion (loss only on the "
-        "completion), chat (a list of messages, loss only on assistant turns: OpenAI `messages` by "
-        "default, ShareGPT with messagesField conversations, roleField from, contentField value), or "
-        "alpaca (instruction/input/output in the Alpaca prompt, loss only on the output).",
+        "completion), chat (a list of messages, loss only on assistant turns and tool calls: OpenAI "
+        "`messages` with string or typed-part content, tool_calls and tool messages, or ShareGPT "
+        "`conversations` of from/value, found by themselves), or alpaca (instruction/input/output, "
+        "loss only on the output).",
+    )
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="How promptCompletion and alpaca records are laid out: chat (a user turn and an "
+        "assistant turn in the chat template, ending with its end-of-turn token), plain (the prompt "
+        "text, for alpaca the Alpaca prompt, then the completion and end-of-sequence), or auto (chat "
+        "when the tokenizer or dataset.chatTemplate gives a template, plain otherwise).",
     )
     weight: float = Field(
         1.0,
@@ -101,6 +118,20 @@ class DatasetSource(ApiModel):
     assistant_roles: RoleNames = Field(
         ["assistant", "gpt"], description="Role names read as assistant, the turns learned (shape chat)."
     )
+    tool_call_roles: RoleNames = Field(
+        ["function_call"],
+        description="Role names whose content is a tool call ({name, arguments} as JSON), read as an "
+        "assistant turn calling that tool (ShareGPT's function_call; shape chat).",
+    )
+    tool_roles: RoleNames = Field(
+        ["tool", "observation", "ipython", "function"],
+        description="Role names read as a tool's result, never learned (shape chat).",
+    )
+    tools_field: ShortString = Field(
+        "tools",
+        description="Field holding the tools offered (a list or its JSON text), passed to the chat "
+        "template (shape chat).",
+    )
     instruction_field: ShortString = Field("instruction", description="The instruction (shape alpaca).")
     input_field: ShortString = Field("input", description="The optional input (shape alpaca).")
     output_field: ShortString = Field("output", description="The answer learned (shape alpaca).")
@@ -108,10 +139,39 @@ class DatasetSource(ApiModel):
     rules = (
         Rule(
             cel="has(self.format) || self.uri.endsWith('.jsonl') || self.uri.endsWith('.json') "
-            "|| self.uri.endsWith('.parquet')",
-            message="format is required when the uri does not end in .jsonl, .json or .parquet",
+            "|| self.uri.endsWith('.parquet') || self.uri.endsWith('.csv')",
+            message="format is required when the uri does not end in .jsonl, .json, .parquet or .csv",
             field="format",
             check=lambda s: s.format is not None or s.uri.endswith(DATASET_EXTENSIONS),
+        ),
+    )
+
+
+class ChatTemplateSpec(ApiModel):
+    """Exactly one of: a template this project ships, inline Jinja, a file in the model's (or
+    tokenizer's) folder, or a file in storage."""
+
+    name: Literal["llama3", "llama3.1", "llama2", "mistral", "chatml"] | None = Field(
+        None,
+        description="llama3 (Llama 3 Instruct), llama3.1 (Llama 3.1/3.2/3.3 Instruct, tools), llama2 "
+        "(Llama 2 Chat), mistral (Mistral 7B Instruct v0.1 / Mixtral: [INST] turns, a system prompt put "
+        "before the first user turn), chatml (ChatML <|im_start|> turns).",
+    )
+    jinja: Annotated[str, Field(min_length=1, max_length=65536)] | None = Field(
+        None, description="The template itself (Jinja, as a tokenizer_config.json chat_template)."
+    )
+    model_file: ShortString | None = Field(
+        None, description="A file in the model's (or tokenizer's) folder, e.g. chat_template.jinja."
+    )
+    uri: StorageUri | None = Field(None, description="A template file in storage (s3:// or file://).")
+
+    rules = (
+        Rule(
+            cel="(has(self.name) ? 1 : 0) + (has(self.jinja) ? 1 : 0) + (has(self.modelFile) ? 1 : 0) "
+            "+ (has(self.uri) ? 1 : 0) == 1",
+            message="set exactly one of name, jinja, modelFile and uri",
+            field="name",
+            check=lambda s: [s.name, s.jinja, s.model_file, s.uri].count(None) == 3,
         ),
     )
 
@@ -135,6 +195,25 @@ class DatasetSpec(ApiModel):
         0.01, ge=0, lt=0.5, description="Share of records held out for evaluation (a deterministic split)."
     )
     dedupe: bool = Field(True, description="Remove exact duplicate records across all sources.")
+    chat_template: ChatTemplateSpec | None = Field(
+        None,
+        description="The chat template chat records (and promptFormat chat) are rendered with. Left "
+        "out: the tokenizer's own; a base model's tokenizer has none, so chat data then needs one "
+        "here. Recorded in the exported tokenizer.",
+    )
+    reasoning: Literal["train", "drop"] = Field(
+        "train",
+        description="Assistant reasoning (a message's reasoning_content, a typed reasoning part, or "
+        "<think>...</think> before the answer): trained as part of the answer, or dropped.",
+    )
+    max_dropped_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="A source whose read records are dropped as malformed, unencodable or without a "
+        "target in a larger share than this stops the run (exit 2) with a report per reason, instead "
+        "of training on the rest.",
+    )
     shuffle: bool = Field(True, description="Shuffle records each epoch (seeded by training.seed).")
 
 
