@@ -121,13 +121,19 @@ def _json_document(path: Path, form: str, records_field: str | None) -> Iterator
         if prefix is None:
             yield Malformed("a JSON object with no list of records")
             return
-        f.seek(0)
+        _skip_bom(f)
         try:
             # use_float: numbers as floats, not Decimal, like json.loads.
             for value in ijson.items(f, prefix, use_float=True):
                 yield value if isinstance(value, dict) else Malformed("not a JSON object")
         except ijson.JSONError:
             yield Malformed("truncated")
+
+
+def _skip_bom(f: BinaryIO) -> None:
+    f.seek(0)
+    if f.read(3) != b"\xef\xbb\xbf":
+        f.seek(0)
 
 
 def _list_key(f: BinaryIO, records_field: str | None, path: Path) -> str | None:
@@ -137,6 +143,7 @@ def _list_key(f: BinaryIO, records_field: str | None, path: Path) -> str | None:
 
     if records_field is not None:
         return f"{records_field}.item"
+    _skip_bom(f)
     try:
         for prefix, event, _ in ijson.parse(f):
             if event == "start_array" and prefix and "." not in prefix:
