@@ -170,6 +170,13 @@ def describe(view: JobView, now: datetime | None = None) -> str:
             f" eval loss {progress.get('evalLoss', '-')}, {progress.get('tokensPerSecond', 0):.0f} tokens/s,"
             f" ETA {progress.get('etaSeconds', '-')} s"
         )
+    for source in progress.get("data") or []:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in (source.get("reasons") or {}).items())
+        lines.append(
+            f"Data:         {source['name']}: {source.get('kept', 0)} of {source.get('read', 0)} kept,"
+            f" {source.get('duplicates', 0)} duplicates, {source.get('empty', 0)} empty,"
+            f" {source.get('dropped', 0)} dropped" + (f" ({reasons})" if reasons else "")
+        )
     goodput = status.get("goodput") or {}
     if goodput.get("percent") is not None:
         lines.append(

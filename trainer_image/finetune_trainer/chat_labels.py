@@ -115,7 +115,7 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any) -> Rende
     gaps, order = pieces[0::2], [int(i) for i in pieces[1::2]]
     missing = [i for i, m in enumerate(marked) if m["content"] != messages[i]["content"] and i not in order]
     if missing:
-        raise Refused(f"the chat template drops a {messages[missing[0]]['role']} message")
+        raise Refused(f"the chat template drops the {messages[missing[0]]['role']} message at {missing[0]}")
     text, starts, rewritten, at = gaps[0], {}, False, len(gaps[0])
     for gap, index in zip(gaps[1:], order, strict=True):
         content = messages[index]["content"]

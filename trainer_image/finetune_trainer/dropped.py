@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_operator.api import TrainerConfig
+from finetune_operator.api.status import DataSourceReport
 
 from finetune_trainer.data import source_name
 from finetune_trainer.failures import InvalidInput
@@ -64,3 +65,19 @@ def check_encoding(config: TrainerConfig, encoding: Mapping[str, Any]) -> None:
         unencodable = sum(n for r, n in reasons.items() if r != "no target left in the window")
         _refuse(config, index, lost, encoding.get("encoded", {}).get(name, 0) + unencodable, reasons,
                 "tokenized")  # fmt: skip
+
+
+def summary(report: Mapping[str, Any]) -> list[DataSourceReport]:
+    """The prepared data's report per source, as status.progress.data shows it."""
+    lost = report.get("encoding", {}).get("lost", {})
+    out = []
+    for name, counts in sorted(report.get("sources", {}).items()):
+        reasons = dict(counts.get("malformedReasons", {}))
+        for reason, n in lost.get(name, {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        top = {k[:200]: n for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]}
+        out.append(DataSourceReport(
+            name=name, read=counts["read"], kept=counts["kept"], duplicates=counts["duplicates"],
+            empty=counts["empty"], dropped=sum(reasons.values()), reasons=top,
+        ))  # fmt: skip
+    return out

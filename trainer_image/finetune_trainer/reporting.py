@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.status import CheckpointRef, Progress
+from finetune_operator.api.status import CheckpointRef, DataSourceReport, Progress
 from finetune_operator.progress import ProgressReport, format_line
 
 log = logging.getLogger("finetune_trainer")
@@ -26,14 +26,17 @@ def human_duration(seconds: float) -> str:
 
 class Reporter:
     def __init__(
-        self, *, enabled: bool, total_steps: int, start_step: int, tensorboard_dir: Path | None
+        self, *, enabled: bool, total_steps: int, start_step: int, tensorboard_dir: Path | None,
+        data: list[DataSourceReport] | None = None,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.start_step = start_step
         self.started = time.monotonic()
         # Every report carries this attempt's stall count, 0 until a save blocked training.
-        self.progress = Progress(step=start_step, total_steps=total_steps, checkpoint_stall_seconds=0.0)
+        self.progress = Progress(
+            step=start_step, total_steps=total_steps, checkpoint_stall_seconds=0.0, data=data or None
+        )
         self.checkpoint: CheckpointRef | None = None
         self._lock = threading.Lock()  # the upload thread reports commits
         self._writer: Any = None

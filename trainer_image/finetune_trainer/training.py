@@ -26,6 +26,7 @@ from finetune_trainer.cadence import Cadence
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
 from finetune_trainer.coordination import Coordinator
+from finetune_trainer.dropped import summary as data_summary
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
@@ -116,6 +117,7 @@ class Run:
             tensorboard_dir=self.scratch
             / "tensorboard"
             / f"attempt-{os.environ.get(contract.ENV_ATTEMPT, '0')}",
+            data=data_summary(data.report),
         )
         checkpointer = Checkpointer(
             engine,

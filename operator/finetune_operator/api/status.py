@@ -52,6 +52,24 @@ class RankCounts(ApiModel):
     failed: int = Field(0, ge=0)
 
 
+class DataSourceReport(ApiModel):
+    """What became of one dataset source's records (the trainer's data report)."""
+
+    name: str = Field(max_length=253)
+    read: int = Field(0, ge=0, description="Records read.")
+    kept: int = Field(0, ge=0, description="Records planned for training or validation.")
+    duplicates: int = Field(0, ge=0, description="Exact duplicates removed.")
+    empty: int = Field(0, ge=0, description="Records with nothing to learn (blank, no answer).")
+    dropped: int = Field(
+        0,
+        ge=0,
+        description="Records lost: malformed when read, or unencodable or without a target when tokenized.",
+    )
+    reasons: dict[str, int] = Field(
+        default_factory=dict, max_length=8, description="The most frequent reasons records were dropped."
+    )
+
+
 class Progress(ApiModel):
     """Training progress as reported by rank 0."""
 
@@ -69,6 +87,9 @@ class Progress(ApiModel):
         "when the trainer reports it.",
     )
     updated_at: Timestamp | None = Field(None, description="When rank 0 reported this.")
+    data: list[DataSourceReport] | None = Field(
+        None, max_length=64, description="What cleaning and tokenization did to each dataset source."
+    )
 
 
 class CheckpointRef(ApiModel):
