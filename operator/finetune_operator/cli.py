@@ -5,61 +5,57 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from finetune_operator.api import FineTuneJob, describe, parse_manifest, resolve_trainer_config
+from finetune_operator.api import FineTuneJob, describe, resolve_trainer_config
 from finetune_operator.api.crd import render_crd_yaml, write_crd
 from finetune_operator.api.docs import render_api_docs
+from finetune_operator.api.job import validate_manifest
 from finetune_operator.builders import BuildContext, build_attempt
+from finetune_operator.cli_errors import EXIT_FAILED, EXIT_INVALID, CliError, cluster_errors
+from finetune_operator.manifests import read_jobs
 from finetune_operator.pipes import quiet_stdout
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
 
-EXIT_INVALID = 2
-EXIT_NOT_FOUND = 1
 LOCAL_RUNS = Path("ftjob-runs")  # where `ftjob run` puts a job's workdir unless told otherwise
 
 
-def _documents(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"{path}: not valid YAML: {exc}") from None
-    for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "FineTuneJob":
-            yield doc
+def _name_of(doc: dict[str, Any], index: int) -> str:
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else f"document {index + 1}"
 
 
 def _parse(path: Path, doc: dict[str, Any], index: int) -> FineTuneJob | None:
     """The job, or None after printing each problem with its field and the fix."""
     try:
-        return parse_manifest(doc)
+        return validate_manifest(doc)
     except ValidationError as exc:
-        name = (doc.get("metadata") or {}).get("name", f"document {index}")
-        print(f"{path}: FineTuneJob {name} is invalid:", file=sys.stderr)
+        print(f"{path}: FineTuneJob {_name_of(doc, index)} is invalid:", file=sys.stderr)
         for line in describe(exc):
             print(f"  {line}", file=sys.stderr)
         return None
 
 
 def _load_jobs(path: Path) -> list[FineTuneJob] | None:
-    parsed = [_parse(path, doc, index) for index, doc in enumerate(_documents(path))]
+    parsed = [_parse(path, doc, index) for index, doc in enumerate(read_jobs(path))]
     jobs = [job for job in parsed if job is not None]
-    ok = len(jobs) == len(parsed)
-    if ok and not jobs:
-        print(f"{path}: no FineTuneJob in this file", file=sys.stderr)
-        return None
-    return jobs if ok else None
+    return jobs if len(jobs) == len(parsed) else None
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
-        jobs = _load_jobs(path)
+        try:
+            jobs = _load_jobs(path)
+        except CliError as exc:  # report every file, not only the first bad one
+            print(f"ftjob validate: {exc.message}", file=sys.stderr)
+            status = max(status, exc.code)
+            continue
         if jobs is None:
             status = EXIT_INVALID
             continue
@@ -110,11 +106,12 @@ def _workdir(args: argparse.Namespace, name: str) -> Path:
 def _cmd_run(args: argparse.Namespace) -> int:
     from finetune_operator.local_run import RunOptions, local_manifest, run_manifest
 
-    docs = list(_documents(args.file))
+    docs = read_jobs(args.file)
     if len(docs) != 1:
-        print(f"{args.file}: ftjob run takes exactly one FineTuneJob (found {len(docs)})", file=sys.stderr)
-        return EXIT_INVALID
-    name = str((docs[0].get("metadata") or {}).get("name", "job"))
+        raise CliError(
+            EXIT_INVALID, f"{args.file}: ftjob run takes exactly one FineTuneJob (found {len(docs)})"
+        )
+    name = _name_of(docs[0], 0)
     options = RunOptions(workdir=_workdir(args, name), nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     # Validated after the local defaults: a manifest may leave the checkpoint uri to the workdir.
     manifest = local_manifest(docs[0], options)
@@ -127,14 +124,15 @@ def _view(args: argparse.Namespace) -> Any:
     from finetune_operator import jobview
 
     if args.namespace:
-        view = jobview.load_cluster(args.name, args.namespace, args.kubeconfig)
+        with cluster_errors(args.kubeconfig):
+            view = jobview.load_cluster(args.name, args.namespace, args.kubeconfig)
         where = f"namespace {args.namespace}"
     else:
         workdir = _workdir(args, args.name)
         view = jobview.load_local(workdir)
         where = f"{workdir} (a local run; use -n NAMESPACE for a cluster job)"
     if view is None:
-        raise SystemExit(f"no FineTuneJob {args.name!r} in {where}")
+        raise CliError(EXIT_FAILED, f"no FineTuneJob {args.name!r} in {where}")
     return view
 
 
@@ -156,7 +154,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from finetune_operator.jobview import list_cluster, list_local, list_row, table
 
     if args.namespace or args.all_namespaces:
-        bodies = list_cluster(None if args.all_namespaces else args.namespace, args.kubeconfig)
+        with cluster_errors(args.kubeconfig):
+            bodies = list_cluster(None if args.all_namespaces else args.namespace, args.kubeconfig)
         where = "any namespace" if args.all_namespaces else f"namespace {args.namespace}"
     else:
         bodies = list_local(args.root)
@@ -180,14 +179,15 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     out = quiet_stdout()
     try:
         if args.namespace:
-            cluster_logs(
-                args.name, args.namespace, args.rank, args.attempt, args.follow, out, args.kubeconfig
-            )
+            with cluster_errors(args.kubeconfig):
+                cluster_logs(
+                    args.name, args.namespace, args.rank, args.attempt, args.follow, out, args.kubeconfig
+                )
         else:
             local_logs(_workdir(args, args.name), args.rank, args.attempt, args.follow, out)
     except LogsError as exc:
         print(f"ftjob logs: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return EXIT_FAILED
     except KeyboardInterrupt:  # Ctrl-C ends a follow; nothing to clean up
         pass
     return 0
@@ -264,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdout = quiet_stdout()  # a closed pipe ends the output, not the command, without a traceback
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"ftjob {args.command}: {exc.message}", file=sys.stderr)
+        code = exc.code
     stdout.flush()
     return code
 
