@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from finetune_operator import contract
+from finetune_operator import contract, rank_supervisor
 from finetune_operator.api import FineTuneJob, FineTuneJobStatus, parse_manifest
 from finetune_operator.backends.base import JobKey
 from finetune_operator.builders import BuildContext, build_config_map, build_rank_pod, naming
@@ -43,10 +43,17 @@ Spawner = Callable[[list[str], dict[str, str], Path], subprocess.Popen[bytes]]
 
 
 def spawn_process_group(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The rank's command under `rank_supervisor`, which ends the rank's whole process tree when
+    this process goes (even by SIGKILL) or the command ends; in a session of its own, so the rank is
+    signalled as one group, like a pod."""
+    # Past the launcher's own shutdown timeout (the ranks' emergency checkpoint), the rest is killed.
+    grace = float(env.get(contract.ENV_SHUTDOWN_TIMEOUT, "30")) + contract.SHUTDOWN_MARGIN_SECONDS
+    supervisor = [sys.executable, "-I", rank_supervisor.__file__, "--parent", str(os.getpid())]
+    supervised = [*supervisor, "--grace", str(grace)]
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: signalled as one, like a pod
+            [*supervised, "--", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
 
 
