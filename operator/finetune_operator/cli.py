@@ -4,7 +4,9 @@ render manifests, and generate the CRD and API docs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,13 @@ from finetune_operator.api.crd import render_crd_yaml, write_crd
 from finetune_operator.api.docs import render_api_docs
 from finetune_operator.api.job import validate_manifest
 from finetune_operator.builders import BuildContext, build_attempt
-from finetune_operator.cli_errors import EXIT_FAILED, EXIT_INVALID, CliError, cluster_errors
+from finetune_operator.cli_errors import (
+    EXIT_FAILED,
+    EXIT_INPUT_MISSING,
+    EXIT_INVALID,
+    CliError,
+    cluster_errors,
+)
 from finetune_operator.manifests import read_jobs
 from finetune_operator.pipes import quiet_stdout
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
@@ -84,7 +92,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_crd(args: argparse.Namespace) -> int:
     if args.write:
         for directory in args.write:
-            print(f"wrote {write_crd(directory)}")
+            with _writing(directory):
+                print(f"wrote {write_crd(directory)}")
     else:
         sys.stdout.write(render_crd_yaml())
     return 0
@@ -92,11 +101,43 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 def _cmd_docs(args: argparse.Namespace) -> int:
     if args.write:
-        args.write.write_text(render_api_docs())
+        with _writing(args.write):
+            args.write.write_text(render_api_docs())
         print(f"wrote {args.write}")
     else:
         sys.stdout.write(render_api_docs())
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise CliError(
+            EXIT_INPUT_MISSING, f"cannot write {exc.filename or path} ({exc.strerror}); check the path"
+        ) from None
+
+
+def _attempt(text: str) -> int:
+    """An attempt number as the CLI takes it: attempts count from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"attempts count from 1 (got {value})")
+    return value
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"node ranks count from 0 (got {value})")
+    return value
 
 
 def _workdir(args: argparse.Namespace, name: str) -> Path:
@@ -209,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="print the Service, ConfigMap and Pods one attempt of a job becomes")
     p.add_argument("file", type=Path)
-    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--attempt", type=_attempt, default=1)
     p.add_argument(
         "--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image when the manifest names none"
     )
@@ -253,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="a rank's trainer log (rank 0 of the current attempt by default)")
     p.add_argument("name")
-    p.add_argument("--rank", type=int, default=0, help="node rank (default 0, which reports progress)")
-    p.add_argument("--attempt", type=int, help="an earlier attempt (default: the job's current one)")
+    p.add_argument("--rank", type=_rank, default=0, help="node rank (default 0, which reports progress)")
+    p.add_argument("--attempt", type=_attempt, help="an earlier attempt (default: the job's current one)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the rank ends")
     _where_arguments(p)
     p.set_defaults(func=_cmd_logs)

@@ -1,11 +1,13 @@
 """Reading FineTuneJob manifests from files as `kubectl apply -f` reads them.
 
-kubectl's YAML reader (sigs.k8s.io/yaml) turns YAML into JSON before the API server sees it, and its
-numbers are JSON's: `learningRate: 1e-4` is a float there, while PyYAML's YAML 1.1 resolver makes it
-the string "1e-4" (1.1 wants a dot in a float) and `2024-01-01` a date JSON has no type for. So the
-plain scalars a manifest holds are resolved by YAML 1.2's core schema (ints in decimal, 0o octal and
-0x hex; floats with or without a dot, .inf, .nan; null; true/false) and dates stay strings. Booleans
-keep YAML 1.1's yes/no/on/off, which kubectl's reader also takes as booleans.
+kubectl's YAML reader (sigs.k8s.io/yaml, on go-yaml v2) turns YAML into JSON before the API server
+sees it, and its numbers are not PyYAML's YAML 1.1 ones: `learningRate: 1e-4` is a float there (a
+float needs no dot, as in YAML 1.2 and JSON), while PyYAML makes it the string "1e-4"; `1:30` is a
+string there, while PyYAML reads base 60. So plain scalars are resolved as go-yaml resolves them:
+an integer is what Go's ParseInt(s, 0) takes once "_" is removed (decimal, 0x, 0o, 0b, and a
+leading 0 for octal), a float what go-yaml's float pattern takes (`1e-4`, `.5`, `.inf`, `.nan`).
+Dates stay strings (no FineTuneJob field is a date, and JSON has no date type). Booleans keep
+PyYAML's yes/no/on/off, which go-yaml also takes as booleans.
 
 Every way a file can fail to be one or more FineTuneJobs ends as a `CliError` with one line that
 names the file, what is wrong and what to do; the CLI prints it and exits with its code.
@@ -26,22 +28,24 @@ from finetune_operator.cli_errors import EXIT_INPUT_MISSING, EXIT_INVALID, CliEr
 
 
 class ManifestLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema numbers and no timestamps (see the module docstring)."""
+    """SafeLoader with kubectl's numbers and no timestamps (see the module docstring)."""
 
 
-_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT_12 = re.compile(
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+_INT = re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|0[0-7_]*|[1-9][0-9_]*)$")
+_FLOAT = re.compile(
+    r"^[-+]?(?:\.[0-9_]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
 )
+_BASES = {"0b": 2, "0o": 8, "0x": 16}
 
 
-def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = str(loader.construct_scalar(node))
-    if text.startswith("0o"):
-        return int(text[2:], 8)
-    if text.startswith("0x"):
-        return int(text[2:], 16)
-    return int(text, 10)  # "017" is seventeen in YAML 1.2 and in JSON's reading, not octal
+def _go_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = _BASES.get(digits[:2])
+    if base is not None:
+        return sign * int(digits[2:], base)
+    return sign * int(digits, 8 if len(digits) > 1 and digits[0] == "0" else 10)
 
 
 ManifestLoader.yaml_implicit_resolvers = {
@@ -50,9 +54,9 @@ ManifestLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }  # fmt: skip
 # The int resolver first: the float pattern also matches "42".
-ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))
-ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
-ManifestLoader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+ManifestLoader.add_constructor("tag:yaml.org,2002:int", _go_int)
 
 
 def load_documents(path: Path) -> list[Any]:

@@ -268,3 +268,40 @@ def test_each_exit_code_is_distinct_and_listed_in_the_readme() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     table = readme.split("### `ftjob` exit codes", 1)[1].split("\n#", 1)[0]
     assert all(f"\n| {code} |" in table for code in [0, *codes]), table
+
+
+# -- writing and the command line -------------------------------------------------------------------
+
+
+def test_docs_write_into_a_missing_directory_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["docs", "--write", str(tmp_path / "missing" / "api.md")]) == EXIT_INPUT_MISSING
+    line = _one_line(capsys.readouterr().err)
+    assert "cannot write" in line and "missing" in line
+
+
+def test_crd_write_into_a_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = _text("not a directory")(tmp_path)
+    assert main(["crd", "--write", str(blocker / "crds")]) == EXIT_INPUT_MISSING
+    assert "cannot write" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["render", "job.yaml", "--attempt", "0"], "attempts count from 1"),
+        (["logs", "demo", "--attempt", "-1"], "attempts count from 1"),
+        (["logs", "demo", "--rank", "-1"], "node ranks count from 0"),
+        (["logs", "demo", "--rank", "one"], "'one' is not a whole number"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_a_bad_number_on_the_command_line_is_a_usage_error(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

@@ -5,12 +5,16 @@ offending field; where a CEL rule and a pydantic rule overlap, they say the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from finetune_operator.api import describe, parse_manifest
 from finetune_operator.api.job import validate_manifest
 from finetune_operator.api.spec import ResourcesSpec
+from finetune_operator.cli import main
+from finetune_operator.cli_errors import EXIT_INVALID
 from pydantic import ValidationError
 
 from tests.support.apiserver import FakeApiServer
@@ -517,6 +521,17 @@ def test_the_models_refuse_it_naming_the_field(case: Bad) -> None:
         validate_manifest(manifest(case.changes, drop=case.drop))
     lines = describe(caught.value)
     assert any(line.startswith(case.field) for line in lines), lines
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_ftjob_validate_refuses_it_naming_the_field_with_exit_2(
+    case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest(case.changes, drop=case.drop)))
+    assert main(["validate", str(path)]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert case.field in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.rule], ids=_ids)
