@@ -4,18 +4,19 @@ in the pod's process group and a worker in a session of its own (which a signal 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from finetune_operator.backends.local import spawn_process_group
+from finetune_operator.backends.local import signal_rank, spawn_process_group
 from finetune_operator.cli import main
 from finetune_operator.cli_errors import EXIT_BUSY
 from finetune_operator.local_run import workdir_lock
@@ -44,7 +45,7 @@ RUN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from finetune_operator.backends.local import spawn_process_group
+    from finetune_operator.backends.local import signal_rank, spawn_process_group
     env = {"PATH": "/usr/bin:/bin", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"}
     spawn_process_group([sys.executable, "-c", sys.argv[1], "run"], env, Path(sys.argv[2]))
     time.sleep(600)
@@ -69,18 +70,30 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has ended; only its parent's reaping is left
 
 
+@pytest.fixture
+def leftovers() -> Iterator[list[int]]:
+    """Pids a test saw; any still alive afterwards (the test failed) is killed, not left running."""
+    seen: list[int] = []
+    yield seen
+    for pid in seen:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"}
 
 
 def test_a_sigkilled_run_takes_every_rank_process_with_it_workers_in_their_own_sessions_too(
-    tmp_path: Path,
+    tmp_path: Path, leftovers: list[int]
 ) -> None:
     run = subprocess.Popen([sys.executable, "-c", RUN, LAUNCHER, str(tmp_path / "rank.log")], env=os.environ)
     try:
         _until(lambda: len(descendants(run.pid)) >= 3, "supervisor, launcher and worker started")
         _until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), "the worker running")
         tree = descendants(run.pid)
+        leftovers.extend(tree)
         run.kill()
         run.wait(WAIT)
         _until(lambda: not any(_alive(pid) for pid in tree), f"every rank process of {tree} gone")
@@ -88,12 +101,23 @@ def test_a_sigkilled_run_takes_every_rank_process_with_it_workers_in_their_own_s
         run.kill()
 
 
-def test_a_worker_that_outlives_its_launcher_ends_with_the_rank(tmp_path: Path) -> None:
+def test_a_worker_that_outlives_its_launcher_ends_with_the_rank(tmp_path: Path, leftovers: list[int]) -> None:
     rank = spawn_process_group([sys.executable, "-c", LAUNCHER, "exit"], _env(), tmp_path / "rank.log")
     _until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), "the worker running")
     tree = descendants(rank.pid)
+    leftovers.extend(tree)
     assert rank.wait(WAIT) == 0
     assert not any(_alive(pid) for pid in tree), "the orphaned worker is ended before the rank reports"
+
+
+def test_a_force_deleted_rank_ends_with_its_workers(tmp_path: Path, leftovers: list[int]) -> None:
+    rank = spawn_process_group([sys.executable, "-c", LAUNCHER, "run"], _env(), tmp_path / "rank.log")
+    _until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), "the worker running")
+    tree = descendants(rank.pid)
+    leftovers.extend(tree)
+    signal_rank(rank.pid, signal.SIGKILL)  # what LocalBackend.delete_pod(force=True) sends
+    assert rank.wait(WAIT) == -signal.SIGKILL
+    _until(lambda: not any(_alive(pid) for pid in tree), f"every process of {tree} gone")
 
 
 @pytest.mark.parametrize(

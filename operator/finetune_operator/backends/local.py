@@ -57,6 +57,18 @@ def spawn_process_group(command: list[str], env: dict[str, str], log_path: Path)
         )  # fmt: skip
 
 
+def signal_rank(pid: int, sig: int) -> None:
+    """Signal a rank "pod": its process group (supervisor and launcher; the launcher forwards a
+    SIGTERM to its workers). A SIGKILL also goes to every process below the supervisor, since it
+    ends the supervisor too and torchrun's workers, in sessions of their own, would be left."""
+    below = rank_supervisor.descendants(pid) if sig == signal.SIGKILL else []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for child in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, sig)
+
+
 def _write_json(path: Path, body: dict[str, Any]) -> None:
     """Atomic: a reader (or a killed run) sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,8 +285,7 @@ class LocalBackend:
         record = json.loads(path.read_text())
         pid = record["local"]["pid"]
         if record["status"]["phase"] == "Running":
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+            signal_rank(pid, signal.SIGKILL if force else signal.SIGTERM)
         if force:
             path.unlink(missing_ok=True)
             self.children.pop(name, None)
