@@ -4,6 +4,7 @@ render manifests, and generate the CRD and API docs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,54 +13,57 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from finetune_operator.api import FineTuneJob, describe, parse_manifest, resolve_trainer_config
+from finetune_operator.api import FineTuneJob, describe, resolve_trainer_config
 from finetune_operator.api.crd import render_crd_yaml, write_crd
 from finetune_operator.api.docs import render_api_docs
+from finetune_operator.api.job import validate_manifest
 from finetune_operator.builders import BuildContext, build_attempt
+from finetune_operator.cli_errors import (
+    EXIT_FAILED,
+    EXIT_INPUT_MISSING,
+    EXIT_INVALID,
+    CliError,
+    cluster_errors,
+)
+from finetune_operator.manifests import read_jobs
 from finetune_operator.pipes import quiet_stdout
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
 
-EXIT_INVALID = 2
-EXIT_NOT_FOUND = 1
 LOCAL_RUNS = Path("ftjob-runs")  # where `ftjob run` puts a job's workdir unless told otherwise
 
 
-def _documents(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"{path}: not valid YAML: {exc}") from None
-    for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "FineTuneJob":
-            yield doc
+def _name_of(doc: dict[str, Any], index: int) -> str:
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else f"document {index + 1}"
 
 
 def _parse(path: Path, doc: dict[str, Any], index: int) -> FineTuneJob | None:
     """The job, or None after printing each problem with its field and the fix."""
     try:
-        return parse_manifest(doc)
+        return validate_manifest(doc)
     except ValidationError as exc:
-        name = (doc.get("metadata") or {}).get("name", f"document {index}")
-        print(f"{path}: FineTuneJob {name} is invalid:", file=sys.stderr)
+        print(f"{path}: FineTuneJob {_name_of(doc, index)} is invalid:", file=sys.stderr)
         for line in describe(exc):
             print(f"  {line}", file=sys.stderr)
         return None
 
 
 def _load_jobs(path: Path) -> list[FineTuneJob] | None:
-    parsed = [_parse(path, doc, index) for index, doc in enumerate(_documents(path))]
+    parsed = [_parse(path, doc, index) for index, doc in enumerate(read_jobs(path))]
     jobs = [job for job in parsed if job is not None]
-    ok = len(jobs) == len(parsed)
-    if ok and not jobs:
-        print(f"{path}: no FineTuneJob in this file", file=sys.stderr)
-        return None
-    return jobs if ok else None
+    return jobs if len(jobs) == len(parsed) else None
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
-        jobs = _load_jobs(path)
+        try:
+            jobs = _load_jobs(path)
+        except CliError as exc:  # report every file, not only the first bad one
+            print(f"ftjob validate: {exc.message}", file=sys.stderr)
+            status = max(status, exc.code)
+            continue
         if jobs is None:
             status = EXIT_INVALID
             continue
@@ -88,7 +92,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_crd(args: argparse.Namespace) -> int:
     if args.write:
         for directory in args.write:
-            print(f"wrote {write_crd(directory)}")
+            with _writing(directory):
+                print(f"wrote {write_crd(directory)}")
     else:
         sys.stdout.write(render_crd_yaml())
     return 0
@@ -96,11 +101,43 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 def _cmd_docs(args: argparse.Namespace) -> int:
     if args.write:
-        args.write.write_text(render_api_docs())
+        with _writing(args.write):
+            args.write.write_text(render_api_docs())
         print(f"wrote {args.write}")
     else:
         sys.stdout.write(render_api_docs())
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise CliError(
+            EXIT_INPUT_MISSING, f"cannot write {exc.filename or path} ({exc.strerror}); check the path"
+        ) from None
+
+
+def _attempt(text: str) -> int:
+    """An attempt number as the CLI takes it: attempts count from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"attempts count from 1 (got {value})")
+    return value
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"node ranks count from 0 (got {value})")
+    return value
 
 
 def _workdir(args: argparse.Namespace, name: str) -> Path:
@@ -110,11 +147,12 @@ def _workdir(args: argparse.Namespace, name: str) -> Path:
 def _cmd_run(args: argparse.Namespace) -> int:
     from finetune_operator.local_run import RunOptions, local_manifest, run_manifest
 
-    docs = list(_documents(args.file))
+    docs = read_jobs(args.file)
     if len(docs) != 1:
-        print(f"{args.file}: ftjob run takes exactly one FineTuneJob (found {len(docs)})", file=sys.stderr)
-        return EXIT_INVALID
-    name = str((docs[0].get("metadata") or {}).get("name", "job"))
+        raise CliError(
+            EXIT_INVALID, f"{args.file}: ftjob run takes exactly one FineTuneJob (found {len(docs)})"
+        )
+    name = _name_of(docs[0], 0)
     options = RunOptions(workdir=_workdir(args, name), nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     # Validated after the local defaults: a manifest may leave the checkpoint uri to the workdir.
     manifest = local_manifest(docs[0], options)
@@ -127,14 +165,15 @@ def _view(args: argparse.Namespace) -> Any:
     from finetune_operator import jobview
 
     if args.namespace:
-        view = jobview.load_cluster(args.name, args.namespace, args.kubeconfig)
+        with cluster_errors(args.kubeconfig):
+            view = jobview.load_cluster(args.name, args.namespace, args.kubeconfig)
         where = f"namespace {args.namespace}"
     else:
         workdir = _workdir(args, args.name)
         view = jobview.load_local(workdir)
         where = f"{workdir} (a local run; use -n NAMESPACE for a cluster job)"
     if view is None:
-        raise SystemExit(f"no FineTuneJob {args.name!r} in {where}")
+        raise CliError(EXIT_FAILED, f"no FineTuneJob {args.name!r} in {where}")
     return view
 
 
@@ -156,7 +195,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from finetune_operator.jobview import list_cluster, list_local, list_row, table
 
     if args.namespace or args.all_namespaces:
-        bodies = list_cluster(None if args.all_namespaces else args.namespace, args.kubeconfig)
+        with cluster_errors(args.kubeconfig):
+            bodies = list_cluster(None if args.all_namespaces else args.namespace, args.kubeconfig)
         where = "any namespace" if args.all_namespaces else f"namespace {args.namespace}"
     else:
         bodies = list_local(args.root)
@@ -180,14 +220,15 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     out = quiet_stdout()
     try:
         if args.namespace:
-            cluster_logs(
-                args.name, args.namespace, args.rank, args.attempt, args.follow, out, args.kubeconfig
-            )
+            with cluster_errors(args.kubeconfig):
+                cluster_logs(
+                    args.name, args.namespace, args.rank, args.attempt, args.follow, out, args.kubeconfig
+                )
         else:
             local_logs(_workdir(args, args.name), args.rank, args.attempt, args.follow, out)
     except LogsError as exc:
         print(f"ftjob logs: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return EXIT_FAILED
     except KeyboardInterrupt:  # Ctrl-C ends a follow; nothing to clean up
         pass
     return 0
@@ -209,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="print the Service, ConfigMap and Pods one attempt of a job becomes")
     p.add_argument("file", type=Path)
-    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--attempt", type=_attempt, default=1)
     p.add_argument(
         "--image", default=DEFAULT_TRAINER_IMAGE, help="trainer image when the manifest names none"
     )
@@ -253,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="a rank's trainer log (rank 0 of the current attempt by default)")
     p.add_argument("name")
-    p.add_argument("--rank", type=int, default=0, help="node rank (default 0, which reports progress)")
-    p.add_argument("--attempt", type=int, help="an earlier attempt (default: the job's current one)")
+    p.add_argument("--rank", type=_rank, default=0, help="node rank (default 0, which reports progress)")
+    p.add_argument("--attempt", type=_attempt, help="an earlier attempt (default: the job's current one)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the rank ends")
     _where_arguments(p)
     p.set_defaults(func=_cmd_logs)
@@ -264,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdout = quiet_stdout()  # a closed pipe ends the output, not the command, without a traceback
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"ftjob {args.command}: {exc.message}", file=sys.stderr)
+        code = exc.code
     stdout.flush()
     return code
 

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from finetune_operator.api.status import TERMINAL_PHASES
 from finetune_operator.backends.local import LocalBackend
+from finetune_operator.cli_errors import EXIT_BUSY, EXIT_INPUT_MISSING, EXIT_INTERRUPTED, CliError
 from finetune_operator.clock import SystemClock
 from finetune_operator.jobview import describe, load_local, plot_loss, table, wide_row
 from finetune_operator.metrics import Metrics
@@ -30,7 +31,6 @@ from finetune_operator.reconciler import Reconciler
 from finetune_operator.settings import OperatorSettings
 
 PASS_SECONDS = 0.5  # locally a pass reads a few small files: looking often costs nothing
-EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -45,28 +45,44 @@ def local_manifest(manifest: dict[str, Any], options: RunOptions) -> dict[str, A
     """The manifest as the local run takes it: --nodes/--gpus-per-node applied, the checkpoint store
     defaulting to the workdir, and the default namespace when none is named."""
     out = copy.deepcopy(manifest)
+    # A section of the wrong shape is left as it is, for validation to name it.
     meta = out.setdefault("metadata", {})
-    meta.setdefault("namespace", "default")
+    if isinstance(meta, dict):
+        meta.setdefault("namespace", "default")
     spec = out.setdefault("spec", {})
+    if not isinstance(spec, dict):
+        return out
     resources = spec.setdefault("resources", {})
-    if options.nodes is not None:
-        resources["nodes"] = options.nodes
-    if options.gpus_per_node is not None:
-        resources["gpusPerNode"] = options.gpus_per_node
+    if isinstance(resources, dict):
+        if options.nodes is not None:
+            resources["nodes"] = options.nodes
+        if options.gpus_per_node is not None:
+            resources["gpusPerNode"] = options.gpus_per_node
     checkpoint = spec.setdefault("checkpoint", {})
-    checkpoint.setdefault("uri", f"file://{options.workdir.resolve() / 'store'}")
+    if isinstance(checkpoint, dict):
+        checkpoint.setdefault("uri", f"file://{options.workdir.resolve() / 'store'}")
     return out
 
 
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    with (workdir / ".lock").open("w") as lock:
+    """Hold the workdir for this `ftjob run`: a second one of the same job (same workdir) would
+    start a second gang beside the first on the same files. flock is released by the kernel when
+    the holder dies, even by SIGKILL, so a crashed run never leaves a stale lock behind; and the
+    lock is taken before anything in the workdir is read or written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = (workdir / ".lock").open("w")
+    except OSError as exc:
+        raise CliError(EXIT_INPUT_MISSING, f"workdir {workdir} cannot be used ({exc.strerror})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(
-                f"{workdir} is in use by another `ftjob run`; wait for it or use another --workdir"
+            raise CliError(
+                EXIT_BUSY,
+                f"{workdir} is in use by another `ftjob run` of this job; wait for it to end (or stop "
+                "it with Ctrl-C), or pass another --workdir",
             ) from None
         yield
 

@@ -10,12 +10,19 @@ Error strings follow the server's `<path>: <message>` shape.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import celpy
 import jsonschema
 from celpy import celtypes
+
+API_VERSION, KIND = (
+    "finetune.dev/v1alpha1",
+    "FineTuneJob",
+)  # what the CRD serves, spelt as the server knows it
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"  # apimachinery's dns1123LabelFmt
 
 
 @dataclass
@@ -131,11 +138,33 @@ class FakeApiServer:
         self._cel = CelRules()
 
     def admit(self, obj: dict[str, Any], old: dict[str, Any] | None = None) -> Admission:
+        header = self._object_errors(obj)
+        if header:
+            return Admission(errors=header)
         obj = apply_defaults(copy.deepcopy(obj), self.schema)
         errors = [self._schema_error(e) for e in self._validator.iter_errors(obj)]
         if not errors:
             self._cel.evaluate("", obj, old, self.schema, errors)
         return Admission(errors=errors, object=obj if not errors else None)
+
+    @staticmethod
+    def _object_errors(obj: dict[str, Any]) -> list[str]:
+        """What the server checks before the CRD's schema: the object names this resource (kubectl
+        refuses an object without apiVersion or kind, and routes another kind elsewhere: "no matches
+        for kind"), and its ObjectMeta's namespace is an RFC 1123 label (ValidateNamespaceName)."""
+        errors = [f"{key}: Required value" for key in ("apiVersion", "kind") if key not in obj]
+        if obj.get("apiVersion", API_VERSION) != API_VERSION:
+            errors.append(f"apiVersion: Invalid value: {obj['apiVersion']!r}: no matches for this version")
+        if obj.get("kind", KIND) != KIND:
+            errors.append(f"kind: Invalid value: {obj['kind']!r}: no matches for kind in {API_VERSION}")
+        meta = obj.get("metadata")
+        namespace = meta.get("namespace") if isinstance(meta, dict) else None
+        if isinstance(namespace, str) and not (len(namespace) <= 63 and re.fullmatch(DNS_LABEL, namespace)):
+            errors.append(
+                f"metadata.namespace: Invalid value: {namespace!r}: a lowercase RFC 1123 label must consist "
+                "of lower case alphanumeric characters or '-'"
+            )
+        return errors
 
     @staticmethod
     def _schema_error(error: jsonschema.ValidationError) -> str:

@@ -4,6 +4,7 @@ what `ftjob status`/`describe` print from them."""
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def test_ftjob_status_and_describe_read_a_local_workdir(
     assert load_local(tmp_path) is not None
 
 
-def test_ftjob_status_of_a_missing_local_job_names_where_it_looked(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"no FineTuneJob 'ghost' in .*use -n NAMESPACE for a cluster job"):
-        main(["status", "ghost", "--workdir", str(tmp_path / "nothing")])
+def test_ftjob_status_of_a_missing_local_job_names_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "ghost", "--workdir", str(tmp_path / "nothing")]) == 1
+    assert re.search(
+        r"no FineTuneJob 'ghost' in .*use -n NAMESPACE for a cluster job", capsys.readouterr().err
+    )

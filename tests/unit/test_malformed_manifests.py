@@ -5,10 +5,16 @@ offending field; where a CEL rule and a pydantic rule overlap, they say the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from finetune_operator.api import describe, parse_manifest
+from finetune_operator.api.job import validate_manifest
+from finetune_operator.api.spec import ResourcesSpec
+from finetune_operator.cli import main
+from finetune_operator.cli_errors import EXIT_INVALID
 from pydantic import ValidationError
 
 from tests.support.apiserver import FakeApiServer
@@ -473,6 +479,24 @@ CASES = [
     ),
     Bad("job name too long for pod hostnames", {"metadata.name": "a" * 43}, "metadata.name"),
     Bad("job name starting with a digit", {"metadata.name": "8b-lora"}, "metadata.name"),
+    Bad("namespace with capitals and an underscore", {"metadata.namespace": "Team_A"}, "metadata.namespace"),
+    Bad("namespace longer than a label", {"metadata.namespace": "n" * 64}, "metadata.namespace"),
+    # the object's header, as kubectl and the server read it
+    Bad("no apiVersion", {}, "apiVersion", drop=("apiVersion",)),
+    Bad("no kind", {}, "kind", drop=("kind",)),
+    Bad("another API version", {"apiVersion": "finetune.dev/v1"}, "apiVersion"),
+    Bad("kind in the wrong case", {"kind": "FinetuneJob"}, "kind"),
+    # snake_case keys: the server drops (refuses) them, so the job would train at the default
+    Bad("snake_case learning rate", {"spec.training.learning_rate": 0.0001}, "spec.training.learning_rate"),
+    Bad("snake_case section", {"spec.run_policy": {"maxRestarts": 1}}, "spec.run_policy"),
+    Bad("snake_case api version", {"api_version": "finetune.dev/v1alpha1"}, "api_version"),
+    # quantities that are not a positive amount
+    Bad("negative memory", {"spec.resources.memory": "-1Gi"}, "spec.resources.memory"),
+    Bad("negative shared memory quantity", {"spec.resources.shmSize": "-16Gi"}, "spec.resources.shmSize"),
+    Bad("zero memory", {"spec.resources.memory": 0}, "spec.resources.memory"),
+    Bad("zero shared memory", {"spec.resources.shmSize": "0Gi"}, "spec.resources.shmSize"),
+    Bad("zero scratch", {"spec.resources.scratch.size": "0"}, "spec.resources.scratch.size"),
+    Bad("zero CPU", {"spec.resources.cpu": "0.0"}, "spec.resources.cpu"),
 ]
 
 
@@ -494,9 +518,20 @@ def test_the_crd_refuses_it_naming_the_field(case: Bad, apiserver: FakeApiServer
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_the_models_refuse_it_naming_the_field(case: Bad) -> None:
     with pytest.raises(ValidationError) as caught:
-        parse_manifest(manifest(case.changes, drop=case.drop))
+        validate_manifest(manifest(case.changes, drop=case.drop))
     lines = describe(caught.value)
     assert any(line.startswith(case.field) for line in lines), lines
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_ftjob_validate_refuses_it_naming_the_field_with_exit_2(
+    case: Bad, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest(case.changes, drop=case.drop)))
+    assert main(["validate", str(path)]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert case.field in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.rule], ids=_ids)
@@ -511,6 +546,37 @@ def test_both_layers_give_the_same_message_for_a_rule(case: Bad, apiserver: Fake
         line.split(": ", 1)[1] for line in describe(caught.value) if line.startswith(case.field + ":")
     }
     assert crd_messages & model_messages, (crd_messages, model_messages)
+
+
+@pytest.mark.parametrize(
+    ("key", "camel"),
+    [("spec.training.learning_rate", "learningRate"), ("spec.run_policy", "runPolicy")],
+)
+def test_a_snake_case_key_is_refused_naming_its_camel_case_name(key: str, camel: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        validate_manifest(manifest({key: {} if key.endswith("policy") else 0.0001}))
+    assert any(
+        line.startswith(f"{key}: ") and f"did you mean {camel}?" in line for line in describe(caught.value)
+    )
+
+
+def test_python_code_still_builds_models_by_field_name() -> None:
+    resources = ResourcesSpec(gpus_per_node=8, shm_size="32Gi")
+    assert resources.to_wire()["gpusPerNode"] == 8 and resources.to_wire()["shmSize"] == "32Gi"
+
+
+@pytest.mark.parametrize(("key", "value"), [("apiVersion", "finetune.dev/v1alpha1"), ("kind", "FineTuneJob")])
+def test_a_missing_header_field_names_the_value_it_must_have(key: str, value: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        validate_manifest(manifest(drop=(key,)))
+    assert f"{key}: required field is missing; set {key}: {value}" in describe(caught.value)
+
+
+@pytest.mark.parametrize("quantity", ["1", "500m", "16Gi", "0.5", ".5", "1e3", "+2Ki", 64])
+def test_a_positive_quantity_passes_both_layers(quantity: object, apiserver: FakeApiServer) -> None:
+    data = manifest({"spec.resources.memory": quantity})
+    assert apiserver.admit(data).allowed
+    assert validate_manifest(data).spec.resources.memory == quantity
 
 
 def test_no_secret_value_is_echoed_in_an_error() -> None:

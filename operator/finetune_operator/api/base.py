@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import ExtraValues
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class ApiModel(BaseModel):
 
     model_config = ConfigDict(
         alias_generator=to_camel,
+        # Python code constructs models by field name (`ResourcesSpec(gpus_per_node=8)`); input
+        # (model_validate, model_validate_json: manifests, stored objects, the trainer's config) is
+        # read by its camelCase names only, as the API server reads it, below.
         populate_by_name=True,
         extra="forbid",
         # Strict like the API server: "4" is not an integer and "yes" is not a boolean, so a manifest
@@ -89,6 +93,40 @@ class ApiModel(BaseModel):
     rules: ClassVar[tuple[Rule, ...]] = ()
     server_rules: ClassVar[tuple[ServerRule, ...]] = ()
 
+    # A snake_case key in a manifest is an unknown field to the API server (the CRD drops it, so the
+    # job would run at the default): it is one here too. by_name applies to nested models as well.
+    @classmethod
+    def model_validate(
+        cls,
+        obj: Any,
+        *,
+        strict: bool | None = None,
+        extra: ExtraValues | None = None,
+        from_attributes: bool | None = None,
+        context: Any | None = None,
+        by_alias: bool | None = None,
+        by_name: bool | None = False,
+    ) -> Self:
+        return super().model_validate(
+            obj, strict=strict, extra=extra, from_attributes=from_attributes, context=context,
+            by_alias=by_alias, by_name=by_name,
+        )  # fmt: skip
+
+    @classmethod
+    def model_validate_json(
+        cls,
+        json_data: str | bytes | bytearray,
+        *,
+        strict: bool | None = None,
+        extra: ExtraValues | None = None,
+        context: Any | None = None,
+        by_alias: bool | None = None,
+        by_name: bool | None = False,
+    ) -> Self:
+        return super().model_validate_json(
+            json_data, strict=strict, extra=extra, context=context, by_alias=by_alias, by_name=by_name
+        )
+
     @model_validator(mode="after")
     def _check_rules(self) -> ApiModel:
         failed = [(r.field, r.message) for r in type(self).rules if not r.check(self)]
@@ -101,16 +139,23 @@ class ApiModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-# Kubernetes resource quantities ("8", "16Gi", "500m", or a bare integer), as the API server
-# accepts them for Pod resources. The pattern is the one Kubernetes publishes for Quantity.
-QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"  # noqa: E501
+# Kubernetes resource quantities ("8", "16Gi", "500m", or a bare integer). Every quantity in this
+# API is a size or an amount a pod asks for (memory, CPU, /dev/shm, scratch, a volume's size), where
+# zero or less is never what the user meant and fails only later, at pod creation or in the kubelet:
+# so the mantissa must have a non-zero digit and no sign ("+" aside). Otherwise the pattern is the
+# one Kubernetes publishes for Quantity (its suffixes and exponents). RE2-compatible: no lookahead.
+_POSITIVE_MANTISSA = r"(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))"
+_QUANTITY_SUFFIX = r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?"
+QUANTITY_PATTERN = rf"^\+?{_POSITIVE_MANTISSA}{_QUANTITY_SUFFIX}$"
 
 
 def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int) and value <= 0:
+        raise ValueError("a quantity must be greater than zero (examples: 8, 500m, 64Gi)")
     if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        if value.strip().startswith("-") or re.match(r"^\+?[0.]+([^0-9.].*)?$", value):
+            raise ValueError(f"{value!r}: a quantity must be greater than zero (examples: 8, 500m, 64Gi)")
         raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 8, 500m, 64Gi)")
-    if isinstance(value, int) and value < 0:
-        raise ValueError("a quantity may not be negative")
     return value
 
 
@@ -121,7 +166,7 @@ Quantity = Annotated[
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
-            "minimum": 0,  # for an integer, as the models check; the pattern covers strings
+            "minimum": 1,  # for an integer, as the models check; the pattern covers strings
             "x-kubernetes-int-or-string": True,
         }
     ),

@@ -29,6 +29,8 @@ API_VERSION = f"{contract.API_GROUP}/{contract.API_VERSION}"
 # characters), so job names are kept short enough for 4-digit attempts and ranks.
 MAX_JOB_NAME_LENGTH = 42
 JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Namespaces are RFC 1123 labels, as the API server validates metadata.namespace (`Team_A` is not one).
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 # CEL for the number of training processes per node, mirroring ResourcesSpec.procs_per_node.
 _PROCS_CEL = (
@@ -94,7 +96,7 @@ class ObjectMeta(ApiModel):
     model_config = ConfigDict(extra="allow")
 
     name: Annotated[str, Field(pattern=JOB_NAME_PATTERN, max_length=MAX_JOB_NAME_LENGTH)]
-    namespace: str = "default"
+    namespace: Annotated[str, Field(pattern=NAMESPACE_PATTERN, max_length=63)] = "default"
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
@@ -148,9 +150,25 @@ class FineTuneJob(ApiModel):
     )
 
 
-def parse_manifest(manifest: dict[str, Any]) -> FineTuneJob:
-    """Validate a manifest (as loaded from YAML or the API) into a FineTuneJob.
+class _UserManifest(FineTuneJob):
+    """A FineTuneJob as a user writes it: apiVersion and kind are required (kubectl refuses an object
+    without them), where Python code building a FineTuneJob may leave them to their defaults."""
 
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+
+
+def parse_manifest(manifest: dict[str, Any]) -> FineTuneJob:
+    """Validate an object (as the API returns it, or as a backend stored it) into a FineTuneJob.
+
+    Keys are read by their manifest (camelCase) names only, as the API server reads them.
     Raises pydantic.ValidationError; `finetune_operator.api.errors.describe` makes it readable.
     """
     return FineTuneJob.model_validate(manifest)
+
+
+def validate_manifest(manifest: Any) -> FineTuneJob:
+    """`parse_manifest` for what a user wrote (`ftjob validate`, `ftjob run`): apiVersion and kind
+    required too, every problem reported at once."""
+    _UserManifest.model_validate(manifest)
+    return parse_manifest(manifest)

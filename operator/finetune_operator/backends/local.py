@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from finetune_operator import contract
+from finetune_operator import contract, rank_supervisor
 from finetune_operator.api import FineTuneJob, FineTuneJobStatus, parse_manifest
 from finetune_operator.backends.base import JobKey
 from finetune_operator.builders import BuildContext, build_config_map, build_rank_pod, naming
@@ -43,11 +43,30 @@ Spawner = Callable[[list[str], dict[str, str], Path], subprocess.Popen[bytes]]
 
 
 def spawn_process_group(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The rank's command under `rank_supervisor`, which ends the rank's whole process tree when
+    this process goes (even by SIGKILL) or the command ends; in a session of its own, so the rank is
+    signalled as one group, like a pod."""
+    # Past the launcher's own shutdown timeout (the ranks' emergency checkpoint), the rest is killed.
+    grace = float(env.get(contract.ENV_SHUTDOWN_TIMEOUT, "30")) + contract.SHUTDOWN_MARGIN_SECONDS
+    supervisor = [sys.executable, "-I", rank_supervisor.__file__, "--parent", str(os.getpid())]
+    supervised = [*supervisor, "--grace", str(grace)]
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: signalled as one, like a pod
+            [*supervised, "--", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+
+
+def signal_rank(pid: int, sig: int) -> None:
+    """Signal a rank "pod": its process group (supervisor and launcher; the launcher forwards a
+    SIGTERM to its workers). A SIGKILL also goes to every process below the supervisor, since it
+    ends the supervisor too and torchrun's workers, in sessions of their own, would be left."""
+    below = rank_supervisor.descendants(pid) if sig == signal.SIGKILL else []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for child in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, sig)
 
 
 def _write_json(path: Path, body: dict[str, Any]) -> None:
@@ -266,8 +285,7 @@ class LocalBackend:
         record = json.loads(path.read_text())
         pid = record["local"]["pid"]
         if record["status"]["phase"] == "Running":
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+            signal_rank(pid, signal.SIGKILL if force else signal.SIGTERM)
         if force:
             path.unlink(missing_ok=True)
             self.children.pop(name, None)
