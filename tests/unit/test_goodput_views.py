@@ -57,3 +57,15 @@ def test_the_metrics_count_time_by_kind_and_publish_each_jobs_goodput() -> None:
         metrics.registry.get_sample_value("ftjob_goodput_percent", {"namespace": "team-a", "name": "demo"})
         is None
     )
+
+
+def test_describe_shows_what_became_of_each_sources_records() -> None:
+    body = _body()
+    body["status"]["progress"] = {"step": 3, "data": [{
+        "name": "glaive", "read": 200, "kept": 180, "duplicates": 2, "empty": 0, "dropped": 18,
+        "reasons": {"the chat template does not render tool calls": 18},
+    }]}  # fmt: skip
+    assert (
+        "Data:         glaive: 180 of 200 kept, 2 duplicates, 0 empty, 18 dropped"
+        " (18 the chat template does not render tool calls)"
+    ) in describe(JobView(body))
