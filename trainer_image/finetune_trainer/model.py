@@ -175,3 +175,11 @@ def load_model(config: TrainerConfig, source: str, ds_config: dict[str, Any]) ->
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters", trainable)
     return model, keep_alive
+
+
+def unlink_deepspeed() -> None:
+    """End the HF/DeepSpeed link load_model made: from here on transformers loads a model on the one
+    rank that asks (no `deepspeed.zero.Init`, whose partitioning is a collective of all ranks)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
