@@ -77,10 +77,9 @@ def trained_state_dict(engine: Any) -> dict[str, Any] | None:
 def _write(config: TrainerConfig, engine: Any, state: dict[str, Any], base_source: str, tokenizer: Any,
            out: Path) -> None:  # fmt: skip
     kind = export_kind(config)
-    if kind == "full":
-        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
-    elif kind == "adapter":
-        # peft reads the adapter from the gathered state, never from the (sharded) module's tensors.
+    if kind in ("full", "adapter"):
+        # Both save from the gathered state, never from the (sharded) module's own tensors; for an
+        # adapter, peft keeps only the adapter's entries of it.
         engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
     else:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
