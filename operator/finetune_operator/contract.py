@@ -137,7 +137,11 @@ class ExitCode(IntEnum):
     OK = 0
     INVALID_CONFIG = 2
     INPUT_NOT_FOUND = 3
+    # A step did not fit in GPU or host memory: the same config fails the same way, so it is not a
+    # blind retry (adapting the batch to fit is the operator's to add, not the trainer's).
+    OUT_OF_MEMORY = 4
     TRANSIENT = 75  # EX_TEMPFAIL: storage unreachable, collective timeout
+    STORAGE_REFUSED = 77  # EX_NOPERM: storage refused the credentials, or the bucket does not exist
     TERMINATED = 143  # 128 + SIGTERM: preempted or drained, after the emergency checkpoint
 
 

@@ -121,8 +121,11 @@ def test_a_failed_rank_restarts_the_gang(failed: dict[str, Any], counted: bool, 
     assert restarting.reason == reason and restarting.status == "True"
 
 
-@pytest.mark.parametrize(("code", "reason"), [(2, "InvalidConfig"), (3, "InputNotFound")])
-def test_configuration_and_input_failures_fail_at_once(code: int, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(2, "InvalidConfig"), (3, "InputNotFound"), (4, "OutOfMemory"), (77, "StorageRefused")],
+)
+def test_deterministic_failures_fail_at_once_without_a_counted_restart(code: int, reason: str) -> None:
     failed = pod(rank=0, phase="Failed", exit_code=code, message="dataset s3://d/x: not found")
     d = _decide(_job(_running()), [failed, pod(rank=1)], after(100))
     assert d.status.phase == Phase.FAILED and d.status.restarts == 0

@@ -38,6 +38,18 @@ def _verdict(raw: dict[str, Any], seconds: float = 30) -> Verdict:
             FAIL,
             "InputNotFound",
         ),
+        (
+            pod(
+                phase="Failed", exit_code=4, message="out of memory at step 12 (micro batch 8 x 4096 tokens)"
+            ),
+            FAIL,
+            "OutOfMemory",
+        ),
+        (
+            pod(phase="Failed", exit_code=77, message="storage refused: list on s3://b: AccessDenied"),
+            FAIL,
+            "StorageRefused",
+        ),
         (pod(phase="Failed", exit_code=75, message="storage unavailable"), R, "Transient"),
         (pod(phase="Failed", exit_code=1, message="ValueError at step 12: boom"), R, "RankFailed"),
         (pod(phase="Failed", exit_code=137), R, "RankFailed"),

@@ -15,9 +15,10 @@ import warnings
 from pathlib import Path
 
 from finetune_operator import contract
+from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.config import load_config, write_termination_message
-from finetune_trainer.failures import TrainerFailure
+from finetune_trainer.failures import OutOfMemory, TrainerFailure
 
 
 def _quiet_libraries(is_main: bool) -> None:
@@ -32,6 +33,26 @@ def _quiet_libraries(is_main: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # DeepSpeed's ZeRO calls torch's older collective names once per step; the notice is not ours.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.", category=FutureWarning)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Host (MemoryError) or device memory: torch.OutOfMemoryError, or an allocator's message in a
+    RuntimeError (DeepSpeed's and older torch's)."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def out_of_memory(exc: BaseException, config: TrainerConfig, step: int | None) -> OutOfMemory:
+    """The OutOfMemory failure, with where it happened and what sized it: the fix is a smaller step."""
+    where = f" at step {step}" if step is not None else ""
+    training, seq = config.training, config.dataset.max_seq_length
+    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return OutOfMemory(
+        f"out of memory{where} (micro batch {training.micro_batch_size} x {seq} tokens per rank): {first}; "
+        "lower training.microBatchSize or dataset.maxSeqLength, or enable training.gradientCheckpointing, "
+        "ZeRO-3 or offload"
+    )
 
 
 def _collective_timeout(exc: BaseException) -> bool:
@@ -59,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerFailure as exc:
         write_termination_message(exc.reason())
         return exc.exit_code
-    except Exception as exc:
+    except Exception as exc:  # MemoryError included
         at = f" at step {run.step}" if run is not None else ""
-        if "out of memory" in str(exc).lower():
-            write_termination_message(f"out of memory{at}: {str(exc).splitlines()[0][:300]}")
-            return 1
+        if _out_of_memory(exc):
+            failure = out_of_memory(exc, config, run.step if run is not None else None)
+            write_termination_message(failure.reason())
+            return failure.exit_code
         if _collective_timeout(exc):
             write_termination_message(
                 f"collective failed{at}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

@@ -13,6 +13,8 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
+from finetune_trainer.failures import InvalidInput
+
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 
@@ -69,6 +71,37 @@ def deepspeed_config(config: TrainerConfig, *, cpu: bool = False) -> dict[str, A
         "wall_clock_breakdown": False,
     }
     return deep_merge(generated, config.deepspeed.override or {})
+
+
+class DeepSpeedConfigError(InvalidInput):
+    """DeepSpeed refused the config (almost always an override key), or the device has not the
+    precision: exit 2, not a counted retry."""
+
+
+def check(config: TrainerConfig, ds_config: dict[str, Any]) -> None:
+    """Ask DeepSpeed's accelerator whether it has the precision, and parse `ds_config` with DeepSpeed's
+    own parser (what `deepspeed.initialize` runs first, with the process group's world size), so a bad
+    override or precision ends the run as InvalidConfig naming the fix instead of a traceback that
+    every restart repeats."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    accelerator, precision = get_accelerator(), config.training.precision
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}
+    if precision in supported and not supported[precision]():
+        raise DeepSpeedConfigError(
+            f"training.precision: {precision} is not supported on this {accelerator.device_name()} device; "
+            "use " + " or ".join(p for p in ("bf16", "fp32") if p != precision)
+        )
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds_config))
+    except Exception as exc:  # DeepSpeed raises pydantic errors, assertions and ValueErrors alike
+        first = " ".join(str(exc).split())[:400] or type(exc).__name__
+        field = "deepspeed.override" if config.deepspeed.override else "the generated DeepSpeed config"
+        raise DeepSpeedConfigError(
+            f"{field}: DeepSpeed refused it ({type(exc).__name__}: {first}); fix or remove the key it "
+            "names (the batch sizes come from training.microBatchSize/globalBatchSize, not the override)"
+        ) from None
 
 
 def is_decayed(name: str, ndim: int) -> bool:

@@ -1,10 +1,15 @@
 """The final model in Hugging Face format (safetensors, config, tokenizer) at the output uri.
 
-Under ZeRO-3 the weights are gathered from every rank's shards first (a collective), then rank 0
-writes them while the other ranks wait on the rendezvous store. A LoRA run exports either the
-adapter alone or the adapter merged into a fresh copy of the base weights. The upload ends with the
-export's own MANIFEST.json, so a reader never takes a half-uploaded model for a finished one, and a
-restart after a finished export does not redo it.
+Every collective of the export happens first, on every rank: under ZeRO-3 a full run consolidates
+the 16-bit weights from the shards, a LoRA run gathers only its trained adapter weights (megabytes,
+not the base's gigabytes; peft's own advice: GatheredParameters around the save). Then the
+HF/DeepSpeed link is dropped, so nothing rank 0 does alone can enter a collective: with the link
+alive, transformers' `from_pretrained` would open `deepspeed.zero.Init` and broadcast every
+parameter in a collective only rank 0 joins (the LoRA-on-ZeRO-3 hang). Rank 0 writes while the
+other ranks wait on the rendezvous store. A LoRA run exports either the adapter alone or the adapter
+merged into a fresh CPU copy of the base. The upload ends with the export's own MANIFEST.json, so a
+reader never takes a half-uploaded model for a finished one, and a restart after a finished export
+does not redo it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pydantic import BaseModel
 from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import MANIFEST, FileEntry, upload_tree
 from finetune_trainer.coordination import Coordinator
-from finetune_trainer.model import load_base, lora_config
+from finetune_trainer.model import load_base, lora_config, unlink_deepspeed
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -57,28 +62,42 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
     return engine.module.state_dict() if dist.from_env().is_main else None
 
 
+def trained_state_dict(engine: Any) -> dict[str, Any] | None:
+    """The trained parameters (LoRA's adapters) in full, as CPU copies on rank 0 (None elsewhere).
+    Every rank must call it: under ZeRO-3 the gather is a collective; below it, a no-op."""
+    import deepspeed
+
+    named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        if not dist.from_env().is_main:
+            return None
+        return {name: p.detach().to("cpu", copy=True) for name, p in named}
+
+
 def _write(config: TrainerConfig, engine: Any, state: dict[str, Any], base_source: str, tokenizer: Any,
            out: Path) -> None:  # fmt: skip
     kind = export_kind(config)
-    if kind == "full":
+    if kind in ("full", "adapter"):
+        # Both save from the gathered state, never from the (sharded) module's own tensors; for an
+        # adapter, peft keeps only the adapter's entries of it.
         engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
     else:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(engine.module, state_dict=state)
-        # A fresh CPU copy of the base: under ZeRO-3 the trained module holds only shards.
+        # A fresh CPU copy of the base (a plain load: the DeepSpeed link is gone), the adapter on it.
         fresh = get_peft_model(load_base(config, base_source), lora_config(config))
-        set_peft_model_state_dict(fresh, adapter)
-        if kind == "adapter":
-            fresh.save_pretrained(out, safe_serialization=True)
-        else:
-            fresh.merge_and_unload().save_pretrained(out, safe_serialization=True)
+        set_peft_model_state_dict(fresh, get_peft_model_state_dict(fresh, state_dict=state))
+        fresh.merge_and_unload().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 
 def export(config: TrainerConfig, engine: Any, *, step: int, base_source: str, tokenizer: Any,
            store: ObjectStore, scratch: Path, phases: Coordinator) -> None:  # fmt: skip
-    state = full_state_dict(engine, config.deepspeed.zero_stage)
+    if export_kind(config) == "full":
+        state = full_state_dict(engine, config.deepspeed.zero_stage)
+    else:
+        state = trained_state_dict(engine)
+    unlink_deepspeed()  # every collective is behind us: what follows is rank 0's alone
 
     def write_and_upload() -> None:
         assert state is not None

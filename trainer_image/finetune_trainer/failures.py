@@ -2,8 +2,8 @@
 
 `__main__` catches `TrainerFailure` once and exits with `exit_code`, writing `reason()` to the
 termination log; the operator classifies the rank by that code (contract.ExitCode). Anything else
-that escapes is a bug or a runtime error and is classified there (out of memory, a collective that
-timed out, or exit 1).
+that escapes is a bug or a runtime error and is classified there (out of memory becomes
+`OutOfMemory`, a collective that timed out `Transient`, the rest exit 1).
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ class InputMissing(TrainerFailure):
     """A model, dataset, tokenizer or named checkpoint is missing or unreadable (exit 3)."""
 
     exit_code = contract.ExitCode.INPUT_NOT_FOUND
+
+
+class OutOfMemory(TrainerFailure):
+    """A step did not fit in GPU or host memory: retrying the same config fails the same way (exit 4)."""
+
+    exit_code = contract.ExitCode.OUT_OF_MEMORY
+
+
+class Refused(TrainerFailure):
+    """Storage refused the job's credentials or has no such bucket: a fix, not a retry (exit 77)."""
+
+    exit_code = contract.ExitCode.STORAGE_REFUSED
 
 
 class Transient(TrainerFailure):

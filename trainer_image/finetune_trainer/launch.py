@@ -1,9 +1,10 @@
 """`python -m finetune_trainer.launch <torchrun arguments>`: torchrun, with the failure class kept.
 
 torchrun exits 1 whenever a rank fails and dies with a traceback on SIGTERM, so on its own the pod's
-exit code would never say 2 (invalid config), 3 (input not found), 75 (transient) or 143 (terminated)
-and the operator could not classify the failure. This runs torchrun in-process and exits with the
-first failed rank's code, copying that rank's one-line reason into the termination log.
+exit code would never say 2 (invalid config), 3 (input not found), 4 (out of memory), 75 (transient),
+77 (storage refused) or 143 (terminated) and the operator could not classify the failure. This runs
+torchrun in-process and exits with the first failed rank's code, copying that rank's one-line reason
+into the termination log.
 """
 
 from __future__ import annotations

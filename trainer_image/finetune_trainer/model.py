@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.api import TrainerConfig
+from finetune_operator.api.spec import LoraSpec
 
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing, InvalidInput
@@ -104,7 +105,6 @@ def torch_dtype(precision: str) -> Any:
 
 
 def lora_config(config: TrainerConfig) -> Any:
-    from finetune_operator.api.spec import LoraSpec
     from peft import LoraConfig
 
     lora = config.training.lora or LoraSpec()
@@ -115,6 +115,28 @@ def lora_config(config: TrainerConfig) -> Any:
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
+
+
+class TargetModulesMissing(InvalidInput):
+    """training.lora.targetModules names no module of the model: exit 2, the fix is the list."""
+
+
+def with_adapters(model: Any, config: TrainerConfig) -> Any:
+    """The model with LoRA adapters; targetModules that match nothing are refused with the names the
+    model has (peft's NoMatchingPeftModuleError, which every restart would repeat)."""
+    from peft import NoMatchingPeftModuleError, get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(config))
+    except NoMatchingPeftModuleError:
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__ == "Linear"}
+        )
+        wanted = list((config.training.lora or LoraSpec()).target_modules)
+        raise TargetModulesMissing(
+            f"training.lora.targetModules: {wanted} match no module of the model; "
+            f"its linear layers are {linear}"
+        ) from None
 
 
 class KernelMissing(InvalidInput):
@@ -190,9 +212,15 @@ def load_model(config: TrainerConfig, source: str, ds_config: dict[str, Any]) ->
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.training.method == "lora":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(config))
+        model = with_adapters(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters", trainable)
     return model, keep_alive
+
+
+def unlink_deepspeed() -> None:
+    """End the HF/DeepSpeed link load_model made: from here on transformers loads a model on the one
+    rank that asks (no `deepspeed.zero.Init`, whose partitioning is a collective of all ranks)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()

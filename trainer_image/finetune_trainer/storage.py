@@ -20,13 +20,36 @@ from urllib.parse import urlparse
 
 from finetune_operator import contract
 
-from finetune_trainer.failures import Transient
+from finetune_trainer.failures import Refused, Transient
 
 
 class StorageUnavailable(Transient):
-    """Storage could not be reached or refused us; the trainer exits 75 (transient) on it."""
+    """Storage could not be reached or failed the request; the trainer exits 75 (transient) on it."""
 
     prefix = "storage unavailable: "
+
+
+class StorageRefused(Refused):
+    """Storage answered, and the answer does not change on a retry: the credentials are wrong or may
+    not do this, or the bucket does not exist. The trainer exits 77 and the job fails, naming the fix."""
+
+    prefix = "storage refused: "
+
+
+# S3 error codes a retry cannot change, with what to fix. The credentials ones name the Secret's
+# field only, never a key: `_call` never puts the request (signed with the key) into a message.
+_CREDENTIALS_FIX = (
+    "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the Secret named by "
+    "spec.checkpoint.credentialsSecret, and that they may read and write this bucket"
+)
+REFUSALS = {
+    "AccessDenied": _CREDENTIALS_FIX,
+    "403": _CREDENTIALS_FIX,  # a HEAD request's refusal has no body, only its status
+    "InvalidAccessKeyId": _CREDENTIALS_FIX,
+    "SignatureDoesNotMatch": _CREDENTIALS_FIX,
+    "NoSuchBucket": "the bucket does not exist at this endpoint: create it, or fix the uri "
+    "(or spec.checkpoint.endpointUrl)",
+}
 
 
 class ObjectNotFound(Exception):
@@ -130,14 +153,23 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except S3UploadFailedError as exc:
+                # boto3's transfer wraps the service's answer (raised inside its `except ClientError`).
+                if isinstance(exc.__context__, ClientError):
+                    raise exc.__context__ from None
+                raise StorageUnavailable(f"{what} on {self.uri} failed: upload failed") from None
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in {"NoSuchKey", "404", "NotFound"}:
                 raise ObjectNotFound(what) from None
+            if code in REFUSALS:
+                raise StorageRefused(f"{what} on {self.uri}: {code}; {REFUSALS[code]}") from None
             raise StorageUnavailable(f"{what} on {self.uri} failed: {code or 'error'}") from None
         except (BotoCoreError, OSError) as exc:
             raise StorageUnavailable(f"{what} on {self.uri} failed: {type(exc).__name__}") from None

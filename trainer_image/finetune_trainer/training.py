@@ -27,6 +27,7 @@ from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.dropped import summary as data_summary
+from finetune_trainer.ds_config import check as check_deepspeed_config
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
@@ -93,6 +94,7 @@ class Run:
         data = prepare(config, tokenizer, job_store, self.scratch, self.phases, self._open)
         steps = plan(config, len(data.train))
         ds_config = deepspeed_config(config, cpu=dist.on_cpu())
+        check_deepspeed_config(config, ds_config)  # before any weight loads: a bad override fails fast
         model, keep_alive = load_model(config, model_source, ds_config)
         warmup = warmup_steps(config, steps.total_steps)
 

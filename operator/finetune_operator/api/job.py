@@ -87,6 +87,14 @@ class FineTuneJobSpec(ApiModel):
             field="training.evalEverySteps",
             check=lambda s: s.training.eval_every_steps is None or s.dataset.validation_fraction > 0,
         ),
+        Rule(
+            # DeepSpeed's CPU accelerator has no fp16 ("Type fp16 is not supported on your device"),
+            # which every restart would hit again; bf16 and fp32 run on CPU.
+            cel="self.training.precision != 'fp16' || self.resources.gpusPerNode > 0",
+            message="precision fp16 needs GPUs (resources.gpusPerNode above 0); on CPU use bf16 or fp32",
+            field="training.precision",
+            check=lambda s: s.training.precision != "fp16" or s.resources.gpus_per_node > 0,
+        ),
     )
 
 

@@ -78,6 +78,8 @@ CLUSTER_CONFIG_WAITING = {
 EXIT_VERDICTS = {
     contract.ExitCode.INVALID_CONFIG: (Outcome.FAIL, "InvalidConfig"),
     contract.ExitCode.INPUT_NOT_FOUND: (Outcome.FAIL, "InputNotFound"),
+    contract.ExitCode.OUT_OF_MEMORY: (Outcome.FAIL, "OutOfMemory"),
+    contract.ExitCode.STORAGE_REFUSED: (Outcome.FAIL, "StorageRefused"),
     contract.ExitCode.TRANSIENT: (Outcome.RESTART, "Transient"),
     contract.ExitCode.TERMINATED: (Outcome.INFRA_RESTART, "Terminated"),
 }
