@@ -25,7 +25,8 @@ SECRET = {"name": "hf-token", "data": {"token": TOKEN}}  # the Secret as the kub
 LOAD = (
     "import sys; from types import SimpleNamespace as N\n"
     "from finetune_trainer.model import ModelNotFound, load_tokenizer\n"
-    "config = N(model=N(revision=None, trust_remote_code=False))\n"
+    "config = N(model=N(revision=None, trust_remote_code=False, tokenizer=None),"
+    " dataset=N(chat_template=None, sources=[]))\n"
     "try:\n"
     f"    print('loaded', type(load_tokenizer(config, {REPO!r})).__name__)\n"
     "except ModelNotFound as exc:\n"
