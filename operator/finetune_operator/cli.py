@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,25 +119,23 @@ def _writing(path: Path) -> Iterator[None]:
         ) from None
 
 
-def _attempt(text: str) -> int:
-    """An attempt number as the CLI takes it: attempts count from 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"attempts count from 1 (got {value})")
-    return value
+def _counted_from(first: int, what: str) -> Callable[[str], int]:
+    """An argparse type for a number that counts from `first` (attempts from 1, node ranks from 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < first:
+            raise argparse.ArgumentTypeError(f"{what} count from {first} (got {value})")
+        return value
+
+    return parse
 
 
-def _rank(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"node ranks count from 0 (got {value})")
-    return value
+_attempt = _counted_from(1, "attempts")
+_rank = _counted_from(0, "node ranks")
 
 
 def _workdir(args: argparse.Namespace, name: str) -> Path:

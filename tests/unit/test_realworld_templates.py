@@ -44,17 +44,22 @@ def tokenizers() -> dict[str, Any]:
     return {}  # tokenizers are loaded once per template by _prepared
 
 
+def _family(template_name: str) -> str:
+    return "llama2" if template_name.startswith(LLAMA2_FAMILY) else "llama3"
+
+
 @functools.cache
-def _prepared(template_name: str) -> Any:
-    """A copy of the model family's real tokenizer, given the template's own special tokens as its
-    model's tokenizer has them (`<|eot_id|>` is in Llama 3's; `<|im_end|>` in ChatML models')."""
+def _prepared(family: str) -> Any:
+    """The model family's real tokenizer (loaded once: the Llama 3 one takes seconds), given its
+    templates' own special tokens as their models' tokenizers have them (`<|eot_id|>` is in Llama 3's;
+    `<|im_end|>` in ChatML models'). A token one template adds is text no other template renders."""
     from transformers import AutoTokenizer
 
-    family = "llama2" if template_name.startswith(LLAMA2_FAMILY) else "llama3"
     tokenizer = AutoTokenizer.from_pretrained(REALWORLD / "tokenizers" / f"{family}-base")
-    tokenizer.chat_template = _template_text(REALWORLD / "templates" / template_name)
     bars = "|\uff5c"  # DeepSeek's specials use the fullwidth bar
-    found = set(re.findall(f"<[{bars}][^<>'\"]{{1,40}}[{bars}]>", tokenizer.chat_template))
+    special = re.compile(f"<[{bars}][^<>'\"]{{1,40}}[{bars}]>")
+    texts = [_template_text(REALWORLD / "templates" / name) for name in TEMPLATES if _family(name) == family]
+    found = {token for text in texts for token in special.findall(text)}
     new = sorted(t for t in found if t not in tokenizer.get_vocab())
     if new:
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
@@ -62,7 +67,7 @@ def _prepared(template_name: str) -> Any:
 
 
 def _tokenizer_for(tokenizers: dict[str, Any], template_name: str) -> Any:
-    tokenizer = _prepared(template_name)
+    tokenizer = _prepared(_family(template_name))
     tokenizer.chat_template = _template_text(REALWORLD / "templates" / template_name)  # a test may swap it
     return tokenizer
 
