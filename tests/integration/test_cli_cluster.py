@@ -7,32 +7,14 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import yaml
 from finetune_operator.cli import main
 
-from tests.support.factories import manifest
+from tests.support.factories import kubeconfig, manifest
 from tests.support.kubelet import Rank, script
 from tests.support.operator import running
 
 NS = "team-a"
 FAST = {"spec.resources.nodes": 2, "spec.runPolicy.backoffBaseSeconds": 1}
-
-
-def _kubeconfig(tmp_path: Path, url: str) -> str:
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emulated", "cluster": {"server": url}}],
-                "users": [{"name": "tester", "user": {"token": "not-a-secret"}}],
-                "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "tester"}}],
-                "current-context": "emulated",
-            }
-        )
-    )
-    return str(path)
 
 
 @pytest.mark.asyncio
@@ -43,7 +25,7 @@ async def test_list_and_logs_read_the_cluster(tmp_path: Path, capsys: pytest.Cap
             lambda: "FTJOB_PROGRESS" in k8s.cluster.pod_logs.get((NS, "demo-a1-n0"), ""),
             what="rank 0 reports progress",
         )
-        where = ["--kubeconfig", _kubeconfig(tmp_path, k8s.url)]
+        where = ["--kubeconfig", str(kubeconfig(tmp_path, k8s.url))]
 
         assert await asyncio.to_thread(main, ["list", "-n", NS, *where]) == 0
         header, row = capsys.readouterr().out.splitlines()

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.processes import ftjob_run
 from tests.support.trainer_run import Workspace, tiny_job_manifest
 
 pytestmark = pytest.mark.slow
@@ -54,18 +54,9 @@ def _prepare(tmp_path: Path, changes: dict[str, Any]) -> Path:
     return path
 
 
-def _launch(manifest: Path, workdir: Path, out: Path) -> subprocess.Popen[str]:
-    """`ftjob run` as a user starts it, in its own process (its ranks are process groups of their own)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator.cli", "run", str(manifest), "--workdir", str(workdir)],
-        env=env, stdout=out.open("w"), stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
 def _start(tmp_path: Path, changes: dict[str, Any]) -> tuple[subprocess.Popen[str], Path, Path]:
     manifest, workdir, out = _prepare(tmp_path, changes), tmp_path / "run", tmp_path / "ftjob-run.out"
-    return _launch(manifest, workdir, out), workdir, out
+    return ftjob_run(manifest, workdir, out), workdir, out
 
 
 def _steps(log: str) -> list[int]:
@@ -128,7 +119,7 @@ def test_ctrl_c_stops_every_rank_with_an_emergency_checkpoint_and_the_same_comma
     emergency = max(_committed(_log(workdir, "tiny-a1-n0")))
     assert emergency >= 7, "the emergency checkpoint is where training stood, not the last periodic one"
 
-    again = _launch(tmp_path / "job.yaml", workdir, tmp_path / "ftjob-run-2.out")
+    again = ftjob_run(tmp_path / "job.yaml", workdir, tmp_path / "ftjob-run-2.out")
     try:
         assert again.wait(RUN_TIMEOUT) == 0, (tmp_path / "ftjob-run-2.out").read_text()[-4000:]
     finally:

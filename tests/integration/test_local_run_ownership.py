@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import yaml
 from finetune_operator.cli_errors import EXIT_BUSY
 from finetune_operator.rank_supervisor import descendants
 
+from tests.support.processes import alive, ftjob_run, until
 from tests.support.trainer_run import Workspace, tiny_job_manifest
 
 pytestmark = pytest.mark.slow
@@ -24,30 +23,6 @@ START_TIMEOUT = 300.0  # the ranks import torch and load the model on two shared
 # The ranks' SIGTERM grace (runPolicy's, less the launcher's margin) plus the supervisor's margin and
 # its polls: past this, a process left is a rank that outlived its run.
 GONE_TIMEOUT = 60.0
-
-
-def _until(check: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _ftjob_run(manifest: Path, workdir: Path, out: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "finetune_operator.cli", "run", str(manifest), "--workdir", str(workdir)],
-        env=env, stdout=out.open("w"), stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
 
 
 def _training(workdir: Path) -> bool:
@@ -72,9 +47,9 @@ def training_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(job))
     workdir = tmp_path / "run"
-    proc = _ftjob_run(manifest, workdir, tmp_path / "first.out")
+    proc = ftjob_run(manifest, workdir, tmp_path / "first.out")
     try:
-        _until(lambda: _training(workdir) or proc.poll() is not None, START_TIMEOUT, "both ranks training")
+        until(lambda: _training(workdir) or proc.poll() is not None, START_TIMEOUT, "both ranks training")
         assert proc.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
         yield proc, manifest
     finally:
@@ -82,7 +57,7 @@ def training_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]
         proc.kill()
         proc.wait(30)
         for pid in tree:  # the test failed: do not leave its ranks to the rest of the suite
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, 9)
 
 
@@ -94,7 +69,7 @@ def test_sigkill_of_ftjob_run_ends_every_process_of_its_ranks(
     assert len(tree) >= 6, f"2 x (supervisor, launcher, worker) expected below ftjob run, got {tree}"
     proc.kill()
     proc.wait(30)
-    _until(lambda: not any(_alive(pid) for pid in tree), GONE_TIMEOUT, f"every rank process of {tree} gone")
+    until(lambda: not any(alive(pid) for pid in tree), GONE_TIMEOUT, f"every rank process of {tree} gone")
 
 
 def test_a_second_ftjob_run_of_a_running_job_is_refused(
@@ -102,7 +77,7 @@ def test_a_second_ftjob_run_of_a_running_job_is_refused(
 ) -> None:
     proc, manifest = training_run
     ranks = descendants(proc.pid)
-    second = _ftjob_run(manifest, tmp_path / "run", tmp_path / "second.out")
+    second = ftjob_run(manifest, tmp_path / "run", tmp_path / "second.out")
     assert second.wait(60) == EXIT_BUSY
     assert "is in use by another `ftjob run`" in (tmp_path / "second.out").read_text()
-    assert proc.poll() is None and all(_alive(pid) for pid in ranks), "the first run goes on untouched"
+    assert proc.poll() is None and all(alive(pid) for pid in ranks), "the first run goes on untouched"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import yaml
 from finetune_operator.api import FineTuneJob, parse_manifest
 
 _MISSING = object()
@@ -62,3 +64,19 @@ def started(obj: dict[str, Any], attempt: int = 1, phase: str = "Running") -> di
     out = copy.deepcopy(obj)
     out["status"] = {"phase": phase, "attempt": attempt}
     return out
+
+
+def kubeconfig(directory: Path, server: str, token: str = "not-a-secret") -> Path:
+    """A kubeconfig naming one cluster at `server`, reached with a bearer token."""
+    path = directory / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": server}}],
+            "users": [{"name": "u", "user": {"token": token}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x",
+        })
+    )  # fmt: skip
+    return path

@@ -23,7 +23,9 @@ from finetune_operator.cli_errors import (
     EXIT_NO_CLUSTER_CONFIG,
 )
 
-from tests.support.factories import manifest
+from tests.support.factories import kubeconfig, manifest
+
+TOKEN = "s3cr3t-token"  # never in a message
 
 # A file a case writes into tmp_path and names on the command line, by what it holds.
 Writer = Callable[[Path], Path]
@@ -148,23 +150,6 @@ CLUSTER_COMMANDS = [
 ]
 
 
-def _kubeconfig(tmp: Path, server: str) -> Path:
-    path = tmp / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": server}}],
-                "users": [{"name": "u", "user": {"token": "s3cr3t-token"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture
 def no_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -233,7 +218,7 @@ def test_a_kubeconfig_that_is_not_yaml_is_no_usable_kubeconfig(
 def test_an_unreachable_api_server_is_one_line_naming_the_kubeconfig(
     argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _kubeconfig(tmp_path, f"http://127.0.0.1:{_closed_port()}")
+    config = kubeconfig(tmp_path, f"http://127.0.0.1:{_closed_port()}", TOKEN)
     assert main([*argv, "--kubeconfig", str(config)]) == EXIT_CLUSTER_UNREACHABLE
     line = _one_line(capsys.readouterr().err)
     assert "cannot reach the API server" in line and str(config) in line
@@ -244,7 +229,7 @@ def test_an_unreachable_api_server_is_one_line_naming_the_kubeconfig(
 def test_a_refusing_api_server_names_the_status_and_what_to_check(
     argv: list[str], tmp_path: Path, forbidding_server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _kubeconfig(tmp_path, forbidding_server)
+    config = kubeconfig(tmp_path, forbidding_server, TOKEN)
     assert main([*argv, "--kubeconfig", str(config)]) == EXIT_CLUSTER_UNREACHABLE
     line = _one_line(capsys.readouterr().err)
     assert "refused the request (403" in line and "RBAC" in line

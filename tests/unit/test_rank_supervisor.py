@@ -10,8 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from finetune_operator.local_run import workdir_lock
 from finetune_operator.rank_supervisor import descendants
 
 from tests.support.factories import manifest
+from tests.support.processes import alive, until
 
 WAIT = 20.0  # seconds: a bounded wait for anything below (the supervisor polls every 0.2 s)
 
@@ -53,30 +53,13 @@ RUN = textwrap.dedent(
 )
 
 
-def _until(check: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its parent's reaping is left
-
-
 @pytest.fixture
 def leftovers() -> Iterator[list[int]]:
     """Pids a test saw; any still alive afterwards (the test failed) is killed, not left running."""
     seen: list[int] = []
     yield seen
     for pid in seen:
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -90,34 +73,34 @@ def test_a_sigkilled_run_takes_every_rank_process_with_it_workers_in_their_own_s
 ) -> None:
     run = subprocess.Popen([sys.executable, "-c", RUN, LAUNCHER, str(tmp_path / "rank.log")], env=os.environ)
     try:
-        _until(lambda: len(descendants(run.pid)) >= 3, "supervisor, launcher and worker started")
-        _until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), "the worker running")
+        until(lambda: len(descendants(run.pid)) >= 3, WAIT, "supervisor, launcher and worker started")
+        until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), WAIT, "the worker running")
         tree = descendants(run.pid)
         leftovers.extend(tree)
         run.kill()
         run.wait(WAIT)
-        _until(lambda: not any(_alive(pid) for pid in tree), f"every rank process of {tree} gone")
+        until(lambda: not any(alive(pid) for pid in tree), WAIT, f"every rank process of {tree} gone")
     finally:
         run.kill()
 
 
 def test_a_worker_that_outlives_its_launcher_ends_with_the_rank(tmp_path: Path, leftovers: list[int]) -> None:
     rank = spawn_process_group([sys.executable, "-c", LAUNCHER, "exit"], _env(), tmp_path / "rank.log")
-    _until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), "the worker running")
+    until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), WAIT, "the worker running")
     tree = descendants(rank.pid)
     leftovers.extend(tree)
     assert rank.wait(WAIT) == 0
-    assert not any(_alive(pid) for pid in tree), "the orphaned worker is ended before the rank reports"
+    assert not any(alive(pid) for pid in tree), "the orphaned worker is ended before the rank reports"
 
 
 def test_a_force_deleted_rank_ends_with_its_workers(tmp_path: Path, leftovers: list[int]) -> None:
     rank = spawn_process_group([sys.executable, "-c", LAUNCHER, "run"], _env(), tmp_path / "rank.log")
-    _until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), "the worker running")
+    until(lambda: "worker up" in (tmp_path / "rank.log").read_text(), WAIT, "the worker running")
     tree = descendants(rank.pid)
     leftovers.extend(tree)
     signal_rank(rank.pid, signal.SIGKILL)  # what LocalBackend.delete_pod(force=True) sends
     assert rank.wait(WAIT) == -signal.SIGKILL
-    _until(lambda: not any(_alive(pid) for pid in tree), f"every process of {tree} gone")
+    until(lambda: not any(alive(pid) for pid in tree), WAIT, f"every process of {tree} gone")
 
 
 @pytest.mark.parametrize(
@@ -132,7 +115,7 @@ def test_the_rank_exits_as_its_command_did(program: str, returncode: int, tmp_pa
 def test_sigterm_to_the_rank_group_reaches_the_command_and_is_its_exit(tmp_path: Path) -> None:
     program = "import time; print('up', flush=True); time.sleep(600)"
     rank = spawn_process_group([sys.executable, "-c", program], _env(), tmp_path / "rank.log")
-    _until(lambda: "up" in (tmp_path / "rank.log").read_text(), "the command running")
+    until(lambda: "up" in (tmp_path / "rank.log").read_text(), WAIT, "the command running")
     os.killpg(rank.pid, signal.SIGTERM)
     assert rank.wait(WAIT) == -signal.SIGTERM  # 143 as the backend records it, as before
 
