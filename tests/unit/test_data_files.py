@@ -104,11 +104,11 @@ def test_a_source_mostly_malformed_stops_the_run_naming_it_and_the_reasons(tmp_p
 
 def test_a_source_the_template_mostly_cannot_label_stops_the_run_naming_chat_template(tmp_path: Path) -> None:
     lost = {"the chat template does not render tool calls": 30}
-    encoding = {"encoded": {"talk": 10}, "lost": {"talk": lost}}
+    encoding = {"records": {"talk": 40}, "lost": {"talk": lost}}
     with pytest.raises(MostlyDropped, match=r"dataset\.chatTemplate") as caught:
         check_encoding(_config(tmp_path), encoding)
     assert caught.value.exit_code == 2
-    check_encoding(_config(tmp_path), {"encoded": {"talk": 100}, "lost": {"talk": {"x": 5}}})  # 5 % is fine
+    check_encoding(_config(tmp_path), {"records": {"talk": 100}, "lost": {"talk": {"x": 5}}})  # 5 % is fine
 
 
 def test_chat_data_on_a_base_tokenizer_without_a_template_stops_naming_the_field(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from finetune_trainer.messages import Refused
 
@@ -131,7 +131,8 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any) -> Rende
     if not order:
         text = real
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    spans = [_span(tokenizer, text, messages, i, starts, tools) for i in assistants]
+    shape = template_shape(tokenizer, tools)
+    spans = [_span(shape, text, messages, i, starts) for i in assistants]
     if tools:
         absent = [t["function"].get("name") for t in tools if str(t["function"].get("name")) not in text]
         if absent:
@@ -139,36 +140,31 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any) -> Rende
     return Rendered(text=text, spans=spans, rewritten=rewritten)
 
 
-def _span(tokenizer: Any, text: str, messages: list[dict[str, Any]], index: int,
-          starts: dict[int, tuple[int, int]], tools: Any) -> tuple[int, int]:  # fmt: skip
+def _span(shape: TemplateShape, text: str, messages: list[dict[str, Any]], index: int,
+          starts: dict[int, tuple[int, int]]) -> tuple[int, int]:  # fmt: skip
     """Assistant message `index`'s label range in `text`: from its content (or, for a tool call, the
     end of its header) through the end-of-turn marker after it."""
     after_previous = max((end for i, (_, end) in starts.items() if i < index), default=0)
     next_start = min((start for i, (start, _) in starts.items() if i > index), default=len(text))
     start, end = starts.get(index, (None, None))
-    if messages[index].get("tool_calls"):
-        header = generation_header(tokenizer, tools)
-        # A generation prompt may open the reasoning (`<think>`, DeepSeek-R1): a call comes before it.
-        header = THINK_OPENING.sub("", header) if header.strip() != "<think>" else header
-        at = text.find(header, after_previous, next_start) if header else -1
+    calls = messages[index].get("tool_calls")
+    if calls:
+        at = text.find(shape.header, after_previous, next_start) if shape.header else -1
         if at >= 0:
-            call_start = at + len(header)
+            call_start = at + len(shape.header)
         else:  # no generation prompt (Mistral): the call follows what closes a user turn ([/INST])
-            closing, gap = user_closing(tokenizer, tools), text[after_previous:next_start]
-            call_start = after_previous + _common_prefix(closing, gap)
+            call_start = after_previous + _common_prefix(shape.user_closing, text[after_previous:next_start])
         start = call_start if start is None else min(start, call_start)
         end = call_start if end is None else end
-        names = [c["function"]["name"] for c in messages[index]["tool_calls"]]
-        marker = end_of_turn(tokenizer, tools)
-        close = text.find(marker, end, next_start) if marker else -1
-        region = text[start : close if close >= 0 else next_start]
-        if not all(name in region for name in names):
-            raise Refused("the chat template does not render tool calls")
     assert start is not None and end is not None
-    marker = end_of_turn(tokenizer, tools)
+    marker = shape.end_of_turn
     close = text.find(marker, end, next_start) if marker else -1
-    # Only whitespace or the template's own separator may stand between content and marker.
-    if close >= 0 and (not text[end:close].strip() or messages[index].get("tool_calls")):
+    if calls:
+        region = text[start : close if close >= 0 else next_start]
+        if not all(call["function"]["name"] in region for call in calls):
+            raise Refused("the chat template does not render tool calls")
+    # Only whitespace (or, after a call, the template's own syntax) may stand before the marker.
+    if close >= 0 and (calls or not text[end:close].strip()):
         end = close + len(marker)
     return start, end
 
@@ -180,11 +176,20 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
+class TemplateShape(NamedTuple):
+    header: str  # the assistant header a generation prompt adds, before any `<think>` it opens
+    end_of_turn: str  # the marker after an assistant's content
+    user_closing: str  # what stands between a user's content and the assistant's
+
+
+def template_shape(tokenizer: Any, tools: Any) -> TemplateShape:
+    return _probe(tokenizer, tokenizer.chat_template or "", bool(tools))
+
+
 @functools.lru_cache(maxsize=64)
-def _probe(tokenizer: Any, template: str, with_tools: bool) -> tuple[str, str, str]:
-    """(generation header, end-of-turn marker, what closes a user turn) of a template, from a
-    one-turn probe; `template` is in the key because a tokenizer's template can be replaced
-    (dataset.chatTemplate)."""
+def _probe(tokenizer: Any, template: str, with_tools: bool) -> TemplateShape:
+    """A template's shape, from a one-turn probe; `template` is in the key because a tokenizer's
+    template can be replaced (dataset.chatTemplate)."""
     tools = [{"type": "function", "function": {"name": "probe", "parameters": {}}}] if with_tools else None
     user = [{"role": "user", "content": "\u27e6ftjq\u27e7"}]
     try:
@@ -192,10 +197,12 @@ def _probe(tokenizer: Any, template: str, with_tools: bool) -> tuple[str, str, s
         prompt = _apply(tokenizer, user, tools, add_generation_prompt=True)
         turn = _apply(tokenizer, [*user, {"role": "assistant", "content": "\u27e6ftja\u27e7"}], tools)
     except _TemplateError:
-        return "", "", ""
+        return TemplateShape("", "", "")
     header = prompt[len(bare) :] if prompt.startswith(bare) else ""
+    # A generation prompt may open the reasoning (`<think>`, DeepSeek-R1): a tool call comes before it.
+    header = THINK_OPENING.sub("", header) if header.strip() != "<think>" else header
     between, _, after = turn.partition("\u27e6ftjq\u27e7")[2].partition("\u27e6ftja\u27e7")
-    return header, _marker(tokenizer, after), between
+    return TemplateShape(header, _marker(tokenizer, after), between)
 
 
 def _marker(tokenizer: Any, after: str) -> str:
@@ -205,15 +212,3 @@ def _marker(tokenizer: Any, after: str) -> str:
     specials = [*specials, *(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values())]
     ends = [after.find(t) + len(t) for t in set(specials) if t and after.find(t) >= 0]
     return after[: min(ends)] if ends else after.rstrip()
-
-
-def generation_header(tokenizer: Any, tools: Any) -> str:
-    return _probe(tokenizer, tokenizer.chat_template or "", bool(tools))[0]
-
-
-def end_of_turn(tokenizer: Any, tools: Any) -> str:
-    return _probe(tokenizer, tokenizer.chat_template or "", bool(tools))[1]
-
-
-def user_closing(tokenizer: Any, tools: Any) -> str:
-    return _probe(tokenizer, tokenizer.chat_template or "", bool(tools))[2]

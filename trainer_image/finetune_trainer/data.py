@@ -91,8 +91,9 @@ def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = op
     return out
 
 
-def _clean(source: DatasetSource, row: dict[str, Any], reasoning: str) -> tuple[str, dict[str, Any] | None]:
-    """('ok', fields) or ('empty', None) by the source's record shape; `Refused` for a malformed one.
+def _clean(source: DatasetSource, row: dict[str, Any], reasoning: str) -> dict[str, Any] | None:
+    """The record's fields by the source's shape, None when it has nothing to learn; `Refused` for a
+    malformed one.
 
     alpaca records keep both layouts (`prompt` as plain text, `user` as the user turn of a chat),
     because which one trains depends on the tokenizer's template
@@ -101,17 +102,17 @@ def _clean(source: DatasetSource, row: dict[str, Any], reasoning: str) -> tuple[
         text = row.get(source.text_field)
         if not isinstance(text, str):
             raise Refused(f"no text under {source.text_field}")
-        return ("ok", {"text": text}) if text.strip() else ("empty", None)
+        return {"text": text} if text.strip() else None
     if source.shape == "promptCompletion":
         prompt, completion = row.get(source.prompt_field), row.get(source.completion_field)
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise Refused(f"no text under {source.prompt_field} and {source.completion_field}")
         fields = {"prompt": prompt, "completion": completion}  # the prompt is also the chat's user turn
-        return ("ok", fields) if completion.strip() else ("empty", None)
+        return fields if completion.strip() else None
     if source.shape == "alpaca":
         return _alpaca(source, row)
     record = conversation(source, row, reasoning)
-    return ("ok", record) if has_target(record) else ("empty", None)
+    return record if has_target(record) else None
 
 
 # Stanford Alpaca's own prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), which models
@@ -123,13 +124,13 @@ ALPACA_PROMPT = (
 )
 
 
-def _alpaca(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+def _alpaca(source: DatasetSource, row: dict[str, Any]) -> dict[str, Any] | None:
     instruction, extra = row.get(source.instruction_field), row.get(source.input_field)
     output, extra = row.get(source.output_field), "" if extra is None else extra
     if not all(isinstance(v, str) for v in (instruction, extra, output)):
         raise Refused(f"no text under {source.instruction_field} and {source.output_field}")
     if not instruction.strip() or not output.strip():
-        return "empty", None
+        return None
     prompt = ALPACA_PROMPT.format(
         with_input=", paired with an input that provides further context" if extra.strip() else "",
         instruction=instruction,
@@ -140,7 +141,7 @@ def _alpaca(source: DatasetSource, row: dict[str, Any]) -> tuple[str, dict[str, 
     fields: dict[str, Any] = {"prompt": prompt, "completion": output, "user": user}
     if isinstance(row.get("system"), str) and row["system"].strip():
         fields["system"] = row["system"]
-    return "ok", fields
+    return fields
 
 
 def iter_records(spec: DatasetSpec, index: int, paths: list[Path], report: DataReport,
@@ -163,7 +164,7 @@ def iter_records(spec: DatasetSpec, index: int, paths: list[Path], report: DataR
                 report.refuse(name, row.reason)
                 continue
             try:
-                _, fields = _clean(source, row, spec.reasoning)
+                fields = _clean(source, row, spec.reasoning)
             except Refused as exc:
                 report.refuse(name, str(exc))
                 continue

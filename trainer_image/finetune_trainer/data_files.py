@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 
 PARQUET_MAGIC = b"PAR1"
 CSV_EXTENSIONS = (".csv",)
+# Longer than any one JSON Lines record; a first line past it is a document (array or object).
+FIRST_LINE_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ def file_form(path: Path, declared: str | None) -> str:
 
 
 def _first_meaningful_line(f: BinaryIO) -> bytes:
-    for line in f:
+    """The first line that is not blank, at most FIRST_LINE_LIMIT of it: a minified JSON document is
+    one line as large as the file, and must not be read whole to learn its form."""
+    while line := f.readline(FIRST_LINE_LIMIT):
         if line.strip():
             return line
     return b""

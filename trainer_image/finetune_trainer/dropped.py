@@ -56,15 +56,12 @@ def check_plan(config: TrainerConfig, sources: Mapping[str, Mapping[str, Any]]) 
 
 
 def check_encoding(config: TrainerConfig, encoding: Mapping[str, Any]) -> None:
-    """`encoding`: the merged EncodingReport (its `encoded` and `lost` per source)."""
+    """`encoding`: the merged EncodingReport (its `records` and `lost` per source)."""
     for index, source in enumerate(config.dataset.sources):
         name = source_name(source, index)
         reasons = encoding.get("lost", {}).get(name, {})
-        lost = sum(reasons.values())
-        # `encoded` counts what reached the window check; unencodable records never got there.
-        unencodable = sum(n for r, n in reasons.items() if r != "no target left in the window")
-        _refuse(config, index, lost, encoding.get("encoded", {}).get(name, 0) + unencodable, reasons,
-                "tokenized")  # fmt: skip
+        total = encoding.get("records", {}).get(name, 0)
+        _refuse(config, index, sum(reasons.values()), total, reasons, "tokenized")
 
 
 def summary(report: Mapping[str, Any]) -> list[DataSourceReport]:

@@ -40,8 +40,8 @@ class EncodingReport:
     split: int = 0  # overlength records split into windows (overlength split)
     system_merged: int = 0  # the template takes no system prompt: it went before the first user turn
     rewritten: int = 0  # the template rewrites content (drops reasoning): trained as written
-    # per source: examples encoded, and why records were lost (the mostly-dropped check reads these)
-    encoded: dict[str, int] = field(default_factory=dict)
+    # per source: records encoded, and why they were lost (the mostly-dropped check reads these)
+    records: dict[str, int] = field(default_factory=dict)
     lost: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lose(self, source: str, reason: str) -> None:
@@ -111,6 +111,7 @@ def iter_encode(records: Iterable[Record], tokenizer: Any, *, max_len: int, over
     """Records to examples, streamed; overlength ones truncated, dropped or split, counted in
     `report`. `chat_sources`: the sources whose prompt/completion records go into the chat template."""
     for record in records:
+        report.records[record.source] = report.records.get(record.source, 0) + 1
         try:
             ids, labels = encode(record, tokenizer, as_chat=record.source in chat_sources, report=report)
         except Exception as exc:  # a record the template refuses is counted, never fatal
@@ -146,7 +147,6 @@ def _windows(record_id: str, ids: list[int], labels: list[int], max_len: int) ->
 
 def _kept(source: str, examples: Iterable[Example], report: EncodingReport) -> Iterator[Example]:
     for example in examples:
-        report.encoded[source] = report.encoded.get(source, 0) + 1
         if all(label == IGNORE_INDEX for label in example.labels[1:]):
             report.dropped_no_target += 1
             report.lose(source, "no target left in the window")

@@ -34,7 +34,7 @@ from finetune_trainer.encoding import EncodingReport, Example, encode_all
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack, padding_share
 from finetune_trainer.storage import ObjectNotFound, ObjectStore, Opener, open_store
-from finetune_trainer.tokenization import chat_sources, encode_share, merged, merged_report
+from finetune_trainer.tokenization import encode_share, encoding_settings, merged, merged_report
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,7 @@ def build(config: TrainerConfig, files: dict[int, list[Path]], tokenizer: Any) -
     with tempfile.TemporaryDirectory() as scratch:
         plan = write_plan(config, files, Path(scratch) / "plan")
         encoding_report = EncodingReport()
-        kwargs: dict[str, Any] = {
-            "max_len": spec.max_seq_length, "overlength": spec.overlength,
-            "chat_sources": chat_sources(config, tokenizer),
-        }  # fmt: skip
+        kwargs = encoding_settings(config, tokenizer)
         train = read_plan(Path(scratch) / "plan" / "train.jsonl")
         train_examples = encode_all(train, tokenizer, report=encoding_report, **kwargs)
         validation = read_plan(Path(scratch) / "plan" / "validation.jsonl")

@@ -52,11 +52,7 @@ def _with_progress(records: Iterator[Record], total: int, world_size: int) -> It
 def encode_share(config: TrainerConfig, tokenizer: Any, plan: Path, counts: dict[str, int], rank: int,
                  world_size: int, out: Path) -> dict[str, int]:  # fmt: skip
     """Encode this rank's share of every split into `out`; the encoding counts of its train share."""
-    spec = config.dataset
-    kwargs: dict[str, Any] = {
-        "max_len": spec.max_seq_length, "overlength": spec.overlength,
-        "chat_sources": chat_sources(config, tokenizer),
-    }  # fmt: skip
+    kwargs = encoding_settings(config, tokenizer)
     train_report = EncodingReport()
     for name in SPLITS:
         start, stop = share(counts[name], rank, world_size)
@@ -98,6 +94,13 @@ def merged(config: TrainerConfig, shares: list[Path], name: str) -> Iterator[Exa
         examples = Concatenated(tables)
         return iter_pack(examples, examples.lengths(), config.dataset.max_seq_length)
     return chain.from_iterable(tables)
+
+
+def encoding_settings(config: TrainerConfig, tokenizer: Any) -> dict[str, Any]:
+    """iter_encode's keyword arguments for this job: the window, overlength and chat layouts."""
+    spec = config.dataset
+    return {"max_len": spec.max_seq_length, "overlength": spec.overlength,
+            "chat_sources": chat_sources(config, tokenizer)}  # fmt: skip
 
 
 def chat_sources(config: TrainerConfig, tokenizer: Any) -> frozenset[str]:
