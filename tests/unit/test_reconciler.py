@@ -193,3 +193,30 @@ def test_a_refusal_carries_the_apis_code_reason_and_message_and_never_the_reques
         "Unprocessable Entity",
         "",
     )
+
+
+def test_the_kubernetes_backend_carries_out_every_kind_of_action() -> None:
+    from typing import get_args
+
+    from finetune_operator.backends.kube_api import KubeApi
+    from finetune_operator.backends.kubernetes import KubernetesBackend
+    from finetune_operator.metrics import Metrics
+    from finetune_operator.policy import actions as act
+    from finetune_operator.progress_poll import ProgressLog
+    from finetune_operator.watch_filter import WatchFilter
+    from kubernetes import client
+
+    api = KubeApi(client.ApiClient(), OperatorSettings(metrics_port=None), Metrics())
+    watch = WatchFilter()
+    backend = KubernetesBackend(api, ProgressLog(api, watch), watch)
+    assert set(backend._actions) == set(get_args(act.Action))
+    backend.close()
+
+
+def test_a_pass_without_a_poller_comes_back_for_a_running_jobs_progress() -> None:
+    from finetune_operator.reconciler import PassReadsProgress
+
+    follower = PassReadsProgress(30.0)
+    assert follower.follow(("team-a", "demo"), FineTuneJobStatus(phase="Running")) == 30.0
+    assert follower.follow(("team-a", "demo"), FineTuneJobStatus(phase="Starting")) is None
+    assert follower.follow(("team-a", "demo"), None) is None
