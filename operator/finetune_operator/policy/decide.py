@@ -202,14 +202,8 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
         suspended = condition(st, ConditionType.SUSPENDED)
         if suspended is not None and suspended.last_transition_time is not None:
             st.suspended_seconds += max(0.0, (obs.now - suspended.last_transition_time).total_seconds())
-        set_condition(
-            st,
-            ConditionType.SUSPENDED,
-            False,
-            Reason.RESUMED,
-            "unsuspended: resuming from the latest checkpoint",
-            obs.now,
-        )
+        why = "unsuspended: resuming from the latest checkpoint"
+        set_condition(st, ConditionType.SUSPENDED, False, Reason.RESUMED, why, obs.now)
         d.events.append(
             Event("Normal", Reason.RESUMED, f"attempt {st.attempt}: resuming from the latest checkpoint")
         )
@@ -224,14 +218,8 @@ def _suspend(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     st.ranks = RankCounts(total=len(current))
     if st.phase != Phase.SUSPENDED:
         st.phase = Phase.SUSPENDED
-        set_condition(
-            st,
-            ConditionType.SUSPENDED,
-            True,
-            Reason.SUSPENDED,
-            "runPolicy.suspend is true: pods deleted, status kept",
-            obs.now,
-        )
+        why = "runPolicy.suspend is true: pods deleted, status kept"
+        set_condition(st, ConditionType.SUSPENDED, True, Reason.SUSPENDED, why, obs.now)
         set_condition(st, ConditionType.RUNNING, False, Reason.SUSPENDED, "", obs.now)
         d.events.append(
             Event("Normal", ConditionType.SUSPENDED, f"attempt {st.attempt} stopped; unsuspend to resume")
@@ -281,8 +269,8 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     if gang.outcome is Outcome.SUCCEEDED and not missing:
         st.phase, st.completion_time = Phase.SUCCEEDED, now
         set_condition(st, ConditionType.RUNNING, False, Reason.COMPLETED, "", now)
-        message = f"every rank of attempt {st.attempt} finished"
-        set_condition(st, ConditionType.SUCCEEDED, True, Reason.COMPLETED, message, now)
+        why = f"every rank of attempt {st.attempt} finished"
+        set_condition(st, ConditionType.SUCCEEDED, True, Reason.COMPLETED, why, now)
         d.events.append(
             Event("Normal", ConditionType.SUCCEEDED, f"attempt {st.attempt}: every rank finished")
         )
@@ -304,14 +292,8 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
             return
         if st.phase != Phase.RUNNING:
             st.phase = Phase.RUNNING
-            set_condition(
-                st,
-                ConditionType.RUNNING,
-                True,
-                Reason.ALL_RANKS_RUNNING,
-                f"attempt {st.attempt}: {nodes} rank(s)",
-                now,
-            )
+            why = f"attempt {st.attempt}: {nodes} rank(s)"
+            set_condition(st, ConditionType.RUNNING, True, Reason.ALL_RANKS_RUNNING, why, now)
             d.events.append(
                 Event("Normal", ConditionType.RUNNING, f"attempt {st.attempt}: all {nodes} rank(s) running")
             )
@@ -406,14 +388,8 @@ def _restarting(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     elif obs.now < ready_at:
         d.wake((ready_at - obs.now).total_seconds())
     else:
-        set_condition(
-            st,
-            ConditionType.RESTARTING,
-            False,
-            Reason.RESTARTED,
-            f"attempt {st.attempt + 1} started",
-            obs.now,
-        )
+        why = f"attempt {st.attempt + 1} started"
+        set_condition(st, ConditionType.RESTARTING, False, Reason.RESTARTED, why, obs.now)
         _start_attempt(obs, d)
 
 

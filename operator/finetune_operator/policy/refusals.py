@@ -46,14 +46,8 @@ def judge(st: FineTuneJobStatus, *, all_created: bool, startup_timeout: int, now
         return out
     if all_created:
         st.create_refusal = None
-        set_condition(
-            st,
-            ConditionType.CREATE_REFUSED,
-            False,
-            Reason.CREATED,
-            f"attempt {st.attempt}: every child created",
-            now,
-        )
+        why = f"attempt {st.attempt}: every child created"
+        set_condition(st, ConditionType.CREATE_REFUSED, False, Reason.CREATED, why, now)
         return out
     text = (
         f"attempt {st.attempt}: the API server refused to create a child "
@@ -76,11 +70,5 @@ def clear_for_new_attempt(st: FineTuneJobStatus, now: datetime) -> None:
     """An earlier attempt's refusal: the new attempt starts with a clean slate."""
     if st.create_refusal is not None:
         st.create_refusal = None
-        set_condition(
-            st,
-            ConditionType.CREATE_REFUSED,
-            False,
-            Reason.NEW_ATTEMPT,
-            f"attempt {st.attempt} started",
-            now,
-        )
+        why = f"attempt {st.attempt} started"
+        set_condition(st, ConditionType.CREATE_REFUSED, False, Reason.NEW_ATTEMPT, why, now)
