@@ -46,11 +46,8 @@ async def job_changed(
     runtime: Runtime = memo["runtime"]
     key = (namespace or "", name)
     if type == "DELETED":
-        runtime.queue.forget(key)
-        runtime.metrics.forget(key)
-        runtime.poller.track(key, None)
-        runtime.backend.forget_versions(key)
-    elif runtime.backend.needs_pass(key, body.get("metadata", {}).get("resourceVersion")):
+        runtime.forget(key)
+    elif runtime.watch.job_changed(key, body.get("metadata", {}).get("resourceVersion")):
         # The echo of our own latest status write is the state we just decided on or copied: no pass.
         runtime.queue.add(key)
 
@@ -66,7 +63,7 @@ async def pod_changed(
     **_: Any,
 ) -> None:
     runtime: Runtime = memo["runtime"]
-    if runtime.pod_versions.changed(
+    if runtime.watch.pod_changed(
         (namespace or "", name), type, body.get("metadata", {}).get("resourceVersion")
     ):
         runtime.queue.add((namespace or "", labels[contract.LABEL_JOB]))

@@ -18,21 +18,34 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from finetune_operator.api import FineTuneJobStatus
 from finetune_operator.api.status import ACTIVE_PHASES, CreateRefusal, Phase
 from finetune_operator.backends.base import Backend, CreateRefused, JobKey
-from finetune_operator.builders.naming import pod_name
 from finetune_operator.clock import Clock
 from finetune_operator.metrics import Metrics
 from finetune_operator.policy.decide import decide
 from finetune_operator.settings import OperatorSettings
 
-if TYPE_CHECKING:
-    from finetune_operator.progress_poll import ProgressPoller
-
 log = logging.getLogger("finetune_operator.reconcile")
+
+
+class ProgressFollower(Protocol):
+    def follow(self, key: JobKey, status: FineTuneJobStatus | None) -> float | None:
+        """Told the status each pass left (None: the job is gone); returns when the pass must look
+        again to read progress itself (None: someone else reads it)."""
+
+
+class PassReadsProgress:
+    """Where nothing reads progress apart from the pass (the local backend reads it in `observe`): a
+    Running job is looked at again every poll interval."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+
+    def follow(self, key: JobKey, status: FineTuneJobStatus | None) -> float | None:
+        return self.interval if status is not None and status.phase == Phase.RUNNING else None
 
 
 def status_changed(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> bool:
@@ -49,11 +62,16 @@ def status_changed(old: FineTuneJobStatus | None, new: FineTuneJobStatus) -> boo
 
 class Reconciler:
     def __init__(
-        self, backend: Backend, clock: Clock, settings: OperatorSettings, metrics: Metrics | None = None
+        self,
+        backend: Backend,
+        clock: Clock,
+        settings: OperatorSettings,
+        metrics: Metrics | None = None,
+        progress: ProgressFollower | None = None,  # on a cluster: the poller of Running jobs
     ) -> None:
         self.backend, self.clock, self.settings = backend, clock, settings
         self.metrics = metrics or Metrics()
-        self.poller: ProgressPoller | None = None  # on a cluster: reads Running jobs' progress
+        self.progress = progress or PassReadsProgress(settings.progress_poll_seconds)
 
     async def reconcile(self, key: JobKey) -> float | None:
         """One pass; returns when the job wants looking at again (seconds), None for never."""
@@ -67,8 +85,7 @@ class Reconciler:
         observed = await self.backend.observe(key, self.clock.now())
         if observed is None:
             self.metrics.forget(key)
-            if self.poller is not None:
-                self.poller.track(key, None)
+            self.progress.follow(key, None)
             return None
         job = observed.job
         decision = decide(observed)
@@ -98,10 +115,7 @@ class Reconciler:
                 await self._record_refusal(key, refused)
                 return 0.0  # decide on it now
         self.metrics.set_phase(key, new.phase)
-        if self.poller is not None:
-            rank0 = pod_name(key[1], new.attempt, 0) if new.phase == Phase.RUNNING else None
-            self.poller.track(key, rank0, new.progress.updated_at if new.progress else None)
-        return self._next_look(decision.requeue_after, new)
+        return self._next_look(decision.requeue_after, new, self.progress.follow(key, new))
 
     async def _record_refusal(self, key: JobKey, refused: CreateRefused) -> None:
         """Write the refusal into the status, on the job as it is now (this pass already wrote its
@@ -123,12 +137,11 @@ class Reconciler:
         )
         await self.backend.write_status(job, status)
 
-    def _next_look(self, requeue_after: float | None, status: FineTuneJobStatus) -> float | None:
+    def _next_look(
+        self, requeue_after: float | None, status: FineTuneJobStatus, progress_after: float | None
+    ) -> float | None:
         if status.phase not in ACTIVE_PHASES:
             return requeue_after  # finished or suspended: only a TTL or a cleanup brings it back
         polls = [self.settings.resync_seconds]
-        if requeue_after is not None:
-            polls.append(requeue_after)
-        if status.phase == "Running" and self.poller is None:
-            polls.append(self.settings.progress_poll_seconds)
+        polls += [after for after in (requeue_after, progress_after) if after is not None]
         return min(polls)

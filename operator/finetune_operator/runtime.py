@@ -1,6 +1,6 @@
 """The running operator behind the kopf handlers: the work queue, its workers and timers, the
-reconciler with its backend, and the metrics endpoint. It remembers nothing the cluster does not:
-a fresh Runtime carries on where a killed one stopped."""
+reconciler with its backend, the progress poller, the watch filter, and the metrics endpoint. It
+remembers nothing the cluster does not: a fresh Runtime carries on where a killed one stopped."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Any
 from kubernetes import client, config
 
 from finetune_operator.backends.base import JobKey
+from finetune_operator.backends.kube_api import KubeApi
 from finetune_operator.backends.kubernetes import KubernetesBackend
 from finetune_operator.clock import Clock, SystemClock
 from finetune_operator.metrics import Metrics
-from finetune_operator.progress_poll import ProgressPoller
+from finetune_operator.progress_poll import ProgressLog, ProgressPoller
 from finetune_operator.reconciler import Reconciler
 from finetune_operator.settings import OperatorSettings
+from finetune_operator.watch_filter import WatchFilter
 from finetune_operator.workqueue import WorkQueue
 
 log = logging.getLogger("finetune_operator")
@@ -34,26 +36,6 @@ def load_api_client(settings: OperatorSettings) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
-class SeenVersions:
-    """The resourceVersion each pod was last seen at. A watch that reconnects lists every pod again
-    (kopf relists; API servers end watches every 30-60 minutes, the emulator far more often), and
-    a pod seen again unchanged is no reason for its job's pass."""
-
-    def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], str] = {}
-
-    def changed(self, key: tuple[str, str], event: str | None, version: str | None) -> bool:
-        if event == "DELETED":
-            self._seen.pop(key, None)
-            return True
-        if version is None:
-            return True
-        if self._seen.get(key) == version:
-            return False
-        self._seen[key] = version
-        return True
-
-
 class Runtime:
     def __init__(
         self,
@@ -65,18 +47,19 @@ class Runtime:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.backend = KubernetesBackend(api, settings, self.metrics)
-        self.reconciler = Reconciler(self.backend, self.clock, settings, self.metrics)
+        self.queue: WorkQueue[JobKey] = WorkQueue(self.clock, batch_seconds=EVENT_BATCH_SECONDS)
+        self.watch = WatchFilter()
+        self.watch.on_change = self.queue.add
+        kube = KubeApi(api, settings, self.metrics)
+        progress = ProgressLog(kube, self.watch)
+        self.backend = KubernetesBackend(kube, progress, self.watch)
         self.poller = ProgressPoller(
-            self.backend,
+            progress,
             self.clock,
             settings.progress_poll_seconds,
             settings.workers + settings.create_concurrency,
         )
-        self.reconciler.poller = self.poller
-        self.queue: WorkQueue[JobKey] = WorkQueue(self.clock, batch_seconds=EVENT_BATCH_SECONDS)
-        self.backend.on_change = self.queue.add
-        self.pod_versions = SeenVersions()
+        self.reconciler = Reconciler(self.backend, self.clock, settings, self.metrics, self.poller)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: Any = None
 
@@ -107,6 +90,14 @@ class Runtime:
                 self._metrics_server.shutdown()
                 self._metrics_server = None
             self.backend.close()
+
+    def forget(self, key: JobKey) -> None:
+        """The job was deleted: nothing of it is kept, in the queue, the metrics, the poller or the
+        watch filter."""
+        self.queue.forget(key)
+        self.metrics.forget(key)
+        self.poller.track(key, None)
+        self.watch.forget(key)
 
     def healthy(self) -> bool:
         return bool(self._tasks) and not any(t.done() for t in self._tasks)

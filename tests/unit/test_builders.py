@@ -295,3 +295,26 @@ def test_kubernetes_validate_refuses_an_unknown_pod_field() -> None:
     pod["spec"]["containers"][0]["gpus"] = 8
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(pod, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_an_event_names_the_job_it_is_about_and_is_cut_to_the_api_servers_limit() -> None:
+    from datetime import UTC, datetime
+
+    from finetune_operator.builders.events import EVENT_MESSAGE_LIMIT, build_event
+    from finetune_operator.policy.actions import Event
+
+    j = job()
+    body = build_event(
+        j,
+        Event("Warning", "RankFailed", "x" * 5000),
+        now=datetime(2026, 1, 1, 12, 0, tzinfo=UTC),
+        suffix="0123456789abcdef",
+        instance="operator-0",
+    )
+    assert body["metadata"] == {
+        "name": f"{j.metadata.name}.0123456789abcdef",
+        "namespace": j.metadata.namespace,
+    }
+    assert body["involvedObject"]["uid"] == j.metadata.uid and body["involvedObject"]["kind"] == contract.KIND
+    assert len(body["message"]) == EVENT_MESSAGE_LIMIT
+    assert body["firstTimestamp"] == body["lastTimestamp"] == "2026-01-01T12:00:00Z"

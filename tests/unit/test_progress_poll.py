@@ -74,3 +74,14 @@ async def test_a_job_no_pass_saw_running_is_not_read() -> None:
     poller.track(KEY, "demo-a1-n0", None)
     poller.track(KEY, None)
     assert await poller.poll(KEY) is False and backend.reads == []
+
+
+def test_a_pass_that_leaves_the_job_running_has_its_rank_0_polled_and_others_not() -> None:
+    from finetune_operator.api.status import FineTuneJobStatus
+
+    poller = _poller(FakeBackend(None))
+    running = FineTuneJobStatus(phase="Running", attempt=2, progress=Progress(step=3, updated_at=T0))
+    assert poller.follow(KEY, running) is None  # the pass need not come back for progress
+    assert (poller.targets[KEY].pod, poller.targets[KEY].updated_at) == ("demo-a2-n0", T0)
+    poller.follow(KEY, FineTuneJobStatus(phase="Restarting", attempt=2))
+    assert KEY not in poller.targets

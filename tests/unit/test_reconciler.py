@@ -3,7 +3,6 @@ write when nothing changed; nothing done when the status write finds the job cha
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -175,7 +174,7 @@ async def test_metrics_count_jobs_by_phase_and_restarts_by_class() -> None:
 
 
 def test_a_refusal_carries_the_apis_code_reason_and_message_and_never_the_request_body() -> None:
-    from finetune_operator.backends.kubernetes import refusal
+    from finetune_operator.backends.kube_api import refusal
     from kubernetes.client.exceptions import ApiException
 
     exc = ApiException(status=403, reason="Forbidden")
@@ -196,44 +195,28 @@ def test_a_refusal_carries_the_apis_code_reason_and_message_and_never_the_reques
     )
 
 
-class _Response:
-    def __init__(self, version: str) -> None:
-        self.data = json.dumps({"metadata": {"resourceVersion": version}}).encode()
+def test_the_kubernetes_backend_carries_out_every_kind_of_action() -> None:
+    from typing import get_args
 
-
-def _backend_whose_writes_see(events: list[str], version: str) -> Any:
-    """A KubernetesBackend whose status patch returns `version` and meanwhile sees watch `events`."""
+    from finetune_operator.backends.kube_api import KubeApi
     from finetune_operator.backends.kubernetes import KubernetesBackend
     from finetune_operator.metrics import Metrics
+    from finetune_operator.policy import actions as act
+    from finetune_operator.progress_poll import ProgressLog
+    from finetune_operator.watch_filter import WatchFilter
     from kubernetes import client
 
-    backend = KubernetesBackend(client.ApiClient(), OperatorSettings(metrics_port=None), Metrics())
-    changed: list[tuple[str, str]] = []
-    backend.on_change = changed.append
-    backend.changed = changed
-
-    async def call(operation: str, fn: Any, *args: Any, **kwargs: Any) -> _Response:
-        for event in events:
-            assert backend.needs_pass(("team-a", "demo"), event) is False  # held while writing
-        return _Response(version)
-
-    backend._call = call
-    return backend
-
-
-@pytest.mark.asyncio
-async def test_the_echo_of_our_own_status_write_runs_no_pass_even_when_it_arrives_first() -> None:
-    backend = _backend_whose_writes_see(["v2"], "v2")
-    await backend._write_status(("team-a", "demo"), {"status": {}})
-    assert backend.changed == []
-    assert backend.needs_pass(("team-a", "demo"), "v2") is False  # arriving after the response
-    assert backend.needs_pass(("team-a", "demo"), "v3") is True  # someone else's change
+    api = KubeApi(client.ApiClient(), OperatorSettings(metrics_port=None), Metrics())
+    watch = WatchFilter()
+    backend = KubernetesBackend(api, ProgressLog(api, watch), watch)
+    assert set(backend._actions) == set(get_args(act.Action))
     backend.close()
 
 
-@pytest.mark.asyncio
-async def test_another_change_arriving_while_we_write_still_runs_a_pass() -> None:
-    backend = _backend_whose_writes_see(["v2", "v3"], "v3")
-    await backend._write_status(("team-a", "demo"), {"status": {}})
-    assert backend.changed == [("team-a", "demo")]
-    backend.close()
+def test_a_pass_without_a_poller_comes_back_for_a_running_jobs_progress() -> None:
+    from finetune_operator.reconciler import PassReadsProgress
+
+    follower = PassReadsProgress(30.0)
+    assert follower.follow(("team-a", "demo"), FineTuneJobStatus(phase="Running")) == 30.0
+    assert follower.follow(("team-a", "demo"), FineTuneJobStatus(phase="Starting")) is None
+    assert follower.follow(("team-a", "demo"), None) is None

@@ -54,15 +54,3 @@ async def test_a_stop_cancelled_while_it_waits_is_cancelled_and_still_closes_the
     with pytest.raises(asyncio.CancelledError):
         await stopping
     assert closed == ["backend"]
-
-
-def test_a_pod_listed_again_unchanged_after_a_watch_reconnect_is_no_reason_for_a_pass() -> None:
-    from finetune_operator.runtime import SeenVersions
-
-    seen = SeenVersions()
-    key = ("team-a", "demo-a1-n0")
-    assert seen.changed(key, "ADDED", "10") is True
-    assert seen.changed(key, None, "10") is False  # the relisting after a reconnect
-    assert seen.changed(key, "MODIFIED", "11") is True
-    assert seen.changed(key, "DELETED", "11") is True
-    assert seen.changed(key, None, "11") is True  # seen again after its deletion: news

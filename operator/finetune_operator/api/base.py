@@ -173,7 +173,10 @@ Quantity = Annotated[
 ]
 
 # Names that end up as Kubernetes object names (Secrets, ServiceAccounts, classes): DNS-1123 subdomains.
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# `[.]` rather than an escaped dot, so the text also goes into a CEL string unescaped; the schema's
+# own pattern keeps the escaped dot it has always been published with.
+DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+DNS_SUBDOMAIN_PATTERN = "^" + DNS_SUBDOMAIN.replace("[.]", r"\.") + "$"
 K8sName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
 
 # Storage locations. Bucket names follow S3's rules; file:// must be absolute (three slashes).

@@ -1,25 +1,25 @@
-"""The rank pod's settings beyond the trainer's own: scratch volume, pod metadata, the hub token's
-Secret, and the cross-field rules that keep user volumes, mounts, metadata and extended resources
-from colliding with what the operator puts into every pod (finetune_operator.contract)."""
+"""The rank pod's settings beyond the trainer's own: tolerations, extra environment, scratch
+volume, pod metadata, the hub token's Secret, and the cross-field rules that keep user volumes,
+mounts, metadata and extended resources from colliding with what the operator puts into every pod
+(finetune_operator.contract)."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from finetune_operator import contract
-from finetune_operator.api.base import ApiModel, K8sName, Quantity, Rule
+from finetune_operator.api.base import DNS_SUBDOMAIN, ApiModel, K8sName, Quantity, Rule, ShortString
 from finetune_operator.api.kubernetes import VOLUME_SOURCES, k8s_field, wire
 
 # A Kubernetes qualified name (label and annotation keys, extended resource names): an optional DNS
 # subdomain prefix and "/", then a name of at most 63 characters (apimachinery IsQualifiedName).
-# `[.]` rather than an escaped dot: the same text is a Python and a CEL (RE2) pattern.
-_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+# The same text is a Python and a CEL (RE2) pattern.
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-QUALIFIED_NAME_PATTERN = rf"^({_DNS_SUBDOMAIN}/)?{_NAME}$"
-PREFIXED_NAME_PATTERN = rf"^{_DNS_SUBDOMAIN}/{_NAME}$"
+QUALIFIED_NAME_PATTERN = rf"^({DNS_SUBDOMAIN}/)?{_NAME}$"
+PREFIXED_NAME_PATTERN = rf"^{DNS_SUBDOMAIN}/{_NAME}$"
 MAX_QUALIFIED_NAME = 253 + 1 + 63
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
@@ -43,6 +43,38 @@ def _qualified_keys(field: str, start: str) -> Rule:
         "'_' or '.', starting and ending with a letter or digit",
         field=field,
         check=lambda s: all(_qualified(k) for k in getattr(s, field)),
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, copied to every rank pod."""
+
+    key: ShortString | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, Field(max_length=253)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+EnvName = Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)]
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the trainer container."""
+
+    name: EnvName
+    value: Annotated[str, Field(max_length=32768)] | None = None
+    value_from: dict[str, Any] | None = Field(
+        None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef...)."
+    )
+
+    rules = (
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            message="set value or valueFrom, not both",
+            field="valueFrom",
+            check=lambda s: s.value is None or s.value_from is None,
+        ),
     )
 
 

@@ -7,7 +7,7 @@ model, the dataset and the checkpoint uri.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field
 
@@ -25,10 +25,12 @@ from finetune_operator.api.base import (
 from finetune_operator.api.kubernetes import KubernetesVolume, KubernetesVolumeMount
 from finetune_operator.api.pod_settings import (
     EXTENDED_RESOURCE_RULES,
+    EnvVar,
     LabelKey,
     PodMetadata,
     ScratchSpec,
     SecretKeySelector,
+    Toleration,
     volume_rules,
 )
 
@@ -138,9 +140,9 @@ class DatasetSource(ApiModel):
 
     rules = (
         Rule(
-            cel="has(self.format) || self.uri.endsWith('.jsonl') || self.uri.endsWith('.json') "
-            "|| self.uri.endsWith('.parquet') || self.uri.endsWith('.csv')",
-            message="format is required when the uri does not end in .jsonl, .json, .parquet or .csv",
+            cel=" || ".join(["has(self.format)", *(f"self.uri.endsWith('{e}')" for e in DATASET_EXTENSIONS)]),
+            message="format is required when the uri does not end in "
+            f"{', '.join(DATASET_EXTENSIONS[:-1])} or {DATASET_EXTENSIONS[-1]}",
             field="format",
             check=lambda s: s.format is not None or s.uri.endswith(DATASET_EXTENSIONS),
         ),
@@ -351,38 +353,6 @@ class DeepSpeedSpec(ApiModel):
     )
 
 
-class Toleration(ApiModel):
-    """A Kubernetes toleration, copied to every rank pod."""
-
-    key: ShortString | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: Annotated[str, Field(max_length=253)] | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
-EnvName = Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=253)]
-
-
-class EnvVar(ApiModel):
-    """An extra environment variable for the trainer container."""
-
-    name: EnvName
-    value: Annotated[str, Field(max_length=32768)] | None = None
-    value_from: dict[str, Any] | None = Field(
-        None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef...)."
-    )
-
-    rules = (
-        Rule(
-            cel="!(has(self.value) && has(self.valueFrom))",
-            message="set value or valueFrom, not both",
-            field="valueFrom",
-            check=lambda s: s.value is None or s.value_from is None,
-        ),
-    )
-
-
 def _reserved_env_cel() -> str:
     names = ", ".join(f"'{n}'" for n in sorted(contract.RESERVED_ENV))
     return f"self.env.all(e, !(e.name in [{names}]))"
@@ -507,6 +477,11 @@ class ResourcesSpec(ApiModel):
         return self.nodes * self.procs_per_node
 
 
+# checkpoint.resume's two words besides a checkpoint's uri; the trainer reads the same names.
+RESUME_LATEST: Final = "latest"
+RESUME_NONE: Final = "none"
+
+
 class CheckpointSpec(ApiModel):
     """Checkpoints in object storage: where, how often, how many kept, and where to resume from."""
 
@@ -536,10 +511,10 @@ class CheckpointSpec(ApiModel):
         3, ge=1, le=1000, description="Committed checkpoints kept; older ones are deleted."
     )
     resume: Annotated[str, Field(max_length=2048)] = Field(
-        "latest",
-        pattern=rf"^(latest|none|{ANY_STORAGE_URI})$",
-        description="latest (the newest committed checkpoint of this job), none (start fresh), or the "
-        "uri of one committed checkpoint.",
+        RESUME_LATEST,
+        pattern=rf"^({RESUME_LATEST}|{RESUME_NONE}|{ANY_STORAGE_URI})$",
+        description=f"{RESUME_LATEST} (the newest committed checkpoint of this job), {RESUME_NONE} "
+        "(start fresh), or the uri of one committed checkpoint.",
     )
 
     rules = (

@@ -1,12 +1,45 @@
-"""Kubernetes-style conditions on the job's status: set one (its transition time moves only when
-its status does), read one."""
+"""Kubernetes-style conditions on the job's status: their types and the reasons the decide step
+gives (one spelling each: users and dashboards match on them), set one (its transition time moves
+only when its status does), read one."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from finetune_operator.api.status import Condition, FineTuneJobStatus
+
+
+class ConditionType:
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    RESTARTING: Final = "Restarting"
+    SUSPENDED: Final = "Suspended"
+    QUEUED: Final = "Queued"  # spec.gang: the scheduler holds the attempt's gang
+    CREATE_REFUSED: Final = "CreateRefused"  # the API server refused to create a child
+
+
+class Reason:
+    """Reasons of conditions and events the decide step sets itself. A failed rank's own reason
+    (policy/failures.py) travels as it is; an event announcing a condition has that condition's
+    type as its reason."""
+
+    ALL_RANKS_RUNNING: Final = "AllRanksRunning"
+    COMPLETED: Final = "Completed"
+    CREATED: Final = "Created"
+    NEW_ATTEMPT: Final = "NewAttempt"
+    SUSPENDED: Final = "Suspended"
+    RESUMED: Final = "Resumed"
+    RESTARTED: Final = "Restarted"
+    RANK_FAILED: Final = "RankFailed"
+    POD_MISSING: Final = "PodMissing"
+    STALLED: Final = "Stalled"
+    GANG_QUEUED: Final = "GangQueued"
+    ADMITTED: Final = "Admitted"
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+    INFRASTRUCTURE_RESTART_LIMIT_EXCEEDED: Final = "InfrastructureRestartLimitExceeded"
 
 
 def set_condition(

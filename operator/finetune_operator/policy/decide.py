@@ -27,13 +27,12 @@ from finetune_operator.policy.actions import (
     Event,
 )
 from finetune_operator.policy.backoff import backoff_seconds
-from finetune_operator.policy.conditions import condition, set_condition
+from finetune_operator.policy.conditions import ConditionType, Reason, condition, set_condition
 from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, rooted_in_a_lost_node
 from finetune_operator.policy.observed import ObservedGroup, ObservedPod
 from finetune_operator.progress import ProgressReport
 
 FORCE_DELETE_AFTER = timedelta(seconds=60)  # past a pod's deletion deadline: its node is gone
-RESTARTING, SUSPENDED = "Restarting", "Suspended"
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def decide(obs: Observed) -> Decision:
             obs,
             d,
             current,
-            "DeadlineExceeded",
+            Reason.DEADLINE_EXCEEDED,
             f"activeDeadlineSeconds {job.spec.run_policy.active_deadline_seconds} passed",
         )
     elif st.phase == Phase.RESTARTING:
@@ -200,17 +199,16 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
     refusals.clear_for_new_attempt(st, obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:
-        suspended = condition(st, SUSPENDED)
+        suspended = condition(st, ConditionType.SUSPENDED)
         if suspended is not None and suspended.last_transition_time is not None:
             st.suspended_seconds += max(0.0, (obs.now - suspended.last_transition_time).total_seconds())
-        set_condition(
-            st, SUSPENDED, False, "Resumed", "unsuspended: resuming from the latest checkpoint", obs.now
-        )
+        why = "unsuspended: resuming from the latest checkpoint"
+        set_condition(st, ConditionType.SUSPENDED, False, Reason.RESUMED, why, obs.now)
         d.events.append(
-            Event("Normal", "Resumed", f"attempt {st.attempt}: resuming from the latest checkpoint")
+            Event("Normal", Reason.RESUMED, f"attempt {st.attempt}: resuming from the latest checkpoint")
         )
     elif st.attempt == 1:
-        d.events.append(Event("Normal", "Created", f"attempt 1: {nodes} rank pod(s)"))
+        d.events.append(Event("Normal", Reason.CREATED, f"attempt 1: {nodes} rank pod(s)"))
     d.wake(obs.job.spec.run_policy.startup_timeout_seconds)
 
 
@@ -220,11 +218,12 @@ def _suspend(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     st.ranks = RankCounts(total=len(current))
     if st.phase != Phase.SUSPENDED:
         st.phase = Phase.SUSPENDED
-        set_condition(
-            st, SUSPENDED, True, "Suspended", "runPolicy.suspend is true: pods deleted, status kept", obs.now
+        why = "runPolicy.suspend is true: pods deleted, status kept"
+        set_condition(st, ConditionType.SUSPENDED, True, Reason.SUSPENDED, why, obs.now)
+        set_condition(st, ConditionType.RUNNING, False, Reason.SUSPENDED, "", obs.now)
+        d.events.append(
+            Event("Normal", ConditionType.SUSPENDED, f"attempt {st.attempt} stopped; unsuspend to resume")
         )
-        set_condition(st, "Running", False, "Suspended", "", obs.now)
-        d.events.append(Event("Normal", "Suspended", f"attempt {st.attempt} stopped; unsuspend to resume"))
 
 
 def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
@@ -245,12 +244,14 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     )
     d.events += judged.events
     if judged.fail is not None:
-        _fail(obs, d, current, refusals.CREATE_REFUSED, judged.fail)
+        _fail(obs, d, current, ConditionType.CREATE_REFUSED, judged.fail)
         return
     if judged.wake is not None:
         d.wake(judged.wake)
     if missing and st.phase == Phase.RUNNING:
-        verdicts.append(Verdict(Outcome.INFRA_RESTART, "PodMissing", f"rank pod(s) {missing} disappeared"))
+        verdicts.append(
+            Verdict(Outcome.INFRA_RESTART, Reason.POD_MISSING, f"rank pod(s) {missing} disappeared")
+        )
     elif missing:
         # The pass that started this attempt wrote its status first and may have died before its
         # actions: finish them all, the previous attempt's config included (deleting a gone one is a no-op).
@@ -267,9 +268,12 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         gang = rooted
     if gang.outcome is Outcome.SUCCEEDED and not missing:
         st.phase, st.completion_time = Phase.SUCCEEDED, now
-        set_condition(st, "Running", False, "Completed", "", now)
-        set_condition(st, "Succeeded", True, "Completed", f"every rank of attempt {st.attempt} finished", now)
-        d.events.append(Event("Normal", "Succeeded", f"attempt {st.attempt}: every rank finished"))
+        set_condition(st, ConditionType.RUNNING, False, Reason.COMPLETED, "", now)
+        why = f"every rank of attempt {st.attempt} finished"
+        set_condition(st, ConditionType.SUCCEEDED, True, Reason.COMPLETED, why, now)
+        d.events.append(
+            Event("Normal", ConditionType.SUCCEEDED, f"attempt {st.attempt}: every rank finished")
+        )
         _finished(obs, d, current)
     elif gang.outcome is Outcome.FAIL:
         _fail(obs, d, current, gang.reason, gang.message)
@@ -283,15 +287,16 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         if _stalled(obs, st):
             seconds = policy.progress_timeout_seconds
             _begin_restart(
-                obs, d, current, Verdict(Outcome.RESTART, "Stalled", f"no progress for {seconds}s")
+                obs, d, current, Verdict(Outcome.RESTART, Reason.STALLED, f"no progress for {seconds}s")
             )
             return
         if st.phase != Phase.RUNNING:
             st.phase = Phase.RUNNING
-            set_condition(
-                st, "Running", True, "AllRanksRunning", f"attempt {st.attempt}: {nodes} rank(s)", now
+            why = f"attempt {st.attempt}: {nodes} rank(s)"
+            set_condition(st, ConditionType.RUNNING, True, Reason.ALL_RANKS_RUNNING, why, now)
+            d.events.append(
+                Event("Normal", ConditionType.RUNNING, f"attempt {st.attempt}: all {nodes} rank(s) running")
             )
-            d.events.append(Event("Normal", "Running", f"attempt {st.attempt}: all {nodes} rank(s) running"))
         if policy.progress_timeout_seconds:
             d.wake(policy.progress_timeout_seconds)
     else:
@@ -316,7 +321,7 @@ def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:
     timeout = policy.progress_timeout_seconds
     if not timeout or st.phase != Phase.RUNNING:
         return False
-    running = condition(st, "Running")
+    running = condition(st, ConditionType.RUNNING)
     began = running.last_transition_time if running else None
     progress = st.progress
     reported = progress.updated_at if progress else None
@@ -334,12 +339,12 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
     counted = cause.outcome is Outcome.RESTART
     if counted and st.restarts >= policy.max_restarts:
         message = f"{cause.reason}: {cause.message}; maxRestarts {policy.max_restarts} reached"
-        _fail(obs, d, current, "BackoffLimitExceeded", message)
+        _fail(obs, d, current, Reason.BACKOFF_LIMIT_EXCEEDED, message)
         return
     if not counted and st.infra_restarts >= policy.max_infrastructure_restarts:
         limit = policy.max_infrastructure_restarts
         message = f"{cause.reason}: {cause.message}; maxInfrastructureRestarts {limit} reached"
-        _fail(obs, d, current, "InfrastructureRestartLimitExceeded", message)
+        _fail(obs, d, current, Reason.INFRASTRUCTURE_RESTART_LIMIT_EXCEEDED, message)
         return
     if counted:
         st.restarts += 1
@@ -347,13 +352,13 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
         st.infra_restarts += 1
     st.restart_class = "Application" if counted else "Infrastructure"
     st.phase = Phase.RESTARTING
-    set_condition(st, RESTARTING, True, cause.reason, cause.message, obs.now)
-    set_condition(st, "Running", False, cause.reason, "", obs.now)
+    set_condition(st, ConditionType.RESTARTING, True, cause.reason, cause.message, obs.now)
+    set_condition(st, ConditionType.RUNNING, False, cause.reason, "", obs.now)
     delay = _backoff(obs, st)
-    d.events.append(Event("Warning", "RankFailed", cause.message or cause.reason))
+    d.events.append(Event("Warning", Reason.RANK_FAILED, cause.message or cause.reason))
     note = "" if counted else ", not counted toward maxRestarts"
     message = f"attempt {st.attempt} failed ({cause.reason}); attempt {st.attempt + 1} in {delay:.0f}s{note}"
-    d.events.append(Event("Normal", "Restarting", message))
+    d.events.append(Event("Normal", ConditionType.RESTARTING, message))
     d.actions += _delete(current, obs.now)
     d.wake(delay)
 
@@ -374,7 +379,7 @@ def _backoff(obs: Observed, st: FineTuneJobStatus) -> float:
 
 def _restarting(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     st = d.status
-    restarting = condition(st, RESTARTING)
+    restarting = condition(st, ConditionType.RESTARTING)
     began = restarting.last_transition_time if restarting and restarting.last_transition_time else obs.now
     ready_at = began + timedelta(seconds=_backoff(obs, st))
     if current:
@@ -383,16 +388,17 @@ def _restarting(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     elif obs.now < ready_at:
         d.wake((ready_at - obs.now).total_seconds())
     else:
-        set_condition(st, RESTARTING, False, "Restarted", f"attempt {st.attempt + 1} started", obs.now)
+        why = f"attempt {st.attempt + 1} started"
+        set_condition(st, ConditionType.RESTARTING, False, Reason.RESTARTED, why, obs.now)
         _start_attempt(obs, d)
 
 
 def _fail(obs: Observed, d: Decision, current: list[ObservedPod], reason: str, message: str) -> None:
     st = d.status
     st.phase, st.completion_time = Phase.FAILED, obs.now
-    set_condition(st, "Running", False, reason, "", obs.now)
-    set_condition(st, "Failed", True, reason, message, obs.now)
-    d.events.append(Event("Warning", "Failed", f"{reason}: {message}"))
+    set_condition(st, ConditionType.RUNNING, False, reason, "", obs.now)
+    set_condition(st, ConditionType.FAILED, True, reason, message, obs.now)
+    d.events.append(Event("Warning", ConditionType.FAILED, f"{reason}: {message}"))
     _finished(obs, d, current)
 
 

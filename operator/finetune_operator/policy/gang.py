@@ -24,10 +24,9 @@ from finetune_operator import contract
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.status import FineTuneJobStatus, Phase
 from finetune_operator.policy.actions import Action, CreateAttempt, CreatePodGroup, DeletePodGroup, Event
-from finetune_operator.policy.conditions import condition, set_condition
+from finetune_operator.policy.conditions import ConditionType, Reason, condition, set_condition
 from finetune_operator.policy.observed import ObservedGroup, ObservedPod
 
-QUEUED = "Queued"
 # PodGroup phases in which the scheduler has not yet taken the gang.
 WAITING_GROUP_PHASES = {
     "Volcano": {None, "Pending", "Inqueue"},
@@ -65,15 +64,22 @@ def track_queue(
 ) -> datetime | None:
     """Record the Queued condition; return when the attempt's startup clock starts (now while queued,
     the admission once admitted, None for a gang that never queued: its pods' creation)."""
-    queued = condition(st, QUEUED)
+    queued = condition(st, ConditionType.QUEUED)
     if why is not None:
         if queued is None or queued.status != "True":
-            events.append(Event("Normal", QUEUED, f"attempt {st.attempt}: {why}"))
-        set_condition(st, QUEUED, True, "GangQueued", why, now)
+            events.append(Event("Normal", ConditionType.QUEUED, f"attempt {st.attempt}: {why}"))
+        set_condition(st, ConditionType.QUEUED, True, Reason.GANG_QUEUED, why, now)
         return now
     if queued is not None and queued.status == "True":
-        set_condition(st, QUEUED, False, "Admitted", f"attempt {st.attempt}: the gang was admitted", now)
-        events.append(Event("Normal", "Admitted", f"attempt {st.attempt}: the gang was admitted whole"))
+        set_condition(
+            st,
+            ConditionType.QUEUED,
+            False,
+            Reason.ADMITTED,
+            f"attempt {st.attempt}: the gang was admitted",
+            now,
+        )
+        events.append(Event("Normal", Reason.ADMITTED, f"attempt {st.attempt}: the gang was admitted whole"))
         return now
     return queued.last_transition_time if queued is not None else None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from finetune_operator.api.status import FineTuneJobStatus, Goodput, Phase
+from finetune_operator.policy.conditions import ConditionType, condition
 
 WAITING = {"Queue": "queued_seconds", "Application": "application_restart_seconds",
            "Infrastructure": "infrastructure_restart_seconds"}  # fmt: skip
@@ -26,7 +27,7 @@ WAITING = {"Queue": "queued_seconds", "Application": "application_restart_second
 
 def _stepped_this_attempt(status: FineTuneJobStatus) -> bool:
     """A progress report newer than the attempt's Running transition: it has trained a step."""
-    running = next((c for c in status.conditions if c.type == "Running"), None)
+    running = condition(status, ConditionType.RUNNING)
     reported = status.progress.updated_at if status.progress else None
     began = running.last_transition_time if running else None
     return reported is not None and (began is None or reported >= began)

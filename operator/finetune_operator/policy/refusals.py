@@ -11,9 +11,8 @@ from datetime import datetime, timedelta
 
 from finetune_operator.api.status import CreateRefusal, FineTuneJobStatus
 from finetune_operator.policy.actions import Event
-from finetune_operator.policy.conditions import condition, set_condition
+from finetune_operator.policy.conditions import ConditionType, Reason, condition, set_condition
 
-CREATE_REFUSED = "CreateRefused"
 REFUSAL_RETRY_SECONDS = 30.0
 RETRIABLE_REFUSALS = frozenset({403})
 
@@ -47,16 +46,17 @@ def judge(st: FineTuneJobStatus, *, all_created: bool, startup_timeout: int, now
         return out
     if all_created:
         st.create_refusal = None
-        set_condition(st, CREATE_REFUSED, False, "Created", f"attempt {st.attempt}: every child created", now)
+        why = f"attempt {st.attempt}: every child created"
+        set_condition(st, ConditionType.CREATE_REFUSED, False, Reason.CREATED, why, now)
         return out
     text = (
         f"attempt {st.attempt}: the API server refused to create a child "
         f"({refusal.code} {refusal.reason}): {refusal.message}"
     )
-    shown = condition(st, CREATE_REFUSED)
+    shown = condition(st, ConditionType.CREATE_REFUSED)
     if shown is None or shown.status != "True":
-        out.events.append(Event("Warning", CREATE_REFUSED, text))
-    set_condition(st, CREATE_REFUSED, True, refusal.reason, text, now)
+        out.events.append(Event("Warning", ConditionType.CREATE_REFUSED, text))
+    set_condition(st, ConditionType.CREATE_REFUSED, True, refusal.reason, text, now)
     if refusal.code not in RETRIABLE_REFUSALS:
         out.fail = text
     elif (now - refusal.since).total_seconds() >= startup_timeout:
@@ -70,4 +70,5 @@ def clear_for_new_attempt(st: FineTuneJobStatus, now: datetime) -> None:
     """An earlier attempt's refusal: the new attempt starts with a clean slate."""
     if st.create_refusal is not None:
         st.create_refusal = None
-        set_condition(st, CREATE_REFUSED, False, "NewAttempt", f"attempt {st.attempt} started", now)
+        why = f"attempt {st.attempt} started"
+        set_condition(st, ConditionType.CREATE_REFUSED, False, Reason.NEW_ATTEMPT, why, now)
