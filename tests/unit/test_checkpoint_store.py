@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_trainer.checkpoint_store import (
-    MANIFEST,
-    CheckpointStore,
-    TornCheckpoint,
-    step_dir,
-)
+from finetune_trainer.checkpoint_store import CheckpointStore, TornCheckpoint, step_dir
+from finetune_trainer.committed_dir import MANIFEST
 from finetune_trainer.storage import FileStore, ObjectStore, StorageUnavailable, open_store
 
 from tests.support.s3 import SECRET_KEY
