@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ def _install(layout: CacheLayout) -> None:
     os.replace(layout.partial, layout.local)
 
 
-def commit_cache(store: ObjectStore, layout: CacheLayout, splits: dict[str, Iterable[Example]],
+def commit_cache(store: ObjectStore, layout: CacheLayout, splits: Mapping[str, Iterable[Example]],
                  report: dict[str, Any], window: int) -> None:  # fmt: skip
     """Write the examples memory-mappable, upload them, then MANIFEST.json last (the commit). The
     node's own copy becomes `layout.local` only once complete, so a killed build leaves nothing
