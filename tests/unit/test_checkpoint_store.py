@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_trainer.checkpoint_store import (
-    MANIFEST,
-    CheckpointStore,
-    TornCheckpoint,
-    step_dir,
-)
+from finetune_trainer.checkpoint_store import CheckpointStore, TornCheckpoint, step_dir
+from finetune_trainer.committed_dir import MANIFEST
 from finetune_trainer.storage import FileStore, ObjectStore, StorageUnavailable, open_store
 
 from tests.support.s3 import SECRET_KEY
@@ -178,6 +175,64 @@ def test_unreachable_storage_raises_storage_unavailable_without_secrets(
     with pytest.raises(StorageUnavailable) as caught:
         store.list("checkpoints/")
     assert SECRET_KEY not in str(caught.value) and caught.value.__cause__ is None
+
+
+# A manifest as the commit protocol has written it so far: byte for byte what resumes must read and
+# a commit must still write (a checkpoint committed by an earlier image resumes on a newer one).
+COMMITTED_BEFORE = """{
+ "format_version": 1,
+ "step": 5,
+ "nnodes": 1,
+ "world_size": 2,
+ "files": [
+  {
+   "path": "a.pt",
+   "size": 3,
+   "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+  },
+  {
+   "path": "global_step5/b.pt",
+   "size": 0,
+   "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+  }
+ ],
+ "data_position": {
+  "globalStep": 5,
+  "epoch": 0
+ },
+ "created_at": "2026-01-02T03:04:05.678901Z"
+}"""
+
+
+def test_a_commit_writes_the_manifest_byte_for_byte_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import finetune_trainer.checkpoint_store as checkpoint_store
+
+    class Then(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Then:
+            return cls(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+    monkeypatch.setattr(checkpoint_store, "datetime", Then)
+    store = FileStore(tmp_path / "store")
+    cs = CheckpointStore(store)
+    report = cs.upload_node(5, 0, _saved(tmp_path, 0, 5, {"a.pt": b"abc", "global_step5/b.pt": b""}))
+    cs.commit(5, [report], world_size=2, data_position={"globalStep": 5, "epoch": 0})
+    assert store.get_bytes(f"{step_dir(5)}/{MANIFEST}") == COMMITTED_BEFORE.encode()
+
+
+def test_a_checkpoint_committed_before_resumes(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    store.put_bytes(f"{step_dir(5)}/a.pt", b"abc")
+    store.put_bytes(f"{step_dir(5)}/global_step5/b.pt", b"")
+    store.put_bytes(f"{step_dir(5)}/{MANIFEST}", COMMITTED_BEFORE.encode())
+    cs = CheckpointStore(store)
+    (manifest,) = cs.resumable()
+    assert manifest.step == 5 and manifest.data_position == {"globalStep": 5, "epoch": 0}
+    assert cs.download(manifest, tmp_path / "restore") == 3
+    assert (tmp_path / "restore" / "a.pt").read_bytes() == b"abc"
+    assert (tmp_path / "restore" / MANIFEST).read_text() == COMMITTED_BEFORE
 
 
 # -- resume traffic: a node fetches what its ranks load ----------------------------------------

@@ -1,5 +1,4 @@
-"""Tokenized examples live on disk memory-mapped: what was written reads back exactly, lazily, and a
-committed cache is only reused whole."""
+"""Tokenized examples live on disk memory-mapped: what was written reads back exactly, lazily."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import numpy as np
 from finetune_trainer import token_loss
 from finetune_trainer.encoding import IGNORE_INDEX, Example
 from finetune_trainer.example_table import ExampleTable, write_examples
-from finetune_trainer.prepared_data import MANIFEST, _commit, _prefix, _read
-from finetune_trainer.storage import FileStore
 
 EXAMPLES = [
     Example(id="source0:0", input_ids=[5, 6, 7], labels=[IGNORE_INDEX, 6, 7]),
@@ -36,31 +33,6 @@ def test_the_tokens_are_mapped_not_loaded(tmp_path: Path) -> None:
     write_examples(EXAMPLES * 1000, tmp_path, "train")
     table = ExampleTable(tmp_path, "train")
     assert all(isinstance(column, np.memmap) for column in table._columns.values())
-
-
-def test_a_committed_cache_is_read_by_another_node(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "store")
-    _commit(
-        store, "k1", {"train": EXAMPLES, "validation": EXAMPLES[:1]}, {"train": 3}, tmp_path / "a" / "k1", 64
-    )
-    assert _read(store, "k1", tmp_path / "b" / "k1")
-    assert list(ExampleTable(tmp_path / "b" / "k1", "train")) == EXAMPLES
-
-
-def test_a_torn_cache_is_not_reused(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "store")
-    _commit(store, "k1", {"train": EXAMPLES, "validation": []}, {}, tmp_path / "a" / "k1", 64)
-    tokens = tmp_path / "store" / _prefix("k1") / "train.tokens.bin"
-    tokens.write_bytes(tokens.read_bytes()[:-4])
-    assert not _read(store, "k1", tmp_path / "b" / "k1")
-    assert not (tmp_path / "b" / "k1" / MANIFEST).exists()
-
-
-def test_an_uncommitted_cache_is_not_reused(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "store")
-    _commit(store, "k1", {"train": EXAMPLES, "validation": []}, {}, tmp_path / "a" / "k1", 64)
-    store.delete([f"{_prefix('k1')}/{MANIFEST}"])
-    assert not _read(store, "k1", tmp_path / "b" / "k1")
 
 
 def test_target_counts_skip_the_first_label_and_the_masked_ones(tmp_path: Path) -> None:

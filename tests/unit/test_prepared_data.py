@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import resolve_trainer_config
-from finetune_trainer.prepared_data import build, cache_key
+from finetune_trainer.prepared_data import build
 from finetune_trainer.tiny import counting_records, tiny_tokenizer, write_jsonl
+from finetune_trainer.tokenized_cache import cache_key
 
 from tests.support.factories import job
 

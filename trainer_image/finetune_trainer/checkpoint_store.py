@@ -4,6 +4,7 @@
     <job uri>/checkpoints/step-00000100/nodes/node-00001.json   <- a node's report: its files, sizes, sha256
     <job uri>/checkpoints/step-00000100/MANIFEST.json           <- written last, by rank 0: the commit point
 
+A checkpoint is a directory committed by its manifest (committed_dir.py, whose rules it follows).
 Every node uploads what it saved, then its report. Rank 0 writes MANIFEST.json only once every
 node's report is there, and only from them. No manifest, no checkpoint: resume takes the newest
 manifest whose files are all present with the recorded sizes and (when downloaded) checksums, and
@@ -13,30 +14,21 @@ skips a torn one with a warning. Retention deletes only committed checkpoints ol
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from finetune_trainer.committed_dir import MANIFEST, CommittedDir, FileEntry, TornDirectory
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
-UPLOAD_WORKERS = 8  # files in flight at once; each also uploads its parts concurrently
-
-
-class FileEntry(BaseModel):
-    path: str  # relative to the checkpoint's directory
-    size: int
-    sha256: str
 
 
 class NodeReport(BaseModel):
@@ -57,7 +49,7 @@ class CheckpointManifest(BaseModel):
     created_at: datetime
 
 
-class TornCheckpoint(Exception):
+class TornCheckpoint(TornDirectory):
     pass
 
 
@@ -87,37 +79,13 @@ def _step_of(key: str) -> int | None:
     return _step_name(parts[1]) if len(parts) >= 2 and parts[0] == CHECKPOINTS else None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def upload_tree(store: ObjectStore, local_dir: Path, prefix: str) -> list[FileEntry]:
-    """Upload every file under `local_dir` to `<prefix>/<relative path>`; their entries, sorted.
-
-    Files upload side by side (each in concurrent parts) while their checksums are computed:
-    hashing and the network both release the interpreter lock."""
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    relative = [p.relative_to(local_dir).as_posix() for p in files]
-    with ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_WORKERS, 2 * len(files)))) as pool:
-        digests = [pool.submit(sha256_of, path) for path in files]
-        uploads = [pool.submit(store.put_file, path, f"{prefix}/{rel}" if prefix else rel)
-                   for path, rel in zip(files, relative, strict=True)]  # fmt: skip
-        for upload in uploads:
-            upload.result()
-        return [
-            FileEntry(path=rel, size=path.stat().st_size, sha256=digest.result())
-            for path, rel, digest in zip(files, relative, digests, strict=True)
-        ]
-
-
 class CheckpointStore:
     def __init__(self, store: ObjectStore, *, poll_seconds: float = 0.2) -> None:
         self.store = store
         self.poll_seconds = poll_seconds
+
+    def _dir(self, step: int) -> CommittedDir:
+        return CommittedDir(self.store, step_dir(step))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -125,18 +93,17 @@ class CheckpointStore:
         """Upload every file this node saved for `step`, then its report (the node's 'done').
         A manifest left by an earlier run of the same step is removed first: from the first
         replaced file on, that old commit would describe files that are no longer its own."""
-        self.store.delete([f"{step_dir(step)}/{MANIFEST}"])
-        entries = upload_tree(self.store, local_dir, step_dir(step))
-        report = NodeReport(node_rank=node_rank, files=entries, run_id=run_id)
-        self.store.put_bytes(
-            f"{step_dir(step)}/nodes/node-{node_rank:05d}.json", report.model_dump_json().encode()
-        )
+        directory = self._dir(step)
+        directory.uncommit()
+        report = NodeReport(node_rank=node_rank, files=directory.upload(local_dir), run_id=run_id)
+        report_key = directory.key(f"nodes/node-{node_rank:05d}.json")
+        self.store.put_bytes(report_key, report.model_dump_json().encode())
         return report
 
     def wait_for_nodes(self, step: int, nnodes: int, timeout: float, run_id: str = "") -> list[NodeReport]:
         """Rank 0 waits (bounded) until every node of this run reported its upload done."""
         deadline = time.monotonic() + timeout
-        prefix = f"{step_dir(step)}/nodes/"
+        prefix = self._dir(step).key("nodes/")
         reports: dict[str, NodeReport] = {}
         while True:
             for key in [o.key for o in self.store.list(prefix)]:
@@ -169,27 +136,18 @@ class CheckpointStore:
             data_position=data_position,
             created_at=datetime.now(UTC),
         )
-        self.store.put_bytes(f"{step_dir(step)}/{MANIFEST}", manifest.model_dump_json(indent=1).encode())
+        self._dir(step).commit(manifest.model_dump_json(indent=1))
         return manifest
 
     # -- reading -----------------------------------------------------------------------------
 
     def committed_steps(self) -> list[int]:
-        steps = {_step_of(o.key) for o in self.store.list("checkpoints/") if o.key.endswith(f"/{MANIFEST}")}
+        listed = self.store.list(f"{CHECKPOINTS}/")
+        steps = {_step_of(o.key) for o in listed if o.key.endswith(f"/{MANIFEST}")}
         return sorted(s for s in steps if s is not None)
 
     def manifest(self, step: int) -> CheckpointManifest:
-        return CheckpointManifest.model_validate_json(self.store.get_bytes(f"{step_dir(step)}/{MANIFEST}"))
-
-    def _problem(self, manifest: CheckpointManifest) -> str | None:
-        present = {o.key: o.size for o in self.store.list(step_dir(manifest.step) + "/")}
-        for entry in manifest.files:
-            size = present.get(f"{step_dir(manifest.step)}/{entry.path}")
-            if size is None:
-                return f"{entry.path} is missing"
-            if size != entry.size:
-                return f"{entry.path} has {size} bytes, the manifest says {entry.size}"
-        return None
+        return CheckpointManifest.model_validate_json(self._dir(step).manifest())
 
     def resumable(self, warn: Callable[[str], None] = log.warning) -> list[CheckpointManifest]:
         """Committed checkpoints whose files are all present, newest first; torn ones are skipped."""
@@ -200,7 +158,7 @@ class CheckpointStore:
             except (ObjectNotFound, ValueError) as exc:
                 warn(f"skipping checkpoint step {step}: unreadable manifest ({type(exc).__name__})")
                 continue
-            problem = self._problem(manifest)
+            problem = self._dir(step).problem(manifest.files)
             if problem:
                 warn(f"skipping torn checkpoint step {step}: {problem}")
                 continue
@@ -212,20 +170,11 @@ class CheckpointStore:
     ) -> int:
         """Fetch a checkpoint's files (those `wanted`, or all) and verify every checksum; the bytes
         fetched. TornCheckpoint if any file does not match."""
-        fetched = 0
-        for entry in manifest.files:
-            if wanted is not None and not wanted(entry.path):
-                continue
-            fetched += entry.size
-            local = dest / entry.path
-            try:
-                self.store.get_file(f"{step_dir(manifest.step)}/{entry.path}", local)
-            except ObjectNotFound:
-                raise TornCheckpoint(f"step {manifest.step}: {entry.path} vanished") from None
-            if local.stat().st_size != entry.size or sha256_of(local) != entry.sha256:
-                raise TornCheckpoint(f"step {manifest.step}: {entry.path} does not match its checksum")
-        (dest / MANIFEST).write_text(manifest.model_dump_json(indent=1))
-        return fetched
+        text = manifest.model_dump_json(indent=1)
+        try:
+            return self._dir(manifest.step).download(manifest.files, dest, text, wanted)
+        except TornDirectory as exc:
+            raise TornCheckpoint(f"step {manifest.step}: {exc}") from None
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -240,12 +189,12 @@ class CheckpointStore:
         doomed = set(committed[:-keep_last]) if keep_last < len(committed) else set()
         if protect is not None:
             doomed.discard(protect)
-        objects = self.store.list("checkpoints/")
+        objects = self.store.list(f"{CHECKPOINTS}/")
         all_steps = {s for s in (_step_of(o.key) for o in objects) if s is not None}
         leftovers = {s for s in all_steps - set(committed) if s < committed[-1]}
         for step in sorted(doomed | leftovers):
             keys = [o.key for o in objects if _step_of(o.key) == step]
-            manifest_key = f"{step_dir(step)}/{MANIFEST}"
+            manifest_key = self._dir(step).manifest_key
             if manifest_key in keys:
                 self.store.delete([manifest_key])
             self.store.delete([k for k in keys if k != manifest_key])

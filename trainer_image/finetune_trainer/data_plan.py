@@ -36,6 +36,11 @@ from finetune_trainer.data import DataReport, Record, in_validation, iter_record
 SPLITS = ("train", "validation")
 
 
+def plan_file(split: str) -> str:
+    """A split's file inside a plan's directory (and under the cache's `plan/` in the store)."""
+    return f"{split}.jsonl"
+
+
 @dataclass(frozen=True)
 class PlanSummary:
     counts: dict[str, int]  # records per split
@@ -80,8 +85,8 @@ def _column(path: Path, values: Iterator[np.ndarray[Any, Any]], count: int) -> n
 
 
 def write_plan(config: TrainerConfig, files: dict[int, list[Path]], directory: Path) -> PlanSummary:
-    """Plan every split into `directory` (`train.jsonl`, `validation.jsonl`), using `directory`.work
-    for the spill and the columns (removed when done)."""
+    """Plan every split into `directory` (`plan_file`: `train.jsonl`, `validation.jsonl`), using
+    `directory`.work for the spill and the columns (removed when done)."""
     work = directory.with_name(directory.name + ".work")
     for path in (work, directory):
         shutil.rmtree(path, ignore_errors=True)
@@ -104,7 +109,7 @@ def _first_pass(config: TrainerConfig, files: dict[int, list[Path]], directory: 
     kept_train, validation_count, spilled = [], 0, 0
     try:
         with (work / "train.spill").open("wb") as spill, (work / "offsets.bin").open("wb") as offsets, \
-                (directory / "validation.jsonl").open("wb") as validation:  # fmt: skip
+                (directory / plan_file("validation")).open("wb") as validation:  # fmt: skip
             for index in range(len(spec.sources)):
                 count = 0
                 for record in iter_records(spec, index, files[index], report, seen):
@@ -131,7 +136,7 @@ def _second_pass(config: TrainerConfig, kept_train: list[int], directory: Path, 
     # from being single-source (the per-epoch order is shuffled again when training). shuffle()
     # swaps by position, so it shuffles the memory-mapped column in place.
     random.Random(f"{seed}:mix").shuffle(order)  # type: ignore[arg-type]
-    with (work / "train.spill").open("rb") as spill, (directory / "train.jsonl").open("wb") as train:
+    with (work / "train.spill").open("rb") as spill, (directory / plan_file("train")).open("wb") as train:
         if total:
             starts = np.memmap(work / "offsets.bin", dtype=np.int64, mode="r")
             for position in order:

@@ -7,9 +7,9 @@ HF/DeepSpeed link is dropped, so nothing rank 0 does alone can enter a collectiv
 alive, transformers' `from_pretrained` would open `deepspeed.zero.Init` and broadcast every
 parameter in a collective only rank 0 joins (the LoRA-on-ZeRO-3 hang). Rank 0 writes while the
 other ranks wait on the rendezvous store. A LoRA run exports either the adapter alone or the adapter
-merged into a fresh CPU copy of the base. The upload ends with the export's own MANIFEST.json, so a
-reader never takes a half-uploaded model for a finished one, and a restart after a finished export
-does not redo it.
+merged into a fresh CPU copy of the base. The output uri is a directory committed by its manifest
+(committed_dir.py): the upload ends with the export's own MANIFEST.json, so a reader never takes a
+half-uploaded model for a finished one, and a restart after a finished export does not redo it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from finetune_operator.api.spec import LoraSpec
 from pydantic import BaseModel
 
 from finetune_trainer import ranks as dist
-from finetune_trainer.checkpoint_store import MANIFEST, FileEntry, upload_tree
+from finetune_trainer.committed_dir import CommittedDir, FileEntry
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.model import load_base, lora_config, unlink_deepspeed
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
@@ -43,7 +43,7 @@ class ExportManifest(BaseModel):
 
 def exported_step(store: ObjectStore) -> int | None:
     try:
-        return ExportManifest.model_validate_json(store.get_bytes(MANIFEST)).step
+        return ExportManifest.model_validate_json(CommittedDir(store, "").manifest()).step
     except (ObjectNotFound, ValueError):
         return None
 
@@ -101,15 +101,16 @@ def export(config: TrainerConfig, engine: Any, *, step: int, base_source: str, t
 
     def write_and_upload() -> None:
         assert state is not None
-        store.delete([MANIFEST])  # from here on, until the new manifest, the output is unfinished
+        output = CommittedDir(store, "")  # the output uri itself, not a folder inside it
+        output.uncommit()  # from here on, until the new manifest, the output is unfinished
         out = scratch / "export"
         shutil.rmtree(out, ignore_errors=True)
         _write(config, engine, state, base_source, tokenizer, out)
-        entries = upload_tree(store, out, "")
+        entries = output.upload(out)
         manifest = ExportManifest(
             step=step, kind=export_kind(config), files=entries, created_at=datetime.now(UTC)
         )
-        store.put_bytes(MANIFEST, manifest.model_dump_json(indent=1).encode())
+        output.commit(manifest.model_dump_json(indent=1))
         log.info(
             "exported %s model of step %d: %s", manifest.kind, step, json.dumps([e.path for e in entries])
         )
