@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from finetune_operator.api.spec import DATASET_EXTENSIONS as DATA_EXTENSIONS
-from finetune_operator.api.spec import DatasetSource, DatasetSpec
+from finetune_operator.api.spec import DATASET_EXTENSIONS, DATASET_EXTENSIONS_TEXT, DatasetSource, DatasetSpec
 
 from finetune_trainer.data_files import Malformed, read_rows
 from finetune_trainer.failures import InputMissing
@@ -71,14 +70,14 @@ def source_name(source: DatasetSource, index: int) -> str:
 def fetch_source(source: DatasetSource, cache_dir: Path, open_store: Opener = open_store) -> list[Path]:
     """Local copies of a source's files: the file the uri names, or every data file under it."""
     uri = source.uri.rstrip("/")
-    if uri.endswith(DATA_EXTENSIONS):
+    if uri.endswith(DATASET_EXTENSIONS):
         parent, _, name = uri.rpartition("/")
         store, keys = open_store(parent), [name]
     else:
         store = open_store(uri)
-        keys = [o.key for o in store.list("") if o.key.endswith(DATA_EXTENSIONS)]
+        keys = [o.key for o in store.list("") if o.key.endswith(DATASET_EXTENSIONS)]
     if not keys:
-        raise DataNotFound(f"dataset {source.uri}: no .jsonl, .json, .parquet or .csv files there")
+        raise DataNotFound(f"dataset {source.uri}: no {DATASET_EXTENSIONS_TEXT} files there")
     local_root = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
     out = []
     for key in sorted(keys):

@@ -21,7 +21,7 @@ from typing import Any
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.data import Record, source_name
-from finetune_trainer.data_plan import SPLITS, read_plan
+from finetune_trainer.data_plan import SPLITS, plan_file, read_plan
 from finetune_trainer.encoding import EncodingReport, Example, chat_layout, iter_encode
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack
@@ -56,7 +56,7 @@ def encode_share(config: TrainerConfig, tokenizer: Any, plan: Path, counts: dict
     train_report = EncodingReport()
     for name in SPLITS:
         start, stop = share(counts[name], rank, world_size)
-        records = read_plan(plan / f"{name}.jsonl", start, stop)
+        records = read_plan(plan / plan_file(name), start, stop)
         if rank == 0:
             records = _with_progress(records, stop - start, world_size)
         report = train_report if name == "train" else EncodingReport()

@@ -63,6 +63,7 @@ RoleNames = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=16)
 ]
 DATASET_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+DATASET_EXTENSIONS_TEXT = f"{', '.join(DATASET_EXTENSIONS[:-1])} or {DATASET_EXTENSIONS[-1]}"
 NAMED_CHAT_TEMPLATES = ("llama3", "llama3.1", "llama2", "mistral", "chatml")
 
 
@@ -141,8 +142,7 @@ class DatasetSource(ApiModel):
     rules = (
         Rule(
             cel=" || ".join(["has(self.format)", *(f"self.uri.endsWith('{e}')" for e in DATASET_EXTENSIONS)]),
-            message="format is required when the uri does not end in "
-            f"{', '.join(DATASET_EXTENSIONS[:-1])} or {DATASET_EXTENSIONS[-1]}",
+            message=f"format is required when the uri does not end in {DATASET_EXTENSIONS_TEXT}",
             field="format",
             check=lambda s: s.format is not None or s.uri.endswith(DATASET_EXTENSIONS),
         ),
