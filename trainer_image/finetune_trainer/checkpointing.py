@@ -35,6 +35,7 @@ from finetune_trainer.checkpoint_store import (
 )
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing
+from finetune_trainer.position import DataPosition
 from finetune_trainer.snapshot import SnapshotEngine, test_pause, write, written_marker
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class Checkpointer:
 
     # -- saving ------------------------------------------------------------------------------
 
-    def save(self, step: int, position: dict[str, Any], *, block: bool) -> None:
+    def save(self, step: int, position: DataPosition, *, block: bool) -> None:
         """Training blocks for the previous checkpoint's tail (at most one snapshot is ever held) and
         for the snapshot to host memory; the write, the upload and the commit run behind it."""
         started = time.perf_counter()
@@ -101,14 +102,15 @@ class Checkpointer:
             shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
         self.local_root.mkdir(parents=True, exist_ok=True)
         self.snapshots.step = step
+        stored = position.to_json()  # the same JSON in DeepSpeed's client state and in the manifest
         self.engine.save_checkpoint(
-            str(self.local_root), tag=tag(step), client_state={"data_position": position}, save_latest=False
+            str(self.local_root), tag=tag(step), client_state={"data_position": stored}, save_latest=False
         )
         snapshots = self.snapshots.take()
         snapshotted = time.perf_counter() - started - waited
         self.last_saved = step
         self._thread = threading.Thread(
-            target=self._background, args=(step, position, snapshots), name=f"checkpoint-{step}", daemon=True
+            target=self._background, args=(step, stored, snapshots), name=f"checkpoint-{step}", daemon=True
         )
         self._thread.start()
         if block:
@@ -207,7 +209,7 @@ class Checkpointer:
             raise ResumeSourceNotFound(f"checkpoint.resume {resume}: not a committed, intact checkpoint")
         return [(True, step)]
 
-    def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> dict[str, Any] | None:
+    def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> DataPosition | None:
         """Load the newest intact committed checkpoint; its data position, or None to start fresh.
         `resume` is latest, none, or the uri of one committed checkpoint (of this or another job)."""
         address = parse_checkpoint_uri(resume) if resume not in ("latest", "none") else None
@@ -250,8 +252,7 @@ class Checkpointer:
                 log.info("loaded checkpoint step %d in %.2fs", step, time.perf_counter() - started)
             if self.ranks.is_node_main:
                 shutil.rmtree(target, ignore_errors=True)
-            position: dict[str, Any] = (client_state or {}).get("data_position", {})
-            return position
+            return DataPosition.from_json((client_state or {}).get("data_position", {}))
         return None
 
 

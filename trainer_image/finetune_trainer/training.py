@@ -34,6 +34,7 @@ from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.export import export, exported_step
 from finetune_trainer.failures import Terminated
 from finetune_trainer.model import load_model, load_tokenizer, local_source
+from finetune_trainer.position import DataPosition
 from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.reporting import Reporter
 from finetune_trainer.sample_trace import SampleTrace
@@ -136,8 +137,8 @@ class Run:
             device=self.device,
         )
         position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(self._open(uri)))
-        start = int(position["globalStep"]) if position else 0
-        if position and position.get("dataKey") not in (None, data.key):
+        start = position.global_step if position else 0
+        if position and position.data_key not in (None, data.key):
             log.warning("the data changed since step %d was saved; continuing at the same position", start)
         log.info(
             "%s at step %d of %d | %d train / %d validation examples | world %d",
@@ -161,8 +162,8 @@ class Run:
         del keep_alive
         dist.shutdown()
 
-    def _position(self, steps: StepPlan, step: int, data: PreparedData) -> dict[str, Any]:
-        return {**steps.position(step), "dataKey": data.key}
+    def _position(self, steps: StepPlan, step: int, data: PreparedData) -> DataPosition:
+        return steps.position(step, data.key)
 
     def _batch(self, examples: list[Example]) -> dict[str, Any]:
         pad_id = 0  # masked out of attention and loss, so any id serves
