@@ -9,6 +9,8 @@ collective), so at most one snapshot is held in host memory, local disk holds at
 checkpoints, and commits happen in step order.
 
 Resume (resuming.py) loads through the same engine, so DeepSpeed reads the files it always reads.
+What a save does to training (how long it blocked, what was committed) goes to one
+`CheckpointListener`, on rank 0 the reporter.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_trainer import ranks as dist
 from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
@@ -35,6 +37,29 @@ log = logging.getLogger(__name__)
 NODE_REPORT_TIMEOUT = 1800.0  # seconds rank 0 waits for the slowest node's upload
 
 
+class CheckpointListener(Protocol):
+    """What training learns about its checkpoints. `stalled` runs on the training thread after each
+    save; `committed` and then `settled` on rank 0's upload thread, after the commit point and after
+    keepLast, in step order."""
+
+    def stalled(self, seconds: float) -> None: ...
+
+    def committed(self, step: int, uri: str, at: datetime) -> None: ...
+
+    def settled(self, step: int) -> None: ...
+
+
+class NoListener:
+    def stalled(self, seconds: float) -> None:
+        pass
+
+    def committed(self, step: int, uri: str, at: datetime) -> None:
+        pass
+
+    def settled(self, step: int) -> None:
+        pass
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -46,11 +71,7 @@ class Checkpointer:
         local_root: Path,
         job_uri: str,
         keep_last: int,
-        on_commit: Callable[[int, str, datetime], None],
         phases: Coordinator,
-        after_commit: Callable[[], None] = lambda: None,
-        on_stall: Callable[[float], None] = lambda seconds: None,
-        device: Any = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -59,11 +80,8 @@ class Checkpointer:
         self.local_root = local_root
         self.job_uri = job_uri
         self.keep_last = keep_last
-        self.on_commit = on_commit
-        self.after_commit = after_commit
-        self.on_stall = on_stall
-        self.device = device
         self.phases = phases
+        self.listener: CheckpointListener = NoListener()
         self.resumed_from: int | None = None
         self.run_id: str = dist.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
@@ -72,6 +90,11 @@ class Checkpointer:
         # DeepSpeed's writes go through this engine, which only snapshots (snapshot.py).
         self.snapshots = SnapshotEngine()
         engine.checkpoint_engine = self.snapshots
+
+    def report_to(self, listener: CheckpointListener) -> None:
+        """The reporter exists only once the run has resumed (its clock starts with training), so it
+        is told about saves from then on; resuming reports nothing."""
+        self.listener = listener
 
     def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> DataPosition | None:
         """Load the newest intact committed checkpoint; its data position, or None to start fresh."""
@@ -115,11 +138,18 @@ class Checkpointer:
             self._wait_for_background(f"the write, upload and commit of step {step}")
         if self.ranks.is_main:
             blocked = time.perf_counter() - started
-            self.on_stall(blocked)
+            self.listener.stalled(blocked)
             log.info(
                 "checkpoint step %d: training blocked %.3fs (previous checkpoint %.3fs, snapshot %.3fs)%s",
                 step, blocked, waited, snapshotted, " until committed" if block else "",
             )  # fmt: skip
+
+    def save_last(self, step: int, position: DataPosition) -> None:
+        """The run's last checkpoint, waited for until committed; not taken again when the run
+        resumed from a checkpoint of that step."""
+        if self.last_saved != step:
+            self.save(step, position, block=True)
+        self.wait()
 
     def _wait_for_background(self, what: str) -> None:
         """Each rank's own write first; then every node's upload (and rank 0's commit), awaited on the
@@ -172,14 +202,14 @@ class Checkpointer:
             manifest = self.store.commit(
                 step, reports, world_size=self.ranks.world_size, data_position=position
             )
-            self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
+            self.listener.committed(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
             deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
             # From this commit on the run can resume from its own newer checkpoint, so the one
             # it started from falls under keepLast like any other.
             self.resumed_from = None
             if deleted:
                 log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
-            self.after_commit()
+            self.listener.settled(step)
         shutil.rmtree(local, ignore_errors=True)
         shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 

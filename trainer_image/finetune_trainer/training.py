@@ -113,15 +113,6 @@ class Run:
             config=ds_config,
             lr_scheduler=schedule,
         )
-        reporter = Reporter(
-            enabled=ranks.is_main,
-            total_steps=steps.total_steps,
-            start_step=0,
-            tensorboard_dir=self.scratch
-            / "tensorboard"
-            / f"attempt-{os.environ.get(contract.ENV_ATTEMPT, '0')}",
-            data=data_summary(data.report),
-        )
         checkpointer = Checkpointer(
             engine,
             CheckpointStore(job_store),
@@ -130,11 +121,7 @@ class Run:
             local_root=self.scratch / "checkpoints",
             job_uri=config.checkpoint.job_uri,
             keep_last=config.checkpoint.keep_last,
-            on_commit=reporter.committed,
-            on_stall=reporter.stalled,
-            after_commit=lambda: self._upload_tensorboard(reporter, job_store),
             phases=self.phases,
-            device=self.device,
         )
         position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(self._open(uri)))
         start = position.global_step if position else 0
@@ -145,11 +132,21 @@ class Run:
             "resuming" if position else "starting", start, steps.total_steps,
             len(data.train), len(data.validation), ranks.world_size,
         )  # fmt: skip
-        reporter.start_step = self.step = start
+        # Built once resumed: its ETA clock measures training, not the checkpoint download.
+        reporter = Reporter(
+            enabled=ranks.is_main,
+            total_steps=steps.total_steps,
+            start_step=start,
+            tensorboard_dir=self.scratch
+            / "tensorboard"
+            / f"attempt-{os.environ.get(contract.ENV_ATTEMPT, '0')}",
+            data=data_summary(data.report),
+            tensorboard_store=job_store,
+        )
+        checkpointer.report_to(reporter)
+        self.step = start
         self._train(engine, data, steps, checkpointer, reporter, start)
-        if checkpointer.last_saved != steps.total_steps:
-            checkpointer.save(steps.total_steps, self._position(steps, steps.total_steps, data), block=True)
-        checkpointer.wait()
+        checkpointer.save_last(steps.total_steps, self._position(steps, steps.total_steps, data))
         output = self._open(config.output_uri)
         # Rank 0 decides for all: a rank that looked later could see the new export's manifest and
         # skip the gather (a collective under ZeRO-3) the others are waiting in.
@@ -157,8 +154,7 @@ class Run:
         if not exported:
             export(config, engine, step=steps.total_steps, base_source=model_source, tokenizer=tokenizer,
                    store=output, scratch=self.scratch, phases=self.phases)  # fmt: skip
-        reporter.close()
-        self._upload_tensorboard(reporter, job_store)
+        reporter.close()  # and its last TensorBoard upload
         del keep_alive
         dist.shutdown()
 
@@ -267,11 +263,3 @@ class Run:
         engine.train()
         total, count = dist.all_reduce([loss_sum, counted], "sum", self.device)
         return total / count if count else None
-
-    def _upload_tensorboard(self, reporter: Reporter, store: Any) -> None:
-        if not self.ranks.is_main:
-            return
-        reporter.flush_tensorboard()
-        root = self.scratch / "tensorboard"
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            store.put_file(path, f"tensorboard/{path.relative_to(root).as_posix()}")
