@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from finetune_operator.api import TrainerConfig
 
 from finetune_trainer import ranks as dist
 from finetune_trainer import token_loss
+from finetune_trainer.agreement import StopFlag, StopOrCheckpointVote
 from finetune_trainer.cadence import Cadence
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
@@ -42,18 +41,6 @@ from finetune_trainer.step_plan import StepPlan, plan
 from finetune_trainer.storage import opener
 
 log = logging.getLogger("finetune_trainer")
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; read at step boundaries, never acted on inside a collective."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.requested = True
 
 
 def scratch_dir(config: TrainerConfig, ranks: dist.Ranks) -> Path:
@@ -175,9 +162,8 @@ class Run:
     def _train(self, engine: Any, data: PreparedData, steps: StepPlan, checkpointer: Checkpointer,
                reporter: Reporter, start: int) -> None:  # fmt: skip
         """The step loop: nothing in it waits on the device or on the other ranks beyond what
-        DeepSpeed's step needs. Tokens are counted on the host, and the ranks agree on the two flags
-        (SIGTERM arrived, checkpoint time is up) with an all-reduce that runs while the next step
-        computes: its result decides after that next step, the same step on every rank."""
+        DeepSpeed's step needs. Tokens are counted on the host, and the ranks agree on stopping and
+        checkpointing through a vote that overlaps the next step (agreement.py)."""
         import torch
 
         config, ranks = self.config, self.ranks
@@ -185,12 +171,14 @@ class Run:
             raise Terminated("terminated before the first step; nothing to save")
         trace = SampleTrace.from_env(ranks)
         cadence = Cadence.of(config, steps.total_steps, has_validation=bool(data.validation))
-        micro, every_seconds = config.training.micro_batch_size, config.checkpoint.every_minutes * 60
+        micro = config.training.micro_batch_size
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = targets_in_window = 0
-        window_start = last_checkpoint = time.monotonic()
-        checkpointed_at = start
-        flags_in_flight: Callable[[], list[float]] | None = None
+        window_start = time.monotonic()
+        vote = StopOrCheckpointVote(
+            self.stop, every_seconds=config.checkpoint.every_minutes * 60, start=start,
+            device=self.device, timeout=self.collective_timeout,
+        )  # fmt: skip
         engine.train()
         for step in range(start, steps.total_steps):
             indices = steps.rank_indices(step, ranks.rank)
@@ -205,16 +193,8 @@ class Run:
             targets_in_window += global_targets
             done = self.step = step + 1
             trace.record(done, [data.train[i].id for i in indices])
-            time_due = every_seconds > 0 and time.monotonic() - last_checkpoint >= every_seconds
-            agreed = flags_in_flight() if flags_in_flight is not None else [0.0, 0.0]
-            if checkpointed_at == done - 1:
-                agreed[1] = 0.0  # raised before the checkpoint the previous step took
-            flags_in_flight = dist.all_reduce_started(
-                [float(self.stop.requested), float(time_due)], "max", self.device, self.collective_timeout
-            )
-            if done == steps.total_steps:  # no next step to overlap with: this step's flags decide
-                agreed, flags_in_flight = flags_in_flight(), None
-            decisions = cadence.after(done, stop=bool(agreed[0]), time_due=bool(agreed[1]))
+            agreed = vote.agree(done, last=done == steps.total_steps)
+            decisions = cadence.after(done, stop=agreed.stop, time_due=agreed.time_due)
             if decisions.log:
                 total_loss, total_tokens = dist.all_reduce(
                     [float(loss_sum), float(tokens)], "sum", self.device
@@ -234,13 +214,12 @@ class Run:
                 if eval_loss is not None:
                     reporter.evaluation(done, eval_loss)
             if decisions.stop:
-                if flags_in_flight is not None:
-                    flags_in_flight()  # every collective this rank started is finished before exit
+                vote.settle()
                 checkpointer.save(done, self._position(steps, done, data), block=True)
                 raise Terminated(f"terminated: emergency checkpoint at step {done} committed")
             if decisions.checkpoint:
                 checkpointer.save(done, self._position(steps, done, data), block=False)
-                last_checkpoint, checkpointed_at = time.monotonic(), done
+                vote.checkpointed(done)
 
     def _evaluate(self, engine: Any, examples: ExampleTable) -> float | None:
         """Mean loss per target token over the validation set; equal shares per rank, since ZeRO-3
