@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from finetune_trainer.checkpoint_store import CheckpointStore
-from finetune_trainer.checkpointing import shard_rank
 from finetune_trainer.ranks import free_port
+from finetune_trainer.resuming import shard_rank
 from finetune_trainer.storage import open_store
 
 from tests.support.trainer_run import Finished, Workspace, start, trainer_config

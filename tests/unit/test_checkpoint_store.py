@@ -255,7 +255,7 @@ FILES = [
 
 
 def test_a_node_fetches_its_ranks_shards_and_every_shared_file() -> None:
-    from finetune_trainer.checkpointing import node_files
+    from finetune_trainer.resuming import node_files
 
     wanted = node_files(_node(1), saved_world_size=4, reads_all=False)
     assert wanted is not None
@@ -272,13 +272,13 @@ def test_a_node_fetches_its_ranks_shards_and_every_shared_file() -> None:
 
 
 def test_a_changed_world_size_fetches_everything() -> None:
-    from finetune_trainer.checkpointing import node_files
+    from finetune_trainer.resuming import node_files
 
     assert node_files(_node(0), saved_world_size=8, reads_all=False) is None
 
 
 def test_elastic_or_universal_loading_fetches_everything() -> None:
-    from finetune_trainer.checkpointing import node_files
+    from finetune_trainer.resuming import node_files
 
     assert node_files(_node(0), saved_world_size=4, reads_all=True) is None
 

@@ -69,3 +69,33 @@ def test_the_failed_rank_reason_is_read_from_its_own_file(tmp_path: Path) -> Non
     (tmp_path / "rank-1").write_text("out of memory at step 12\n")
     assert rank_reason(tmp_path, 1) == "out of memory at step 12"
     assert rank_reason(tmp_path, 0) is None
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def put_file(self, path: Path, key: str) -> None:
+        assert path.is_file()
+        self.keys.append(key)
+
+
+def test_the_reporter_uploads_its_tensorboard_events_after_each_commit_and_at_the_end(tmp_path: Path) -> None:
+    store = _Store()
+    reporter = Reporter(enabled=True, total_steps=10, start_step=0,
+                        tensorboard_dir=tmp_path / "tb" / "attempt-1", tensorboard_store=store)  # fmt: skip
+    reporter.step(2, loss=1.0, tokens_per_second=100.0, learning_rate=1e-4)
+    reporter.settled(2)
+    assert store.keys and all(k.startswith("tensorboard/attempt-1/events.out.tfevents.") for k in store.keys)
+    store.keys.clear()
+    reporter.close()
+    assert store.keys
+
+
+def test_only_rank_0_uploads_tensorboard_events(tmp_path: Path) -> None:
+    store = _Store()
+    reporter = Reporter(enabled=False, total_steps=10, start_step=0, tensorboard_dir=tmp_path / "attempt-0",
+                        tensorboard_store=store)  # fmt: skip
+    reporter.settled(2)
+    reporter.close()
+    assert store.keys == []

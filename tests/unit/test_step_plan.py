@@ -46,7 +46,7 @@ def test_the_same_step_gives_the_same_examples_after_a_restart() -> None:
     [(0, 0, 0), (11, 0, 11), (12, 1, 0), (25, 2, 1)],
 )
 def test_position_names_epoch_and_step_within_it(step: int, epoch: int, in_epoch: int) -> None:
-    position = _plan().position(step)  # 100 // 8 = 12 steps per epoch
+    position = _plan().position(step).to_json()  # 100 // 8 = 12 steps per epoch
     assert (position["epoch"], position["stepInEpoch"], position["samplesSeen"]) == (
         epoch,
         in_epoch,

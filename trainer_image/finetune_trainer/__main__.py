@@ -18,7 +18,7 @@ from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.config import load_config, write_termination_message
-from finetune_trainer.failures import OutOfMemory, TrainerFailure
+from finetune_trainer.failures import OutOfMemory, TrainerFailure, Transient
 
 
 def _quiet_libraries(is_main: bool) -> None:
@@ -66,37 +66,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries(os.environ.get("RANK", "0") == "0")
     try:
-        config = load_config(args.config)
-    except TrainerFailure as exc:
+        _run(load_config(args.config))
+    except TrainerFailure as exc:  # the one place a failure becomes an exit code and a reason
         write_termination_message(exc.reason())
         return exc.exit_code
+    return contract.ExitCode.OK
 
+
+def _run(config: TrainerConfig) -> None:
     from finetune_trainer.training import Run
 
     run: Run | None = None
     try:
         run = Run(config)
         run.execute()
-    except TrainerFailure as exc:
-        write_termination_message(exc.reason())
-        return exc.exit_code
+    except TrainerFailure:
+        raise
     except Exception as exc:  # MemoryError included
-        at = f" at step {run.step}" if run is not None else ""
-        if _out_of_memory(exc):
-            failure = out_of_memory(exc, config, run.step if run is not None else None)
-            write_termination_message(failure.reason())
-            return failure.exit_code
-        if _collective_timeout(exc):
-            write_termination_message(
-                f"collective failed{at}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            )
-            return contract.ExitCode.TRANSIENT
-        logging.getLogger("finetune_trainer").exception("training failed%s", at)
-        write_termination_message(
-            f"{type(exc).__name__}{at}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        )
-        return 1
-    return contract.ExitCode.OK
+        raise escaped(exc, config, run.step if run is not None else None) from exc
+
+
+def escaped(exc: Exception, config: TrainerConfig, step: int | None) -> TrainerFailure:
+    """The failure an exception that escaped the run is classified as: out of memory (exit 4), a
+    collective that failed (75), anything else a bug or a runtime error (1, its traceback logged)."""
+    at = f" at step {step}" if step is not None else ""
+    if _out_of_memory(exc):
+        return out_of_memory(exc, config, step)
+    if _collective_timeout(exc):
+        return Transient(f"collective failed{at}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    logging.getLogger("finetune_trainer").exception("training failed%s", at)
+    return TrainerFailure(f"{type(exc).__name__}{at}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
 
 
 def leave(code: int) -> None:

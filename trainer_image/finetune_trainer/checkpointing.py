@@ -1,4 +1,4 @@
-"""Saving and resuming the DeepSpeed engine through the checkpoint store, without stalling training.
+"""Saving the DeepSpeed engine through the checkpoint store, without stalling training.
 
 Save: training blocks only while every rank snapshots its DeepSpeed state to host memory (DeepSpeed's
 save_checkpoint through `snapshot.SnapshotEngine`). Behind training, each rank writes its snapshot
@@ -8,14 +8,14 @@ and applies keepLast. A new save first waits for all of that (on the rendezvous 
 collective), so at most one snapshot is held in host memory, local disk holds at most two
 checkpoints, and commits happen in step order.
 
-Resume: rank 0 picks the newest committed checkpoint whose files are all there; every node downloads
-and verifies it; if any node finds a checksum wrong, all ranks move on to the next older one.
+Resume (resuming.py) loads through the same engine, so DeepSpeed reads the files it always reads.
+What a save does to training (how long it blocked, what was committed) goes to one
+`CheckpointListener`, on rank 0 the reporter.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import threading
 import time
@@ -23,27 +23,41 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from finetune_trainer import ranks as dist
-from finetune_trainer.checkpoint_store import (
-    CheckpointManifest,
-    CheckpointStore,
-    TornCheckpoint,
-    parse_checkpoint_uri,
-    step_dir,
-)
+from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
 from finetune_trainer.coordination import Coordinator
-from finetune_trainer.failures import InputMissing
-from finetune_trainer.snapshot import SnapshotEngine, test_pause, write, written_marker
+from finetune_trainer.position import DataPosition
+from finetune_trainer.resuming import Resumer
+from finetune_trainer.snapshot import SnapshotEngine, tag, test_pause, write, written_marker
 
 log = logging.getLogger(__name__)
 
 NODE_REPORT_TIMEOUT = 1800.0  # seconds rank 0 waits for the slowest node's upload
 
 
-def tag(step: int) -> str:
-    return step_dir(step).rsplit("/", 1)[-1]
+class CheckpointListener(Protocol):
+    """What training learns about its checkpoints. `stalled` runs on the training thread after each
+    save; `committed` and then `settled` on rank 0's upload thread, after the commit point and after
+    keepLast, in step order."""
+
+    def stalled(self, seconds: float) -> None: ...
+
+    def committed(self, step: int, uri: str, at: datetime) -> None: ...
+
+    def settled(self, step: int) -> None: ...
+
+
+class NoListener:
+    def stalled(self, seconds: float) -> None:
+        pass
+
+    def committed(self, step: int, uri: str, at: datetime) -> None:
+        pass
+
+    def settled(self, step: int) -> None:
+        pass
 
 
 class Checkpointer:
@@ -57,11 +71,7 @@ class Checkpointer:
         local_root: Path,
         job_uri: str,
         keep_last: int,
-        on_commit: Callable[[int, str, datetime], None],
         phases: Coordinator,
-        after_commit: Callable[[], None] = lambda: None,
-        on_stall: Callable[[float], None] = lambda seconds: None,
-        device: Any = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -70,11 +80,8 @@ class Checkpointer:
         self.local_root = local_root
         self.job_uri = job_uri
         self.keep_last = keep_last
-        self.on_commit = on_commit
-        self.after_commit = after_commit
-        self.on_stall = on_stall
-        self.device = device
         self.phases = phases
+        self.listener: CheckpointListener = NoListener()
         self.resumed_from: int | None = None
         self.run_id: str = dist.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
@@ -84,9 +91,24 @@ class Checkpointer:
         self.snapshots = SnapshotEngine()
         engine.checkpoint_engine = self.snapshots
 
-    # -- saving ------------------------------------------------------------------------------
+    def report_to(self, listener: CheckpointListener) -> None:
+        """The reporter exists only once the run has resumed (its clock starts with training), so it
+        is told about saves from then on; resuming reports nothing."""
+        self.listener = listener
 
-    def save(self, step: int, position: dict[str, Any], *, block: bool) -> None:
+    def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> DataPosition | None:
+        """Load the newest intact committed checkpoint; its data position, or None to start fresh."""
+        loaded = Resumer(self.engine, self.store, self.ranks, self.phases, self.local_root).load(
+            resume, open_elsewhere
+        )
+        if loaded is None:
+            return None
+        if loaded.own:
+            # keepLast spares it until this run commits a newer one, and the run does not save it again.
+            self.resumed_from = self.last_saved = loaded.step
+        return loaded.position
+
+    def save(self, step: int, position: DataPosition, *, block: bool) -> None:
         """Training blocks for the previous checkpoint's tail (at most one snapshot is ever held) and
         for the snapshot to host memory; the write, the upload and the commit run behind it."""
         started = time.perf_counter()
@@ -101,25 +123,33 @@ class Checkpointer:
             shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
         self.local_root.mkdir(parents=True, exist_ok=True)
         self.snapshots.step = step
+        stored = position.to_json()  # the same JSON in DeepSpeed's client state and in the manifest
         self.engine.save_checkpoint(
-            str(self.local_root), tag=tag(step), client_state={"data_position": position}, save_latest=False
+            str(self.local_root), tag=tag(step), client_state={"data_position": stored}, save_latest=False
         )
         snapshots = self.snapshots.take()
         snapshotted = time.perf_counter() - started - waited
         self.last_saved = step
         self._thread = threading.Thread(
-            target=self._background, args=(step, position, snapshots), name=f"checkpoint-{step}", daemon=True
+            target=self._background, args=(step, stored, snapshots), name=f"checkpoint-{step}", daemon=True
         )
         self._thread.start()
         if block:
             self._wait_for_background(f"the write, upload and commit of step {step}")
         if self.ranks.is_main:
             blocked = time.perf_counter() - started
-            self.on_stall(blocked)
+            self.listener.stalled(blocked)
             log.info(
                 "checkpoint step %d: training blocked %.3fs (previous checkpoint %.3fs, snapshot %.3fs)%s",
                 step, blocked, waited, snapshotted, " until committed" if block else "",
             )  # fmt: skip
+
+    def save_last(self, step: int, position: DataPosition) -> None:
+        """The run's last checkpoint, waited for until committed; not taken again when the run
+        resumed from a checkpoint of that step."""
+        if self.last_saved != step:
+            self.save(step, position, block=True)
+        self.wait()
 
     def _wait_for_background(self, what: str) -> None:
         """Each rank's own write first; then every node's upload (and rank 0's commit), awaited on the
@@ -172,14 +202,14 @@ class Checkpointer:
             manifest = self.store.commit(
                 step, reports, world_size=self.ranks.world_size, data_position=position
             )
-            self.on_commit(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
+            self.listener.committed(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
             deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
             # From this commit on the run can resume from its own newer checkpoint, so the one
             # it started from falls under keepLast like any other.
             self.resumed_from = None
             if deleted:
                 log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
-            self.after_commit()
+            self.listener.settled(step)
         shutil.rmtree(local, ignore_errors=True)
         shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 
@@ -192,103 +222,3 @@ class Checkpointer:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-    # -- resuming ----------------------------------------------------------------------------
-
-    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[tuple[bool, int]]:
-        """(from `elsewhere`?, step) of every checkpoint to try, newest first."""
-        own = [(False, m.step) for m in self.store.resumable()]
-        if own or resume == "latest":
-            return own  # once this job has committed, a restart continues its own run
-        if resume == "none":
-            return []
-        _, step = _resume_address(resume)
-        if elsewhere is None or step not in [m.step for m in elsewhere.resumable()]:
-            raise ResumeSourceNotFound(f"checkpoint.resume {resume}: not a committed, intact checkpoint")
-        return [(True, step)]
-
-    def resume(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> dict[str, Any] | None:
-        """Load the newest intact committed checkpoint; its data position, or None to start fresh.
-        `resume` is latest, none, or the uri of one committed checkpoint (of this or another job)."""
-        address = parse_checkpoint_uri(resume) if resume not in ("latest", "none") else None
-        elsewhere = open_elsewhere(address[0]) if address else None
-        candidates = self.phases.on_main(
-            "the checkpoint listing", lambda: self._candidates(resume, elsewhere)
-        )
-        target = self.local_root / "resume"
-        started = time.perf_counter()
-        for from_elsewhere, step in candidates:
-            source = elsewhere if from_elsewhere and elsewhere is not None else self.store
-
-            def download(source: CheckpointStore = source, step: int = step) -> tuple[str, int, int]:
-                shutil.rmtree(target, ignore_errors=True)
-                manifest = source.manifest(step)
-                try:
-                    fetched = source.download(manifest, target / tag(step), self._node_files(manifest))
-                except TornCheckpoint as exc:
-                    log.warning("skipping checkpoint step %d: %s", step, exc)
-                    return str(exc), 0, 0
-                return "", fetched, sum(f.size for f in manifest.files)
-
-            # Each node downloads while its ranks wait on the rendezvous store: a 70B checkpoint takes
-            # longer than a collective may. One torn copy anywhere moves every rank to the next older.
-            outcomes = self.phases.per_node(f"the download of step {step}", download)
-            if any(problem for problem, _, _ in outcomes):
-                continue
-            if self.ranks.is_main:  # the resume benchmark reads this line
-                log.info(
-                    "downloaded checkpoint step %d: %s of %d bytes",
-                    step, ", ".join(f"node {n} {b}" for n, (_, b, _) in enumerate(outcomes)), outcomes[0][2],
-                )  # fmt: skip
-            _, client_state = self.engine.load_checkpoint(
-                str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if source is self.store:
-                self.resumed_from = self.last_saved = step
-            dist.barrier()
-            if self.ranks.is_main:  # the recovery benchmark splits a restart's time with this line
-                log.info("loaded checkpoint step %d in %.2fs", step, time.perf_counter() - started)
-            if self.ranks.is_node_main:
-                shutil.rmtree(target, ignore_errors=True)
-            position: dict[str, Any] = (client_state or {}).get("data_position", {})
-            return position
-        return None
-
-
-    def _node_files(self, manifest: CheckpointManifest) -> Callable[[str], bool] | None:
-        reads_all = self.engine.zero_elastic_checkpoint() or self.engine.load_universal_checkpoint()
-        return node_files(self.ranks, manifest.world_size, reads_all)
-
-
-def node_files(ranks: dist.Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
-    """The files a node's ranks load: their own ZeRO shards plus the shared files, when the world
-    size is unchanged; None (every file) otherwise. DeepSpeed 0.19 reads only the loading rank's
-    `zero_pp_rank_<rank>_*` files (`_get_all_zero_checkpoint_state_dicts`, and `_get_ckpt_name` under
-    ZeRO-3), except for elastic and universal checkpoints (`reads_all`), which read them all."""
-    if saved_world_size != ranks.world_size or reads_all:
-        return None
-    first = ranks.node_rank * ranks.local_world_size
-    mine = range(first, first + ranks.local_world_size)
-    return lambda path: (rank := shard_rank(path)) is None or rank in mine
-
-
-SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
-
-
-def shard_rank(path: str) -> int | None:
-    """The data-parallel rank a DeepSpeed file belongs to, or None for a file every rank reads."""
-    match = SHARD.match(path.rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else None
-
-
-class ResumeSourceNotFound(InputMissing):
-    """checkpoint.resume names a checkpoint that is not committed and intact: exit 3."""
-
-
-def _resume_address(uri: str) -> tuple[str, int]:
-    address = parse_checkpoint_uri(uri)
-    if address is None:
-        raise ResumeSourceNotFound(
-            f"checkpoint.resume {uri}: expected <store>/<namespace>/<job>/checkpoints/step-NNNNNNNN"
-        )
-    return address

@@ -1,5 +1,10 @@
 """Rank 0's voice: a readable log line per report, the structured progress line the operator reads
-(finetune_operator.progress), and TensorBoard scalars. Other ranks stay quiet."""
+(finetune_operator.progress), and TensorBoard scalars, uploaded next to the checkpoints after each
+commit and at the end. Other ranks stay quiet.
+
+The reporter is built once the run has resumed, so its ETA counts training time only, not the
+checkpoint download. It listens to the checkpointer (checkpointing.CheckpointListener).
+"""
 
 from __future__ import annotations
 
@@ -26,8 +31,14 @@ def human_duration(seconds: float) -> str:
 
 class Reporter:
     def __init__(
-        self, *, enabled: bool, total_steps: int, start_step: int, tensorboard_dir: Path | None,
+        self,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        tensorboard_dir: Path | None,
         data: list[DataSourceReport] | None = None,
+        tensorboard_store: Any = None,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
@@ -40,6 +51,8 @@ class Reporter:
         self.checkpoint: CheckpointRef | None = None
         self._lock = threading.Lock()  # the upload thread reports commits
         self._writer: Any = None
+        self._tensorboard_dir = tensorboard_dir
+        self._tensorboard_store = tensorboard_store  # an ObjectStore: the job's, under tensorboard/
         if enabled and tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -109,10 +122,22 @@ class Reporter:
             log.info("checkpoint step %d committed: %s", step, uri)
             self._emit()
 
-    def flush_tensorboard(self) -> None:
+    def settled(self, step: int) -> None:
+        """Step `step`'s commit and keepLast are done (rank 0's upload thread): its events follow it."""
+        self.upload_tensorboard()
+
+    def upload_tensorboard(self) -> None:
+        """Every TensorBoard file on this node's scratch disk (each attempt its own folder), at the same
+        keys under `<job>/tensorboard/`."""
+        if not self.enabled or self._tensorboard_dir is None or self._tensorboard_store is None:
+            return
         if self._writer is not None:
             self._writer.flush()
+        root = self._tensorboard_dir.parent
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            self._tensorboard_store.put_file(path, f"tensorboard/{path.relative_to(root).as_posix()}")
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        self.upload_tensorboard()

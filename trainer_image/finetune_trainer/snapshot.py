@@ -28,6 +28,8 @@ from typing import Any
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from finetune_trainer.checkpoint_store import step_dir
+
 log = logging.getLogger(__name__)
 
 ENV_TEST_PAUSE = "FTJOB_TEST_CHECKPOINT_PAUSE"
@@ -107,6 +109,12 @@ class SnapshotEngine(TorchCheckpointEngine):  # type: ignore[misc]
             return 0
 
         return sum(size(state) for _, state in self._taken)
+
+
+def tag(step: int) -> str:
+    """The directory DeepSpeed saves and loads a step under, on the node's disk: the name it has in
+    the store."""
+    return step_dir(step).rsplit("/", 1)[-1]
 
 
 def written_marker(root: Path, step: int, rank: int) -> Path:

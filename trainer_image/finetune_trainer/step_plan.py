@@ -8,12 +8,12 @@ at the next unseen global batch: nothing skipped, nothing repeated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.data import epoch_order, rank_shard
 from finetune_trainer.failures import InvalidInput
+from finetune_trainer.position import DataPosition
 
 
 class NotEnoughData(InvalidInput):
@@ -33,14 +33,15 @@ class StepPlan:
     def steps_per_epoch(self) -> int:
         return self.examples // self.global_batch
 
-    def position(self, step: int) -> dict[str, Any]:
+    def position(self, step: int, data_key: str | None = None) -> DataPosition:
         """Where the data stands after `step` optimizer steps; stored in every checkpoint."""
-        return {
-            "globalStep": step,
-            "epoch": step // self.steps_per_epoch,
-            "stepInEpoch": step % self.steps_per_epoch,
-            "samplesSeen": step * self.global_batch,
-        }
+        return DataPosition(
+            global_step=step,
+            epoch=step // self.steps_per_epoch,
+            step_in_epoch=step % self.steps_per_epoch,
+            samples_seen=step * self.global_batch,
+            data_key=data_key,
+        )
 
     def global_indices(self, step: int) -> list[int]:
         """Example indices of optimizer step `step` (0-based) on all ranks together."""

@@ -1,0 +1,149 @@
+"""Resuming the DeepSpeed engine from the newest intact committed checkpoint, on every rank together.
+
+Rank 0 picks the newest committed checkpoint whose files are all there; every node downloads and
+verifies it; if any node finds a checksum wrong, all ranks move on to the next older one.
+`checkpoint.resume` may instead name one committed checkpoint of another job (a warm start), until
+this job has committed its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer import ranks as dist
+from finetune_trainer.checkpoint_store import (
+    CheckpointManifest,
+    CheckpointStore,
+    TornCheckpoint,
+    parse_checkpoint_uri,
+)
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.failures import InputMissing
+from finetune_trainer.position import DataPosition
+from finetune_trainer.snapshot import tag
+
+log = logging.getLogger(__name__)
+
+
+class ResumeSourceNotFound(InputMissing):
+    """checkpoint.resume names a checkpoint that is not committed and intact: exit 3."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    step: int
+    position: DataPosition | None  # None: the checkpoint stored no data position
+    own: bool  # from this job's store, not a warm start's
+
+
+class Resumer:
+    def __init__(
+        self, engine: Any, store: CheckpointStore, ranks: dist.Ranks, phases: Coordinator, local_root: Path
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.ranks = ranks
+        self.phases = phases
+        self.target = local_root / "resume"
+
+    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[tuple[bool, int]]:
+        """(from `elsewhere`?, step) of every checkpoint to try, newest first."""
+        own = [(False, m.step) for m in self.store.resumable()]
+        if own or resume == "latest":
+            return own  # once this job has committed, a restart continues its own run
+        if resume == "none":
+            return []
+        _, step = _resume_address(resume)
+        if elsewhere is None or step not in [m.step for m in elsewhere.resumable()]:
+            raise ResumeSourceNotFound(f"checkpoint.resume {resume}: not a committed, intact checkpoint")
+        return [(True, step)]
+
+    def load(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> Loaded | None:
+        """Load the newest intact committed checkpoint into the engine; None to start fresh.
+        `resume` is latest, none, or the uri of one committed checkpoint (of this or another job)."""
+        address = parse_checkpoint_uri(resume) if resume not in ("latest", "none") else None
+        elsewhere = open_elsewhere(address[0]) if address else None
+        candidates = self.phases.on_main(
+            "the checkpoint listing", lambda: self._candidates(resume, elsewhere)
+        )
+        target = self.target
+        started = time.perf_counter()
+        for from_elsewhere, step in candidates:
+            source = elsewhere if from_elsewhere and elsewhere is not None else self.store
+
+            def download(source: CheckpointStore = source, step: int = step) -> tuple[str, int, int]:
+                shutil.rmtree(target, ignore_errors=True)
+                manifest = source.manifest(step)
+                try:
+                    fetched = source.download(manifest, target / tag(step), self._node_files(manifest))
+                except TornCheckpoint as exc:
+                    log.warning("skipping checkpoint step %d: %s", step, exc)
+                    return str(exc), 0, 0
+                return "", fetched, sum(f.size for f in manifest.files)
+
+            # Each node downloads while its ranks wait on the rendezvous store: a 70B checkpoint takes
+            # longer than a collective may. One torn copy anywhere moves every rank to the next older.
+            outcomes = self.phases.per_node(f"the download of step {step}", download)
+            if any(problem for problem, _, _ in outcomes):
+                continue
+            if self.ranks.is_main:  # the resume benchmark reads this line
+                log.info(
+                    "downloaded checkpoint step %d: %s of %d bytes",
+                    step, ", ".join(f"node {n} {b}" for n, (_, b, _) in enumerate(outcomes)), outcomes[0][2],
+                )  # fmt: skip
+            _, client_state = self.engine.load_checkpoint(
+                str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            loaded = Loaded(
+                step=step,
+                position=DataPosition.from_json((client_state or {}).get("data_position", {})),
+                own=source is self.store,
+            )
+            dist.barrier()
+            if self.ranks.is_main:  # the recovery benchmark splits a restart's time with this line
+                log.info("loaded checkpoint step %d in %.2fs", step, time.perf_counter() - started)
+            if self.ranks.is_node_main:
+                shutil.rmtree(target, ignore_errors=True)
+            return loaded
+        return None
+
+    def _node_files(self, manifest: CheckpointManifest) -> Callable[[str], bool] | None:
+        reads_all = self.engine.zero_elastic_checkpoint() or self.engine.load_universal_checkpoint()
+        return node_files(self.ranks, manifest.world_size, reads_all)
+
+
+def node_files(ranks: dist.Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
+    """The files a node's ranks load: their own ZeRO shards plus the shared files, when the world
+    size is unchanged; None (every file) otherwise. DeepSpeed 0.19 reads only the loading rank's
+    `zero_pp_rank_<rank>_*` files (`_get_all_zero_checkpoint_state_dicts`, and `_get_ckpt_name` under
+    ZeRO-3), except for elastic and universal checkpoints (`reads_all`), which read them all."""
+    if saved_world_size != ranks.world_size or reads_all:
+        return None
+    first = ranks.node_rank * ranks.local_world_size
+    mine = range(first, first + ranks.local_world_size)
+    return lambda path: (rank := shard_rank(path)) is None or rank in mine
+
+
+SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$")
+
+
+def shard_rank(path: str) -> int | None:
+    """The data-parallel rank a DeepSpeed file belongs to, or None for a file every rank reads."""
+    match = SHARD.match(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def _resume_address(uri: str) -> tuple[str, int]:
+    address = parse_checkpoint_uri(uri)
+    if address is None:
+        raise ResumeSourceNotFound(
+            f"checkpoint.resume {uri}: expected <store>/<namespace>/<job>/checkpoints/step-NNNNNNNN"
+        )
+    return address

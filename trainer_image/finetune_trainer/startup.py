@@ -1,0 +1,147 @@
+"""Everything one rank does before its first step: join the gang, fetch the model and the data, build
+the DeepSpeed engine, resume from the newest checkpoint, and only then start the reporter, so its
+ETA clock measures training and not the checkpoint download."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from finetune_operator import contract
+from finetune_operator.api import TrainerConfig
+
+from finetune_trainer import ranks as dist
+from finetune_trainer.checkpoint_store import CheckpointStore
+from finetune_trainer.checkpointing import Checkpointer
+from finetune_trainer.coordination import Coordinator
+from finetune_trainer.dropped import summary as data_summary
+from finetune_trainer.ds_config import check as check_deepspeed_config
+from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
+from finetune_trainer.model import load_model, load_tokenizer, local_source
+from finetune_trainer.prepared_data import PreparedData, prepare
+from finetune_trainer.reporting import Reporter
+from finetune_trainer.step_plan import StepPlan, plan
+from finetune_trainer.storage import ObjectStore, Opener, opener
+
+log = logging.getLogger("finetune_trainer")
+
+
+def scratch_dir(config: TrainerConfig, ranks: dist.Ranks) -> Path:
+    configured = os.environ.get(contract.ENV_SCRATCH_DIR)
+    if configured:
+        return Path(configured)
+    return (
+        Path(tempfile.gettempdir()) / f"ftjob-{config.job.namespace}-{config.job.name}-node{ranks.node_rank}"
+    )
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What every part of one rank's run shares: its place in the gang, its device, the phases it
+    awaits with the others, its node's scratch disk, and the one route to every store."""
+
+    config: TrainerConfig
+    ranks: dist.Ranks
+    collective_timeout: timedelta
+    device: Any
+    phases: Coordinator
+    scratch: Path
+    open: Opener  # every store is opened with the job's endpoint and region, by this one route
+
+    @classmethod
+    def join(cls, config: TrainerConfig) -> RankContext:
+        ranks = dist.from_env()
+        collective_timeout = timedelta(seconds=config.timeouts.collective_seconds)
+        device = dist.init(ranks, collective_timeout)
+        phases = Coordinator(dist.default_store(), ranks, deadline=config.timeouts.phase_seconds)
+        scratch = scratch_dir(config, ranks)
+        scratch.mkdir(parents=True, exist_ok=True)
+        return cls(config, ranks, collective_timeout, device, phases, scratch,
+                   opener(config.checkpoint.endpoint_url, config.checkpoint.region))  # fmt: skip
+
+
+@dataclass
+class Started:
+    """A run ready for its first step (`start`), or at its end when it resumed from the last one."""
+
+    engine: Any
+    data: PreparedData
+    steps: StepPlan
+    checkpointer: Checkpointer
+    reporter: Reporter
+    start: int
+    model_source: str
+    tokenizer: Any
+    job_store: ObjectStore
+    keep_alive: Any  # must outlive the engine's use under ZeRO-3 (model.load_model)
+
+
+def set_up(ctx: RankContext) -> Started:
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    config, ranks = ctx.config, ctx.ranks
+    job_store = ctx.open(config.checkpoint.job_uri)
+    model_source = local_source(config.model.source, ctx.scratch / "models", ctx.phases, ctx.open)
+    tokenizer_source = (
+        local_source(config.model.tokenizer, ctx.scratch / "models", ctx.phases, ctx.open)
+        if config.model.tokenizer
+        else model_source
+    )
+    tokenizer = load_tokenizer(config, tokenizer_source, ctx.open)
+    data = prepare(config, tokenizer, job_store, ctx.scratch, ctx.phases, ctx.open)
+    steps = plan(config, len(data.train))
+    ds_config = deepspeed_config(config, cpu=dist.on_cpu())
+    check_deepspeed_config(config, ds_config)  # before any weight loads: a bad override fails fast
+    model, keep_alive = load_model(config, model_source, ds_config)
+    warmup = warmup_steps(config, steps.total_steps)
+
+    def schedule(optimizer: Any) -> Any:
+        return LambdaLR(
+            optimizer,
+            lambda s: lr_at(
+                s, total_steps=steps.total_steps, warmup=warmup, schedule=config.training.lr_schedule
+            ),
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model.named_parameters(), config.training.weight_decay),
+        config=ds_config,
+        lr_scheduler=schedule,
+    )
+    checkpointer = Checkpointer(
+        engine,
+        CheckpointStore(job_store),
+        ranks,
+        nnodes=config.world.nnodes,
+        local_root=ctx.scratch / "checkpoints",
+        job_uri=config.checkpoint.job_uri,
+        keep_last=config.checkpoint.keep_last,
+        phases=ctx.phases,
+    )
+    position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(ctx.open(uri)))
+    begin = position.global_step if position else 0
+    if position and position.data_key not in (None, data.key):
+        log.warning("the data changed since step %d was saved; continuing at the same position", begin)
+    log.info(
+        "%s at step %d of %d | %d train / %d validation examples | world %d",
+        "resuming" if position else "starting", begin, steps.total_steps,
+        len(data.train), len(data.validation), ranks.world_size,
+    )  # fmt: skip
+    reporter = Reporter(
+        enabled=ranks.is_main,
+        total_steps=steps.total_steps,
+        start_step=begin,
+        tensorboard_dir=ctx.scratch / "tensorboard" / f"attempt-{os.environ.get(contract.ENV_ATTEMPT, '0')}",
+        data=data_summary(data.report),
+        tensorboard_store=job_store,
+    )
+    checkpointer.report_to(reporter)
+    return Started(engine, data, steps, checkpointer, reporter, begin, model_source, tokenizer, job_store,
+                   keep_alive)  # fmt: skip
