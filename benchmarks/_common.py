@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

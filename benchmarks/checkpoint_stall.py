@@ -25,7 +25,7 @@ from pathlib import Path
 
 from _common import REPO, benchmark_workspace, new_bucket, print_table, s3_server
 from finetune_trainer.ds_config import deepspeed_config
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 from tests.support.trainer_run import run, trainer_config
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from _common import add_model_arguments, benchmark_workspace, print_table
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 from tests.support.trainer_run import start, trainer_config
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from _common import REPO, add_model_arguments, benchmark_workspace, print_table
 from finetune_trainer.ds_config import deepspeed_config
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 from tests.support.trainer_run import Workspace, reports, run, trainer_config
 

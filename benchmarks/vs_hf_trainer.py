@@ -29,7 +29,7 @@ from _common import REPO, print_table
 from finetune_trainer.ds_config import deepspeed_config, warmup_steps
 from finetune_trainer.model import load_tokenizer
 from finetune_trainer.prepared_data import build
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 from tests.support.trainer_run import Workspace, reports, run, trainer_config
 

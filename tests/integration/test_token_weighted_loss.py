@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 pytestmark = pytest.mark.slow
 

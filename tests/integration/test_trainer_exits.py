@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from finetune_operator import contract
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 
 from tests.support.s3 import SECRET_KEY, S3Endpoint
 from tests.support.trainer_run import Finished, Workspace, run, trainer_config

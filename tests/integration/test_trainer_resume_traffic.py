@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from finetune_trainer.checkpoint_store import CheckpointStore
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 from finetune_trainer.resuming import shard_rank
 from finetune_trainer.storage import open_store
 

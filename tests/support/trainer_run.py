@@ -16,7 +16,7 @@ from typing import Any
 from finetune_operator.api import parse_manifest
 from finetune_operator.api.trainer_config import TrainerConfig, resolve_trainer_config
 from finetune_operator.progress import ProgressReport, parse_all, parse_last
-from finetune_trainer.ranks import free_port
+from finetune_trainer.process_group import free_port
 from finetune_trainer.tiny import counting_records, write_jsonl, write_tiny_model
 
 from tests.support.factories import manifest

@@ -239,7 +239,7 @@ def test_a_checkpoint_committed_before_resumes(tmp_path: Path) -> None:
 
 
 def _node(node_rank: int, *, local_world: int = 2, nnodes: int = 2) -> Any:
-    from finetune_trainer.ranks import Ranks
+    from finetune_trainer.process_group import Ranks
 
     return Ranks(rank=node_rank * local_world, local_rank=0, world_size=nnodes * local_world,
                  local_world_size=local_world, node_rank=node_rank)  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from finetune_operator import contract
 from finetune_trainer.coordination import Coordinator, PhaseTimeout
 from finetune_trainer.data import DataNotFound
-from finetune_trainer.ranks import Ranks
+from finetune_trainer.process_group import Ranks
 from torch.distributed import HashStore
 
 
@@ -139,7 +139,7 @@ def test_the_collective_timeout_bounds_every_group_deepspeed_creates() -> None:
     (torch/distributed/distributed_c10d.py, _get_default_timeout), not init_process_group's."""
     from datetime import timedelta
 
-    from finetune_trainer.ranks import bound_every_group
+    from finetune_trainer.process_group import bound_every_group
     from torch.distributed import Backend, distributed_c10d
 
     saved = (distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout)

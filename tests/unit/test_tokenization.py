@@ -12,7 +12,7 @@ import pytest
 from finetune_operator.api.trainer_config import resolve_trainer_config
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.prepared_data import PreparedData, build, prepare
-from finetune_trainer.ranks import Ranks
+from finetune_trainer.process_group import Ranks
 from finetune_trainer.storage import FileStore
 from finetune_trainer.tiny import counting_records, tiny_tokenizer, write_jsonl
 from finetune_trainer.tokenization import share

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from finetune_trainer import ranks as dist
+from finetune_trainer import process_group
 
 
 class StopFlag:
@@ -60,7 +60,7 @@ class StopOrCheckpointVote:
         agreed = self._in_flight() if self._in_flight is not None else [0.0, 0.0]
         if self._checkpointed_at == done - 1:
             agreed[1] = 0.0  # raised before the checkpoint the previous step took
-        self._in_flight = dist.all_reduce_started(
+        self._in_flight = process_group.all_reduce_started(
             [float(self.stop.requested), float(time_due)], "max", self.device, self.timeout
         )
         if last:

@@ -25,10 +25,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from finetune_trainer import ranks as dist
+from finetune_trainer import process_group
 from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.position import DataPosition
+from finetune_trainer.process_group import Ranks
 from finetune_trainer.resuming import Resumer
 from finetune_trainer.snapshot import SnapshotEngine, tag, test_pause, write, written_marker
 
@@ -65,7 +66,7 @@ class Checkpointer:
         self,
         engine: Any,
         store: CheckpointStore,
-        ranks: dist.Ranks,
+        ranks: Ranks,
         *,
         nnodes: int,
         local_root: Path,
@@ -83,7 +84,7 @@ class Checkpointer:
         self.phases = phases
         self.listener: CheckpointListener = NoListener()
         self.resumed_from: int | None = None
-        self.run_id: str = dist.broadcast(uuid.uuid4().hex if ranks.is_main else None)
+        self.run_id: str = process_group.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

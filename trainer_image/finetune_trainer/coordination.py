@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from finetune_trainer.failures import Transient
-from finetune_trainer.ranks import Ranks
+from finetune_trainer.process_group import Ranks
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from finetune_operator.api import TrainerConfig
 from finetune_operator.api.spec import LoraSpec
 from pydantic import BaseModel
 
-from finetune_trainer import ranks as dist
+from finetune_trainer import process_group
 from finetune_trainer.committed_dir import CommittedDir, FileEntry
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.model import load_base, lora_config, unlink_deepspeed
@@ -59,7 +59,7 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
     if zero_stage == 3:
         state: dict[str, Any] | None = engine._zero3_consolidated_16bit_state_dict()
         return state
-    return engine.module.state_dict() if dist.from_env().is_main else None
+    return engine.module.state_dict() if process_group.from_env().is_main else None
 
 
 def trained_state_dict(engine: Any) -> dict[str, Any] | None:
@@ -69,7 +69,7 @@ def trained_state_dict(engine: Any) -> dict[str, Any] | None:
 
     named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        if not dist.from_env().is_main:
+        if not process_group.from_env().is_main:
             return None
         return {name: p.detach().to("cpu", copy=True) for name, p in named}
 

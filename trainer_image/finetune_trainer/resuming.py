@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import ranks as dist
+from finetune_trainer import process_group
 from finetune_trainer.checkpoint_store import (
     CheckpointManifest,
     CheckpointStore,
@@ -27,6 +27,7 @@ from finetune_trainer.checkpoint_store import (
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing
 from finetune_trainer.position import DataPosition
+from finetune_trainer.process_group import Ranks
 from finetune_trainer.snapshot import tag
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Loaded:
 
 class Resumer:
     def __init__(
-        self, engine: Any, store: CheckpointStore, ranks: dist.Ranks, phases: Coordinator, local_root: Path
+        self, engine: Any, store: CheckpointStore, ranks: Ranks, phases: Coordinator, local_root: Path
     ) -> None:
         self.engine = engine
         self.store = store
@@ -106,7 +107,7 @@ class Resumer:
                 position=DataPosition.from_json((client_state or {}).get("data_position", {})),
                 own=source is self.store,
             )
-            dist.barrier()
+            process_group.barrier()
             if self.ranks.is_main:  # the recovery benchmark splits a restart's time with this line
                 log.info("loaded checkpoint step %d in %.2fs", step, time.perf_counter() - started)
             if self.ranks.is_node_main:
@@ -119,7 +120,7 @@ class Resumer:
         return node_files(self.ranks, manifest.world_size, reads_all)
 
 
-def node_files(ranks: dist.Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
+def node_files(ranks: Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
     """The files a node's ranks load: their own ZeRO shards plus the shared files, when the world
     size is unchanged; None (every file) otherwise. DeepSpeed 0.19 reads only the loading rank's
     `zero_pp_rank_<rank>_*` files (`_get_all_zero_checkpoint_state_dicts`, and `_get_ckpt_name` under

@@ -14,7 +14,7 @@ from typing import IO
 
 from finetune_operator import contract
 
-from finetune_trainer import ranks as dist
+from finetune_trainer.process_group import Ranks
 
 ENV_SAMPLE_TRACE = "FTJOB_SAMPLE_TRACE"
 
@@ -25,7 +25,7 @@ class SampleTrace:
         self._attempt = attempt
 
     @classmethod
-    def from_env(cls, ranks: dist.Ranks) -> SampleTrace:
+    def from_env(cls, ranks: Ranks) -> SampleTrace:
         attempt = os.environ.get(contract.ENV_ATTEMPT, "0")
         directory = os.environ.get(ENV_SAMPLE_TRACE)
         if not directory:

@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
+from finetune_trainer import process_group
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
 from finetune_trainer.coordination import Coordinator
@@ -24,6 +24,7 @@ from finetune_trainer.ds_config import check as check_deepspeed_config
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.model import load_model, load_tokenizer, local_source
 from finetune_trainer.prepared_data import PreparedData, prepare
+from finetune_trainer.process_group import Ranks
 from finetune_trainer.reporting import Reporter
 from finetune_trainer.step_plan import StepPlan, plan
 from finetune_trainer.storage import ObjectStore, Opener, opener
@@ -31,7 +32,7 @@ from finetune_trainer.storage import ObjectStore, Opener, opener
 log = logging.getLogger("finetune_trainer")
 
 
-def scratch_dir(config: TrainerConfig, ranks: dist.Ranks) -> Path:
+def scratch_dir(config: TrainerConfig, ranks: Ranks) -> Path:
     configured = os.environ.get(contract.ENV_SCRATCH_DIR)
     if configured:
         return Path(configured)
@@ -46,7 +47,7 @@ class RankContext:
     awaits with the others, its node's scratch disk, and the one route to every store."""
 
     config: TrainerConfig
-    ranks: dist.Ranks
+    ranks: Ranks
     collective_timeout: timedelta
     device: Any
     phases: Coordinator
@@ -55,10 +56,10 @@ class RankContext:
 
     @classmethod
     def join(cls, config: TrainerConfig) -> RankContext:
-        ranks = dist.from_env()
+        ranks = process_group.from_env()
         collective_timeout = timedelta(seconds=config.timeouts.collective_seconds)
-        device = dist.init(ranks, collective_timeout)
-        phases = Coordinator(dist.default_store(), ranks, deadline=config.timeouts.phase_seconds)
+        device = process_group.init(ranks, collective_timeout)
+        phases = Coordinator(process_group.default_store(), ranks, deadline=config.timeouts.phase_seconds)
         scratch = scratch_dir(config, ranks)
         scratch.mkdir(parents=True, exist_ok=True)
         return cls(config, ranks, collective_timeout, device, phases, scratch,
@@ -96,7 +97,7 @@ def set_up(ctx: RankContext) -> Started:
     tokenizer = load_tokenizer(config, tokenizer_source, ctx.open)
     data = prepare(config, tokenizer, job_store, ctx.scratch, ctx.phases, ctx.open)
     steps = plan(config, len(data.train))
-    ds_config = deepspeed_config(config, cpu=dist.on_cpu())
+    ds_config = deepspeed_config(config, cpu=process_group.on_cpu())
     check_deepspeed_config(config, ds_config)  # before any weight loads: a bad override fails fast
     model, keep_alive = load_model(config, model_source, ds_config)
     warmup = warmup_steps(config, steps.total_steps)

@@ -10,13 +10,13 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
-from finetune_trainer import token_loss
+from finetune_trainer import process_group, token_loss
 from finetune_trainer.agreement import StopFlag, StopOrCheckpointVote
 from finetune_trainer.cadence import Cadence
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.failures import Terminated
+from finetune_trainer.process_group import Ranks
 from finetune_trainer.sample_trace import SampleTrace
 from finetune_trainer.startup import RankContext, Started
 
@@ -34,7 +34,7 @@ def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any) ->
 
 
 class Evaluator:
-    def __init__(self, config: TrainerConfig, ranks: dist.Ranks, device: Any, examples: ExampleTable) -> None:
+    def __init__(self, config: TrainerConfig, ranks: Ranks, device: Any, examples: ExampleTable) -> None:
         self.config = config
         self.ranks = ranks
         self.device = device
@@ -61,7 +61,7 @@ class Evaluator:
                 loss_sum += float(engine(**batch).loss) * targets
                 counted += targets
         engine.train()
-        total, count = dist.all_reduce([loss_sum, counted], "sum", self.device)
+        total, count = process_group.all_reduce([loss_sum, counted], "sum", self.device)
         return total / count if count else None
 
 
@@ -112,7 +112,7 @@ class StepLoop:
             agreed = vote.agree(done, last=done == steps.total_steps)
             decisions = cadence.after(done, stop=agreed.stop, time_due=agreed.time_due)
             if decisions.log:
-                total_loss, total_tokens = dist.all_reduce(
+                total_loss, total_tokens = process_group.all_reduce(
                     [float(loss_sum), float(tokens)], "sum", ctx.device
                 )
                 elapsed = time.monotonic() - window_start

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import ranks as dist
+from finetune_trainer import process_group
 from finetune_trainer.agreement import StopFlag
 from finetune_trainer.export import export, exported_step
 from finetune_trainer.startup import RankContext, Started, set_up
@@ -50,4 +50,4 @@ def finish(ctx: RankContext, run: Started) -> None:
                store=output, scratch=ctx.scratch, phases=ctx.phases)  # fmt: skip
     run.reporter.close()
     run.keep_alive = None  # the HF/DeepSpeed link lives as long as the export needs it, not longer
-    dist.shutdown()
+    process_group.shutdown()
