@@ -39,7 +39,7 @@ class _Reduce:
 @pytest.fixture
 def reduce(monkeypatch: pytest.MonkeyPatch) -> _Reduce:
     fake = _Reduce()
-    monkeypatch.setattr(agreement.dist, "all_reduce_started", fake)
+    monkeypatch.setattr(agreement.process_group, "all_reduce_started", fake)
     return fake
 
 
