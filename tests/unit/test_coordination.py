@@ -10,8 +10,8 @@ import time
 import pytest
 from finetune_operator import contract
 from finetune_trainer.coordination import Coordinator, PhaseTimeout
-from finetune_trainer.data import DataNotFound
 from finetune_trainer.process_group import Ranks
+from finetune_trainer.records import DataNotFound
 from torch.distributed import HashStore
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import resolve_trainer_config
-from finetune_trainer import data
+from finetune_trainer import records
 from finetune_trainer.data_plan import SeenFields, read_plan, write_plan
 from finetune_trainer.tiny import write_jsonl
 
@@ -104,7 +104,7 @@ def test_planning_memory_does_not_grow_with_the_dataset(
     """Python's peak heap while planning 16x the records (SQLite's bounded page cache and the
     memory-mapped columns are outside it, by design), with the mixture handed on 256 positions at a
     time so that its fixed-size chunks fill at both sizes. Holding the records grows it about 16x."""
-    monkeypatch.setattr(data, "CHUNK", 256)
+    monkeypatch.setattr(records, "CHUNK", 256)
     small = _python_peak(tmp_path / "1x", 2_000)
     large = _python_peak(tmp_path / "16x", 32_000)
     assert large < 1.5 * small, (small, large)

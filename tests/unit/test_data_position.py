@@ -6,27 +6,27 @@ from __future__ import annotations
 import json
 import pickle
 
+from finetune_trainer.batch_schedule import BatchSchedule
 from finetune_trainer.position import DataPosition
-from finetune_trainer.step_plan import StepPlan
 
 # What every trainer so far stored for step 25 of 100 examples in batches of 8, key "abc":
 # `{**plan.position(step), "dataKey": data.key}` in DeepSpeed's client state and in MANIFEST.json.
 STORED = {"globalStep": 25, "epoch": 2, "stepInEpoch": 1, "samplesSeen": 200, "dataKey": "abc"}
 
 
-def _plan() -> StepPlan:
-    return StepPlan(examples=100, global_batch=8, world_size=2, total_steps=30, seed=7, shuffle=True)
+def _schedule() -> BatchSchedule:
+    return BatchSchedule(examples=100, global_batch=8, world_size=2, total_steps=30, seed=7, shuffle=True)
 
 
 def test_the_stored_json_keeps_its_keys_order_and_values() -> None:
-    stored = _plan().position(25, "abc").to_json()
+    stored = _schedule().position(25, "abc").to_json()
     assert json.dumps(stored) == json.dumps(STORED)
     assert pickle.dumps(stored) == pickle.dumps(STORED)  # DeepSpeed's client state is pickled
 
 
 def test_a_position_stored_before_reads_back_unchanged() -> None:
     position = DataPosition.from_json(dict(STORED))
-    assert position == _plan().position(25, "abc")
+    assert position == _schedule().position(25, "abc")
     assert position is not None and position.to_json() == STORED
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from finetune_trainer.data import Record
 from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, collate, encode, encode_all
+from finetune_trainer.records import Record
 from finetune_trainer.tiny import tiny_tokenizer
 
 CORPUS = "what is two plus two four system be brief hello there how are you fine thanks long prompt"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.spec import DatasetSpec
-from finetune_trainer.data import ALPACA_PROMPT, DataReport, Record, fetch_source, iter_records
 from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, encode, encode_all
+from finetune_trainer.records import ALPACA_PROMPT, DataReport, Record, fetch_source, iter_records
 from finetune_trainer.tiny import tiny_tokenizer
 
 CORPUS = "hi hello how are you fine thanks be brief add two and three five it is what"

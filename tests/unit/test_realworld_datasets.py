@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.spec import DatasetSpec
-from finetune_trainer.data import DataReport, Record, fetch_source, iter_records
+from finetune_trainer.records import DataReport, Record, fetch_source, iter_records
 
 DATASETS = Path(__file__).resolve().parents[3] / "shared" / "realworld" / "datasets"
 pytestmark = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"{DATASETS} is not beside this checkout")

@@ -1,6 +1,6 @@
 """When to log, evaluate, checkpoint and stop after an optimizer step: a pure function of the step
 and the two flags the ranks agreed on (a SIGTERM arrived; checkpoint.everyMinutes elapsed), so every
-rank takes the same decisions at the same step. Tested like step_plan.py, without a process group.
+rank takes the same decisions at the same step. Tested like batch_schedule.py, without a process group.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.data import DataReport, Record, in_validation, iter_records, mixture, shares
+from finetune_trainer.records import DataReport, Record, in_validation, iter_records, mixture, shares
 
 SPLITS = ("train", "validation")
 

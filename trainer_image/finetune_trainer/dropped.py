@@ -15,8 +15,8 @@ from typing import Any
 from finetune_operator.api import TrainerConfig
 from finetune_operator.api.status import DataSourceReport
 
-from finetune_trainer.data import source_name
 from finetune_trainer.failures import InvalidInput
+from finetune_trainer.records import source_name
 
 
 class MostlyDropped(InvalidInput):

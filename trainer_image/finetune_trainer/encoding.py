@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.chat_labels import IGNORE_INDEX, chat_labels
-from finetune_trainer.data import Record
 from finetune_trainer.messages import Refused
+from finetune_trainer.records import Record
 
 log = logging.getLogger(__name__)
 

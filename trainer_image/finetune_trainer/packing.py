@@ -9,7 +9,7 @@ collate gives position ids that restart per part. The attention implementations 
 to itself (encoding.collate says which honour what).
 
 The bins are a pure function of the examples' lengths and order (which the seed fixes), so the packed
-split, and with it the step plan's data position, is the same on every rank and every attempt.
+split, and with it the batch schedule's data position, is the same on every rank and every attempt.
 """
 
 from __future__ import annotations

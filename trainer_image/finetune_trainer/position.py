@@ -1,6 +1,6 @@
 """Where the data stands after a number of optimizer steps, as a checkpoint carries it.
 
-The step plan makes the optimizer step alone pin the data position; the rest is written next to it
+The batch schedule makes the optimizer step alone pin the data position; the rest is written next to it
 so that a person reading a manifest sees the epoch and the samples seen without the plan, and
 `dataKey` so a resumed run can say the data changed under it. The JSON form is the checkpoint
 format (DeepSpeed's client state and MANIFEST.json): its keys, their order and their values never

@@ -25,12 +25,12 @@ from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.committed_dir import upload_tree
 from finetune_trainer.coordination import Coordinator
-from finetune_trainer.data import DataNotFound, fetch_source
 from finetune_trainer.data_plan import SPLITS, plan_file, read_plan, write_plan
 from finetune_trainer.dropped import check_encoding, check_plan
 from finetune_trainer.encoding import EncodingReport, Example, encode_all
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.packing import iter_pack
+from finetune_trainer.records import DataNotFound, fetch_source
 from finetune_trainer.storage import ObjectStore, Opener, open_store
 from finetune_trainer.tokenization import encode_share, encoding_settings, merged, merged_report
 from finetune_trainer.tokenized_cache import (

@@ -16,6 +16,7 @@ from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer import process_group
+from finetune_trainer.batch_schedule import BatchSchedule, schedule_for
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
 from finetune_trainer.coordination import Coordinator
@@ -26,7 +27,6 @@ from finetune_trainer.model import load_model, load_tokenizer, local_source
 from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.reporting import Reporter
-from finetune_trainer.step_plan import StepPlan, plan
 from finetune_trainer.storage import ObjectStore, Opener, opener
 
 log = logging.getLogger("finetune_trainer")
@@ -72,7 +72,7 @@ class Started:
 
     engine: Any
     data: PreparedData
-    steps: StepPlan
+    steps: BatchSchedule
     checkpointer: Checkpointer
     reporter: Reporter
     start: int
@@ -96,7 +96,7 @@ def set_up(ctx: RankContext) -> Started:
     )
     tokenizer = load_tokenizer(config, tokenizer_source, ctx.open)
     data = prepare(config, tokenizer, job_store, ctx.scratch, ctx.phases, ctx.open)
-    steps = plan(config, len(data.train))
+    steps = schedule_for(config, len(data.train))
     ds_config = deepspeed_config(config, cpu=process_group.on_cpu())
     check_deepspeed_config(config, ds_config)  # before any weight loads: a bad override fails fast
     model, keep_alive = load_model(config, model_source, ds_config)

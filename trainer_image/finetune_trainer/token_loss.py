@@ -11,7 +11,7 @@ multiplied by the data-parallel world size because DeepSpeed averages gradients 
 otherwise divide it by the accumulation steps again. The sum of those gradients is the gradient of
 the global batch's token-weighted mean, however the batch is cut.
 
-The target count needs no collective: the step plan is a pure function of the step, so every rank
+The target count needs no collective: the batch schedule is a pure function of the step, so every rank
 counts the targets of the whole global batch from the memory-mapped labels.
 """
 

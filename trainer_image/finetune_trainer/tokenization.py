@@ -20,11 +20,11 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.data import Record, source_name
 from finetune_trainer.data_plan import SPLITS, plan_file, read_plan
 from finetune_trainer.encoding import EncodingReport, Example, chat_layout, iter_encode
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import iter_pack
+from finetune_trainer.records import Record, source_name
 
 log = logging.getLogger(__name__)
 

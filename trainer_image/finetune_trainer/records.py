@@ -7,12 +7,11 @@ randomness is seeded: every rank computes the same split, mixture and order with
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,24 +223,3 @@ def _subsample(rng: random.Random, base: int, count: int, wanted: int) -> Iterat
                 chosen = []
     if chosen:
         yield np.asarray(chosen, dtype=np.int64)
-
-
-@functools.lru_cache(maxsize=2)  # this epoch's and, across a boundary, the last one's
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray[Any, Any]:
-    """Epoch `epoch`'s order of the `n` examples: computed once per epoch, not per step (a shuffle of
-    a million examples takes about a second), 8 bytes an example. shuffle() swaps by position, so
-    the array gets the permutation a list of the same length would: data positions keep their
-    meaning."""
-    order = np.arange(n, dtype=np.int64)
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)  # type: ignore[arg-type]
-    order.flags.writeable = False  # shared by every later call for the epoch
-    return order
-
-
-def rank_shard(order: Sequence[int] | np.ndarray[Any, Any], start: int, rank: int, world_size: int
-               ) -> list[int]:  # fmt: skip
-    """Rank `rank`'s indices of the epoch from global position `start` on: disjoint across ranks.
-    The tail that does not fill a whole step across all ranks is dropped, as every rank must step."""
-    usable = (len(order) - start) // world_size * world_size
-    return [int(i) for i in order[start : start + usable][rank::world_size]]

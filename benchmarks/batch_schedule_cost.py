@@ -1,12 +1,12 @@
 """The data position's cost per optimizer step: which examples every rank trains on (and the global
 batch's target count needs the global indices), for a dataset of a million examples. With
 --baseline-src (a tree extracted with `git archive <commit> trainer_image operator`), the same steps
-by that tree's step plan in the same run, as the baseline; the ratio is this tree / baseline.
+by that tree's batch schedule in the same run, as the baseline; the ratio is this tree / baseline.
 
 Each tree runs in a process of its own: the first step of an epoch, then --steps steps after it,
 for a world of 8 ranks and a global batch of 64.
 
-    .venv/bin/python benchmarks/step_plan_cost.py [--examples 1000000] [--steps 20] [--baseline-src DIR]
+    .venv/bin/python benchmarks/batch_schedule_cost.py [--examples 1000000] [--steps 20] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from _common import REPO, print_table, run_in_tree
 
 CHILD = """
 import json, sys, time
-from finetune_trainer.step_plan import StepPlan
+try:
+    from finetune_trainer.batch_schedule import BatchSchedule
+except ImportError:  # a baseline tree from before the module's rename
+    from finetune_trainer.step_plan import StepPlan as BatchSchedule
 examples, steps = int(sys.argv[1]), int(sys.argv[2])
-plan = StepPlan(examples=examples, global_batch=64, world_size=8, total_steps=10**9, seed=3, shuffle=True)
+plan = BatchSchedule(examples=examples, global_batch=64, world_size=8, total_steps=10**9, seed=3,
+                     shuffle=True)
 def timed(step):
     started = time.perf_counter()
     plan.global_indices(step)
@@ -48,7 +52,7 @@ def main() -> None:
     cost = {name: _cost(src, args.examples, args.steps) for name, src in trees.items()}
     rows = [[name, f"{c['first']:.2f}", f"{c['steady']:.3f}"] for name, c in cost.items()]
     print_table(f"Data position per step (global and one rank's indices): {args.examples} examples, world 8",
-                ["step plan", "epoch's first step (ms)", "every later step (ms)"], rows)  # fmt: skip
+                ["batch schedule", "epoch's first step (ms)", "every later step (ms)"], rows)  # fmt: skip
     if args.baseline_src:
         for kind in ("first", "steady"):
             ratio = cost["this tree"][kind] / cost["baseline"][kind]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,18 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from finetune_operator.api.spec import DatasetSpec
-from finetune_trainer.data import (
+from finetune_trainer.data_plan import SeenFields
+from finetune_trainer.records import (
     DataNotFound,
     DataReport,
     Record,
-    epoch_order,
     fetch_source,
     in_validation,
     iter_records,
     mixture,
-    rank_shard,
 )
-from finetune_trainer.data_plan import SeenFields
 
 
 def _jsonl(path: Path, lines: list[Any]) -> Path:
@@ -164,35 +161,6 @@ def test_mixture_repeats_a_small_source_to_fill_its_share() -> None:
 
 def test_a_source_that_kept_nothing_takes_no_share() -> None:
     assert sorted(_epoch([0, 30], [5.0, 1.0])) == list(range(30))  # the other source's whole weight
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_rank_shards_are_disjoint_and_cover_whole_steps(world_size: int) -> None:
-    order = epoch_order(103, epoch=0, seed=5, shuffle=True)
-    shards = [rank_shard(order, 0, r, world_size) for r in range(world_size)]
-    flat = [i for shard in shards for i in shard]
-    assert len(flat) == len(set(flat)) == 103 // world_size * world_size
-    assert len({len(s) for s in shards}) == 1
-
-
-def test_resuming_from_a_position_continues_with_the_next_unseen_samples() -> None:
-    order = epoch_order(64, epoch=2, seed=5, shuffle=True)
-    seen = {i for r in range(2) for i in rank_shard(order, 0, r, 2)[:10]}  # 10 steps of 2 ranks
-    rest = {i for r in range(2) for i in rank_shard(order, 20, r, 2)}
-    assert not seen & rest and len(seen | rest) == 64
-
-
-def test_each_epoch_has_its_own_order() -> None:
-    first, second = epoch_order(50, 0, seed=1, shuffle=True), epoch_order(50, 1, seed=1, shuffle=True)
-    assert first.tolist() != second.tolist()
-    assert epoch_order(50, 3, seed=1, shuffle=False).tolist() == list(range(50))
-
-
-def test_an_epoch_order_is_the_permutation_a_shuffled_list_gets() -> None:
-    """What checkpoints taken before the order became an array recorded as their data position."""
-    shuffled = list(range(1000))
-    random.Random("5:2").shuffle(shuffled)
-    assert epoch_order(1000, epoch=2, seed=5, shuffle=True).tolist() == shuffled
 
 
 def test_a_subsample_draws_every_subset_alike() -> None:

@@ -7,11 +7,15 @@ at the next unseen global batch: nothing skipped, nothing repeated.
 
 from __future__ import annotations
 
+import functools
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.data import epoch_order, rank_shard
 from finetune_trainer.failures import InvalidInput
 from finetune_trainer.position import DataPosition
 
@@ -21,7 +25,7 @@ class NotEnoughData(InvalidInput):
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class BatchSchedule:
     examples: int
     global_batch: int
     world_size: int
@@ -55,7 +59,7 @@ class StepPlan:
         return rank_shard(self.global_indices(step), 0, rank, self.world_size)
 
 
-def plan(config: TrainerConfig, examples: int) -> StepPlan:
+def schedule_for(config: TrainerConfig, examples: int) -> BatchSchedule:
     global_batch = config.schedule.global_batch_size
     if examples < global_batch:
         raise NotEnoughData(
@@ -64,7 +68,7 @@ def plan(config: TrainerConfig, examples: int) -> StepPlan:
         )
     steps_per_epoch = examples // global_batch
     total = config.training.max_steps or (config.training.epochs or 1) * steps_per_epoch
-    return StepPlan(
+    return BatchSchedule(
         examples=examples,
         global_batch=global_batch,
         world_size=config.world.world_size,
@@ -72,3 +76,24 @@ def plan(config: TrainerConfig, examples: int) -> StepPlan:
         seed=config.training.seed,
         shuffle=config.dataset.shuffle,
     )
+
+
+@functools.lru_cache(maxsize=2)  # this epoch's and, across a boundary, the last one's
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray[Any, Any]:
+    """Epoch `epoch`'s order of the `n` examples: computed once per epoch, not per step (a shuffle of
+    a million examples takes about a second), 8 bytes an example. shuffle() swaps by position, so
+    the array gets the permutation a list of the same length would: data positions keep their
+    meaning."""
+    order = np.arange(n, dtype=np.int64)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)  # type: ignore[arg-type]
+    order.flags.writeable = False  # shared by every later call for the epoch
+    return order
+
+
+def rank_shard(order: Sequence[int] | np.ndarray[Any, Any], start: int, rank: int, world_size: int
+               ) -> list[int]:  # fmt: skip
+    """Rank `rank`'s indices of the epoch from global position `start` on: disjoint across ranks.
+    The tail that does not fill a whole step across all ranks is dropped, as every rank must step."""
+    usable = (len(order) - start) // world_size * world_size
+    return [int(i) for i in order[start : start + usable][rank::world_size]]
