@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.spec import RESUME_LATEST, RESUME_NONE
+
 from finetune_trainer import process_group
 from finetune_trainer.checkpoint_store import (
     CheckpointManifest,
@@ -54,14 +56,20 @@ class Resumer:
         self.phases = phases
         self.target = local_root / "resume"
 
-    def _candidates(self, resume: str, elsewhere: CheckpointStore | None) -> list[tuple[bool, int]]:
+    def candidates(
+        self, resume: str, address: tuple[str, int] | None, elsewhere: CheckpointStore | None
+    ) -> list[tuple[bool, int]]:
         """(from `elsewhere`?, step) of every checkpoint to try, newest first."""
         own = [(False, m.step) for m in self.store.resumable()]
-        if own or resume == "latest":
+        if own or resume == RESUME_LATEST:
             return own  # once this job has committed, a restart continues its own run
-        if resume == "none":
+        if resume == RESUME_NONE:
             return []
-        _, step = _resume_address(resume)
+        if address is None:
+            raise ResumeSourceNotFound(
+                f"checkpoint.resume {resume}: expected <store>/<namespace>/<job>/checkpoints/step-NNNNNNNN"
+            )
+        _, step = address
         if elsewhere is None or step not in [m.step for m in elsewhere.resumable()]:
             raise ResumeSourceNotFound(f"checkpoint.resume {resume}: not a committed, intact checkpoint")
         return [(True, step)]
@@ -69,10 +77,10 @@ class Resumer:
     def load(self, resume: str, open_elsewhere: Callable[[str], CheckpointStore]) -> Loaded | None:
         """Load the newest intact committed checkpoint into the engine; None to start fresh.
         `resume` is latest, none, or the uri of one committed checkpoint (of this or another job)."""
-        address = parse_checkpoint_uri(resume) if resume not in ("latest", "none") else None
+        address = resume_address(resume)
         elsewhere = open_elsewhere(address[0]) if address else None
         candidates = self.phases.on_main(
-            "the checkpoint listing", lambda: self._candidates(resume, elsewhere)
+            "the checkpoint listing", lambda: self.candidates(resume, address, elsewhere)
         )
         target = self.target
         started = time.perf_counter()
@@ -141,10 +149,7 @@ def shard_rank(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _resume_address(uri: str) -> tuple[str, int]:
-    address = parse_checkpoint_uri(uri)
-    if address is None:
-        raise ResumeSourceNotFound(
-            f"checkpoint.resume {uri}: expected <store>/<namespace>/<job>/checkpoints/step-NNNNNNNN"
-        )
-    return address
+def resume_address(resume: str) -> tuple[str, int] | None:
+    """(the job store's uri, the step) of the checkpoint `checkpoint.resume` names; None for latest,
+    none, and a uri that names no checkpoint (refused by `candidates` unless the job has its own)."""
+    return None if resume in (RESUME_LATEST, RESUME_NONE) else parse_checkpoint_uri(resume)
