@@ -1,4 +1,4 @@
-"""Dataset expansion before tokenization: read every source, clean, dedupe, split, mix and shard.
+"""Dataset expansion before tokenization: read every source, clean, dedupe, split and mix.
 
 Every record keeps a stable id (`<source>:<row>`), so a sample can be traced from the mixture to
 the file it came from, and a resumed run can prove it neither skipped nor repeated one. All
