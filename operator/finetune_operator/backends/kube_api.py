@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -93,11 +93,12 @@ class KubeApi:
         response = await self.call(operation, fn, *args, **kwargs)
         return json.loads(response.data)
 
-    async def tolerate(self, status: int, call: Awaitable[Any]) -> None:
+    async def delete(self, operation: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Delete; "not found" is done (names are deterministic: usually our own earlier delete)."""
         try:
-            await call
+            await self.call(operation, fn, *args, **kwargs)
         except ApiException as exc:
-            if exc.status != status:
+            if exc.status != 404:
                 raise
 
     async def create(

@@ -209,53 +209,42 @@ class KubernetesBackend:
     async def _delete_pod_group(self, job: FineTuneJob, action: act.DeletePodGroup) -> None:
         api = pod_group_api(job)
         if api is not None:
-            await self.api.tolerate(
-                404,
-                self.api.call(
-                    f"delete {api.plural}.{api.group}",
-                    self.api.custom.delete_namespaced_custom_object,
-                    api.group,
-                    api.version,
-                    job.metadata.namespace,
-                    api.plural,
-                    naming.group_name(job.metadata.name, action.attempt),
-                ),
+            await self.api.delete(
+                f"delete {api.plural}.{api.group}",
+                self.api.custom.delete_namespaced_custom_object,
+                api.group,
+                api.version,
+                job.metadata.namespace,
+                api.plural,
+                naming.group_name(job.metadata.name, action.attempt),
             )
 
     async def _delete_pods(self, job: FineTuneJob, action: act.DeletePods) -> None:
         options = {"grace_period_seconds": 0} if action.force else {}
         ns = job.metadata.namespace
         await self._bounded(
-            self.api.tolerate(
-                404, self.api.call("delete pods", self.api.core.delete_namespaced_pod, pod, ns, **options)
-            )
+            self.api.delete("delete pods", self.api.core.delete_namespaced_pod, pod, ns, **options)
             for pod in action.names
         )
 
     async def _delete_attempt_config(self, job: FineTuneJob, action: act.DeleteAttemptConfig) -> None:
-        await self.api.tolerate(
-            404,
-            self.api.call(
-                "delete configmaps",
-                self.api.core.delete_namespaced_config_map,
-                naming.config_map_name(job.metadata.name, action.attempt),
-                job.metadata.namespace,
-            ),
+        await self.api.delete(
+            "delete configmaps",
+            self.api.core.delete_namespaced_config_map,
+            naming.config_map_name(job.metadata.name, action.attempt),
+            job.metadata.namespace,
         )
 
     async def _delete_job(self, job: FineTuneJob, action: act.DeleteJob) -> None:
-        await self.api.tolerate(
-            404,
-            self.api.call(
-                "delete finetunejobs",
-                self.api.custom.delete_namespaced_custom_object,
-                contract.API_GROUP,
-                contract.API_VERSION,
-                job.metadata.namespace,
-                contract.PLURAL,
-                job.metadata.name,
-                propagation_policy="Background",
-            ),
+        await self.api.delete(
+            "delete finetunejobs",
+            self.api.custom.delete_namespaced_custom_object,
+            contract.API_GROUP,
+            contract.API_VERSION,
+            job.metadata.namespace,
+            contract.PLURAL,
+            job.metadata.name,
+            propagation_policy="Background",
         )
 
     async def _check_own_config(self, job: FineTuneJob, name: str) -> None:
