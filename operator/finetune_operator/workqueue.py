@@ -58,6 +58,10 @@ class WorkQueue(Generic[K]):
         self._due.pop(key, None)
         self._failures.pop(key, None)
 
+    def only_timed(self, key: K) -> bool:
+        """Whether the key waits for its timer alone: no pass queued or running, a wake-up set."""
+        return key in self._due and not ({key} & (self._queued | self._processing | self._dirty))
+
     def __len__(self) -> int:
         return len(self._queued) + len(self._due)
 

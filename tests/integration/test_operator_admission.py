@@ -41,6 +41,7 @@ async def test_a_quota_refusal_is_a_condition_and_an_event_then_failed_after_the
         creates = sum(
             1 for c in k8s.cluster.calls if c.from_operator and c.verb == "create" and c.resource == "pods"
         )
+        await k8s.timed_only(NS, "demo")
         k8s.clock.jump(601)
         status = await k8s.phase(NS, "demo", "Failed")
         failed = condition(status, "Failed")

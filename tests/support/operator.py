@@ -221,6 +221,14 @@ class OperatorEnv:
                 raise AssertionError(f"not within {timeout}s: {what or check}")
             await asyncio.sleep(0.02)
 
+    async def timed_only(self, namespace: str, name: str) -> None:
+        """Wait until the job's last pass is over and its wake-up is set: a clock jump before that
+        would land under a pass whose delay is then counted from the jumped clock."""
+        operator = self.operator
+        assert operator is not None
+        key = (namespace, name)
+        await self.eventually(lambda: operator.runtime.queue.only_timed(key), what=f"{key} on its timer")
+
     async def phase(self, namespace: str, name: str, phase: str, *, timeout: float = 20.0) -> dict[str, Any]:
         return await self.eventually(  # type: ignore[no-any-return]
             lambda: (s := self.status(namespace, name)).get("phase") == phase and s,
