@@ -10,7 +10,7 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group, token_loss
+from finetune_trainer import faults, process_group, token_loss
 from finetune_trainer.agreement import StopFlag, StopOrCheckpointVote
 from finetune_trainer.cadence import Cadence
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
@@ -94,6 +94,7 @@ class StepLoop:
         )  # fmt: skip
         engine.train()
         for step in range(run.start, steps.total_steps):
+            faults.before_step(step, ranks.rank, micro)
             indices = steps.rank_indices(step, ranks.rank)
             global_targets = data.train.targets(steps.global_indices(step))
             batches = [
