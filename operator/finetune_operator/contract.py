@@ -153,22 +153,44 @@ SHUTDOWN_MARGIN_SECONDS: Final = 5
 ENV_RANK_TERMINATION_DIR: Final = "FTJOB_RANK_TERMINATION_DIR"
 
 
+# In-place restarts (runPolicy.inPlaceRestarts): how many times this attempt's launcher may restart
+# its training processes inside the running pod, and the backoff before each (seconds, comma
+# separated), both worked out by the operator from the job's remaining application budget.
+ENV_IN_PLACE_RESTARTS: Final = "FTJOB_IN_PLACE_RESTARTS"
+ENV_IN_PLACE_BACKOFF: Final = "FTJOB_IN_PLACE_BACKOFF"
+# Exits a fresh process may get past: an unexpected exception (1) and a transient failure (75).
+# Out of memory, an invalid config, a missing input and refused storage fail the same way again; 143
+# is the pod being stopped, and a SIGKILL (137) is most often the kernel's OOM killer. Another signal
+# death (a segfault, an abort) is an application failure like exit 1.
+IN_PLACE_EXITS: Final = frozenset({1, ExitCode.TRANSIENT})
+SIGKILL_EXIT: Final = 137
+
+
+def restartable_in_place(code: int) -> bool:
+    """Whether a rank that exited with `code` is restarted inside its pod rather than with a new gang."""
+    return code in IN_PLACE_EXITS or (128 < code < 160 and code not in (SIGKILL_EXIT, ExitCode.TERMINATED))
+
+
 def launch_command(config_path: str = CONFIG_PATH) -> list[str]:
     """The command every node rank runs: torchrun's arguments, through the trainer's launcher.
 
     The launcher runs torchrun in-process and passes the first failed rank's exit code and reason on
     as the pod's own (torchrun alone exits 1 for any failed rank, and with a traceback on SIGTERM,
-    which would hide the failure class). Kubernetes expands the $(VAR) references from the env."""
+    which would hide the failure class). The rendezvous is torchrun's c10d one, hosted by node rank
+    0 at MASTER_ADDR: unlike a static rendezvous it can meet again, which is what an in-place restart
+    of the worker group needs; the node rank stays the pod's (NODE_RANK, read by the trainer), and
+    the rendezvous id is the attempt, so no rank ever meets a stale gang. Kubernetes expands the
+    $(VAR) references from the env."""
     return [
         "python",
         "-m",
         "finetune_trainer.launch",
         f"--nnodes=$({ENV_NNODES})",
         f"--nproc-per-node=$({ENV_NPROC_PER_NODE})",
-        f"--node-rank=$({ENV_NODE_RANK})",
-        f"--master-addr=$({ENV_MASTER_ADDR})",
-        f"--master-port=$({ENV_MASTER_PORT})",
-        "--max-restarts=0",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=$({ENV_MASTER_ADDR}):$({ENV_MASTER_PORT})",
+        f"--rdzv-id=$({ENV_JOB_NAME})-$({ENV_ATTEMPT})",
+        f"--max-restarts=$({ENV_IN_PLACE_RESTARTS})",
         "-m",
         "finetune_trainer",
         "--config",
@@ -191,6 +213,8 @@ RESERVED_ENV: Final = frozenset(
         ENV_TERMINATION_LOG,
         ENV_SHUTDOWN_TIMEOUT,
         ENV_RANK_TERMINATION_DIR,
+        ENV_IN_PLACE_RESTARTS,
+        ENV_IN_PLACE_BACKOFF,
         *REQUIRED_SECRET_KEYS,
         *OPTIONAL_SECRET_KEYS,
         ENV_HF_TOKEN,

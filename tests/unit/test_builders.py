@@ -136,9 +136,32 @@ class TestRankPods:
 
     def test_command_is_torchrun_through_the_launcher_over_the_contract_env(self) -> None:
         command = _container(build_rank_pod(job(), 1, 0, CTX))["command"]
-        assert command[:3] == ["python", "-m", "finetune_trainer.launch"] and "--max-restarts=0" in command
-        assert "--node-rank=$(NODE_RANK)" in command and "--master-addr=$(MASTER_ADDR)" in command
+        assert command[:3] == ["python", "-m", "finetune_trainer.launch"]
+        assert "--rdzv-backend=c10d" in command and "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in command
+        assert "--rdzv-id=$(FTJOB_NAME)-$(FTJOB_ATTEMPT)" in command  # no rank meets a stale gang
+        assert "--max-restarts=$(FTJOB_IN_PLACE_RESTARTS)" in command
         assert command[-4:] == ["-m", "finetune_trainer", "--config", contract.CONFIG_PATH]
+
+    def test_in_place_restarts_are_what_is_left_of_the_application_budget(self) -> None:
+        fresh = _env(build_rank_pod(job({"spec.runPolicy.maxRestarts": 5}), 1, 0, CTX))
+        assert fresh[contract.ENV_IN_PLACE_RESTARTS] == "3"  # runPolicy.inPlaceRestarts' default
+        assert len(fresh[contract.ENV_IN_PLACE_BACKOFF].split(",")) == 3
+        spent = job({"spec.runPolicy.maxRestarts": 5, "status": {"restarts": 4}})
+        assert _env(build_rank_pod(spent, 2, 0, CTX))[contract.ENV_IN_PLACE_RESTARTS] == "1"
+        off = job({"spec.runPolicy.inPlaceRestarts": 0})
+        assert _env(build_rank_pod(off, 1, 0, CTX))[contract.ENV_IN_PLACE_RESTARTS] == "0"
+
+    def test_in_place_backoff_continues_the_application_count(self) -> None:
+        env = _env(
+            build_rank_pod(
+                job({"spec.runPolicy.backoffBaseSeconds": 10, "spec.runPolicy.backoffCapSeconds": 3600}),
+                1,
+                0,
+                CTX,
+            )
+        )
+        delays = [float(s) for s in env[contract.ENV_IN_PLACE_BACKOFF].split(",")]
+        assert delays[0] < delays[1] < delays[2] <= 3600  # doubling, jittered (policy/backoff.py)
 
     @pytest.mark.parametrize("gpus", [1, 8])
     def test_gpu_count_is_requested_and_limited(self, gpus: int) -> None:

@@ -39,13 +39,15 @@ def test_a_rank_runs_the_pods_own_command_and_env_made_local(tmp_path: Path) -> 
         k: v for k, v in pod_env.items() if k not in local_only
     }
     assert env[contract.ENV_MASTER_ADDR] == "127.0.0.1" and env[contract.ENV_MASTER_PORT] == "41234"
-    assert command[1:6] == [
+    assert command[1:7] == [
         "-m",
         "finetune_trainer.launch",
         "--nnodes=2",
         "--nproc-per-node=8",
-        "--node-rank=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:41234",
     ]
+    assert env[contract.ENV_NODE_RANK] == "1"  # the trainer keeps the pod's node rank
     assert command[-1] == str(tmp_path.resolve() / "attempt-2" / "config.json")
     assert "$(" not in " ".join(command)
 

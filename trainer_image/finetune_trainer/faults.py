@@ -19,12 +19,12 @@ import os
 from finetune_operator import contract
 
 from finetune_trainer.failures import TrainerFailure, Transient
+from finetune_trainer.restart_records import ENV_RESTART_COUNT
 
 log = logging.getLogger(__name__)
 
 ENV_FAIL_AT_STEP = "FTJOB_TEST_FAIL_AT_STEP"
 ENV_OOM_ABOVE_MICRO_BATCH = "FTJOB_TEST_OOM_ABOVE_MICRO_BATCH"
-ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun's agent for every worker
 
 
 class InjectedFailure(TrainerFailure):

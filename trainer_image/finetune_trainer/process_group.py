@@ -45,6 +45,7 @@ def from_env() -> Ranks:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
+    keep_pod_node_rank(env)
     return Ranks(
         rank=int(env["RANK"]),
         local_rank=int(env["LOCAL_RANK"]),
@@ -52,6 +53,29 @@ def from_env() -> Ranks:
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
         node_rank=int(env.get("GROUP_RANK", "0")),
     )
+
+
+def keep_pod_node_rank(env: os._Environ[str] | dict[str, str]) -> None:
+    """Make the pod's node rank (NODE_RANK, from the pod contract) this process's node rank. torchrun's
+    c10d rendezvous numbers the nodes by sorting their host names, so pod rank 1 may join as group
+    rank 0; but which node holds which shards on its scratch disk, and which pod's log the operator
+    reads progress from, follow the pod. Every node renumbers the same way, so the ranks stay a
+    permutation of the world and the process group (on torchrun's agent store) forms as before."""
+    pod_node = env.get("NODE_RANK")
+    if pod_node is None or env.get("GROUP_RANK") in (None, pod_node):
+        return
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    env["RANK"] = str(int(pod_node) * local_world + int(env["LOCAL_RANK"]))
+    env["GROUP_RANK"] = pod_node
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's value, in rank order (small picklable objects only)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def on_cpu() -> bool:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.status import CheckpointRef, DataSourceReport, Progress
+from finetune_operator.api.status import CheckpointRef, DataSourceReport, InPlaceRestart, Progress
 from finetune_operator.progress import ProgressReport, format_line
 
 log = logging.getLogger("finetune_trainer")
@@ -39,6 +39,7 @@ class Reporter:
         tensorboard_dir: Path | None,
         data: list[DataSourceReport] | None = None,
         tensorboard_store: Any = None,
+        in_place_restarts: list[InPlaceRestart] | None = None,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
@@ -46,7 +47,11 @@ class Reporter:
         self.started = time.monotonic()
         # Every report carries this attempt's stall count, 0 until a save blocked training.
         self.progress = Progress(
-            step=start_step, total_steps=total_steps, checkpoint_stall_seconds=0.0, data=data or None
+            step=start_step,
+            total_steps=total_steps,
+            checkpoint_stall_seconds=0.0,
+            data=data or None,
+            in_place_restarts=in_place_restarts or None,
         )
         self.checkpoint: CheckpointRef | None = None
         self._lock = threading.Lock()  # the upload thread reports commits
@@ -57,6 +62,11 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        if enabled and in_place_restarts:
+            # Restarted in place: said at once, not at the next logged step, so the operator counts
+            # the restart while the run is still catching up.
+            self.progress = self.progress.model_copy(update={"updated_at": datetime.now(UTC)})
+            self._emit()
 
     def _eta(self, step: int) -> int | None:
         done = step - self.start_step

@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group
+from finetune_trainer import process_group, restart_records
 from finetune_trainer.batch_schedule import BatchSchedule, schedule_for
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
@@ -87,6 +87,7 @@ def set_up(ctx: RankContext) -> Started:
     from torch.optim.lr_scheduler import LambdaLR
 
     config, ranks = ctx.config, ctx.ranks
+    restarts = restart_records.gathered(ranks)  # before anything that can fail: a restart is reported
     job_store = ctx.open(config.checkpoint.job_uri)
     model_source = local_source(config.model.source, ctx.scratch / "models", ctx.phases, ctx.open)
     tokenizer_source = (
@@ -142,6 +143,7 @@ def set_up(ctx: RankContext) -> Started:
         tensorboard_dir=ctx.scratch / "tensorboard" / f"attempt-{os.environ.get(contract.ENV_ATTEMPT, '0')}",
         data=data_summary(data.report),
         tensorboard_store=job_store,
+        in_place_restarts=restarts,
     )
     checkpointer.report_to(reporter)
     return Started(engine, data, steps, checkpointer, reporter, begin, model_source, tokenizer, job_store,

@@ -547,6 +547,17 @@ class RunPolicy(ApiModel):
         description="Gang restarts after application failures; infrastructure ones count toward "
         "maxInfrastructureRestarts instead.",
     )
+    in_place_restarts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Of those, how many an attempt may make in place: after an application failure "
+        "(a collective timeout, a transient storage error, an unexpected exception) while every pod "
+        "and node is healthy, the ranks' training processes restart inside the running pods and "
+        "resume from the latest checkpoint with the model and data already on their scratch, "
+        "instead of a new gang of pods. Each counts toward maxRestarts and backs off like one. 0 "
+        "turns them off: every failure restarts the gang at pod level.",
+    )
     max_infrastructure_restarts: int = Field(
         20,
         ge=0,

@@ -70,6 +70,17 @@ class DataSourceReport(ApiModel):
     )
 
 
+class InPlaceRestart(ApiModel):
+    """One restart of an attempt's training processes inside its running pods, as rank 0 of the
+    restarted processes reports it; the operator counts each (attempt, number) once."""
+
+    attempt: int = Field(ge=1, description="The attempt whose processes restarted.")
+    number: int = Field(ge=1, description="Which of the attempt's in-place restarts (1 = the first).")
+    at: Timestamp = Field(description="When the failure that caused it was seen.")
+    exit_code: int = Field(description="The failed rank's exit code.")
+    reason: Annotated[str, Field(max_length=1024)] = Field(description="The failed rank's reason.")
+
+
 class Progress(ApiModel):
     """Training progress as reported by rank 0."""
 
@@ -89,6 +100,9 @@ class Progress(ApiModel):
     updated_at: Timestamp | None = Field(None, description="When rank 0 reported this.")
     data: list[DataSourceReport] | None = Field(
         None, max_length=64, description="What cleaning and tokenization did to each dataset source."
+    )
+    in_place_restarts: list[InPlaceRestart] | None = Field(
+        None, max_length=16, description="This attempt's in-place restarts so far (the newest 16)."
     )
 
 
@@ -171,6 +185,15 @@ class FineTuneJobStatus(ApiModel):
         ge=0,
         description="Gang restarts after evictions, preemptions and lost nodes "
         "(counted toward runPolicy.maxInfrastructureRestarts, not maxRestarts).",
+    )
+    in_place_restarts: int = Field(
+        0,
+        ge=0,
+        description="Of the restarts, those made in place: the training processes restarted inside the "
+        "running pods (runPolicy.inPlaceRestarts).",
+    )
+    attempt_in_place_restarts: int = Field(
+        0, ge=0, description="In-place restarts of the current attempt counted so far."
     )
     restart_class: Literal["Application", "Infrastructure"] | None = Field(
         None, description="The class of the latest gang restart: its backoff doubles with that class's count."

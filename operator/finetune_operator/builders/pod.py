@@ -12,6 +12,7 @@ from finetune_operator.builders import naming
 from finetune_operator.builders.gang import build_pod_group, gang_pod_metadata
 from finetune_operator.builders.objects import Manifest, child_metadata
 from finetune_operator.builders.placement import affinity
+from finetune_operator.policy import in_place
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
         _value(contract.ENV_SCRATCH_DIR, contract.SCRATCH_DIR),
         _value(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG),
         _value(contract.ENV_SHUTDOWN_TIMEOUT, shutdown_timeout(job)),
+        _value(contract.ENV_IN_PLACE_RESTARTS, in_place.allowance(job)),
+        _value(contract.ENV_IN_PLACE_BACKOFF, ",".join(f"{s:.0f}" for s in in_place.backoffs(job, attempt))),
         _value("HF_HOME", f"{contract.SCRATCH_DIR}/hf"),
         *(_value(k, v) for k, v in contract.COMMUNICATION_ENV.items()),
     ]

@@ -32,6 +32,7 @@ class Reason:
     SUSPENDED: Final = "Suspended"
     RESUMED: Final = "Resumed"
     RESTARTED: Final = "Restarted"
+    RESTARTED_IN_PLACE: Final = "RestartedInPlace"
     RANK_FAILED: Final = "RankFailed"
     POD_MISSING: Final = "PodMissing"
     STALLED: Final = "Stalled"

@@ -15,7 +15,7 @@ from finetune_operator.api import FineTuneJob
 from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
 from finetune_operator.policy import gang as gangs
-from finetune_operator.policy import goodput, refusals
+from finetune_operator.policy import goodput, in_place, refusals
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -99,6 +99,7 @@ def decide(obs: Observed) -> Decision:
         st.progress = obs.progress.progress
         st.latest_checkpoint = obs.progress.latest_checkpoint or st.latest_checkpoint
     goodput.account(old, st, now)
+    in_place.count(st, now, d.events)
     uid = job.metadata.uid
     # Children are matched by the job's uid, not only by label: a job deleted and applied again under
     # the same name must not adopt the old incarnation's still-terminating pods (the garbage
@@ -196,6 +197,7 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
     goodput.start_attempt(st, "Queue" if queued else (st.restart_class or "Application"))
     st.phase = Phase.STARTING
     st.ranks = RankCounts()
+    st.attempt_in_place_restarts = 0
     refusals.clear_for_new_attempt(st, obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:

@@ -83,7 +83,7 @@ EXIT_VERDICTS = {
     contract.ExitCode.TRANSIENT: (Outcome.RESTART, "Transient"),
     contract.ExitCode.TERMINATED: (Outcome.INFRA_RESTART, "Terminated"),
 }
-SIGKILL_EXIT = 137  # the kernel's OOM killer sends SIGKILL; any other exit was not its kill
+SIGKILL_EXIT = contract.SIGKILL_EXIT  # the kernel's OOM killer sends SIGKILL; any other exit was not its kill
 # How long a counted gang failure waits while another rank still looks running, for that rank's node
 # to show itself lost. The node lifecycle controller marks a silent node's pods NotReady after
 # nodeMonitorGracePeriod (40 s by default, checked every nodeMonitorPeriod, 5 s); the ranks on

@@ -70,6 +70,11 @@ def account(before: FineTuneJobStatus, after: FineTuneJobStatus, now: datetime) 
     if after.progress is not None and after.progress.step is not None:
         goodput.step_reached = max(goodput.step_reached or 0, after.progress.step)
     goodput.accounted_until = now
+    _percent(goodput)
+    after.goodput = goodput
+
+
+def _percent(goodput: Goodput) -> None:
     total = (
         goodput.productive_seconds
         + goodput.queued_seconds
@@ -78,7 +83,20 @@ def account(before: FineTuneJobStatus, after: FineTuneJobStatus, now: datetime) 
     )
     useful = max(0.0, goodput.productive_seconds - goodput.checkpoint_stall_seconds)
     goodput.percent = round(100.0 * useful / total, 2) if total > 0 else None
-    after.goodput = goodput
+
+
+def restarted_in_place(status: FineTuneJobStatus, failed_at: datetime, now: datetime) -> None:
+    """The attempt's processes restarted in place after a failure at `failed_at`, learnt of now. The
+    passes since then saw running pods and charged them as productive: that time moves to application
+    restart time, and the steps the restarted processes redo are charged there too (the redo rule)."""
+    goodput = (status.goodput or Goodput()).model_copy()
+    moved = min(goodput.productive_seconds, max(0.0, (now - failed_at).total_seconds()))
+    goodput.productive_seconds -= moved
+    goodput.application_restart_seconds += moved
+    goodput.waiting_for = "Application"
+    goodput.redo_until_step = goodput.step_reached
+    _percent(goodput)
+    status.goodput = goodput
 
 
 def start_attempt(status: FineTuneJobStatus, charged_to: str) -> None:
@@ -94,4 +112,7 @@ def start_attempt(status: FineTuneJobStatus, charged_to: str) -> None:
     if status.progress is not None:
         # The progress shown until the new attempt reports is the old attempt's: its stalls are in
         # stalls_before_attempt now and must not be added again by the passes in between.
-        status.progress = status.progress.model_copy(update={"checkpoint_stall_seconds": None})
+        # Its in-place restarts are counted already and are not the new attempt's.
+        status.progress = status.progress.model_copy(
+            update={"checkpoint_stall_seconds": None, "in_place_restarts": None}
+        )
