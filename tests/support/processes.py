@@ -28,9 +28,11 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has ended; only its parent's reaping is left
 
 
-def ftjob_run(manifest: Path, workdir: Path, out: Path) -> subprocess.Popen[str]:
+def ftjob_run(
+    manifest: Path, workdir: Path, out: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """`ftjob run` as a user starts it, in its own process (its ranks are process groups of their own)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "finetune_operator.cli", "run", str(manifest), "--workdir", str(workdir)],
         env=env, stdout=out.open("w"), stderr=subprocess.STDOUT, text=True,

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import boto3
+
+# moto's request recorder (record/recorded below) writes where this says, read when moto loads:
+# a temporary file rather than the working directory.
+os.environ.setdefault(
+    "MOTO_RECORDER_FILEPATH", os.path.join(tempfile.gettempdir(), f"ftjob-moto-recording-{os.getpid()}")
+)
 from moto.server import ThreadedMotoServer
 
 # Stand-in credentials; the tests also use them to prove secrets never reach logs or errors.
@@ -35,6 +46,18 @@ class S3Endpoint:
             aws_secret_access_key=SECRET_KEY,
             region_name="us-east-1",
         )
+
+    def record(self) -> None:
+        """Start moto's request recorder afresh (its /moto-api/recorder): the store's request log."""
+        for action in ("stop-recording", "reset-recording", "start-recording"):
+            request = urllib.request.Request(f"{self.url}/moto-api/recorder/{action}", method="POST")
+            urllib.request.urlopen(request).close()
+
+    def recorded(self) -> list[tuple[str, str]]:
+        """(method, path) of every request since `record`, oldest first."""
+        with urllib.request.urlopen(f"{self.url}/moto-api/recorder/download-recording") as response:
+            lines = response.read().decode().splitlines()
+        return [(r["method"], urllib.parse.urlparse(r["url"]).path) for r in map(json.loads, lines) if r]
 
     def new_bucket(self) -> str:
         name = f"ftjob-{uuid.uuid4().hex[:12]}"

@@ -55,9 +55,13 @@ def out_of_memory(exc: BaseException, config: TrainerConfig, step: int | None) -
     )
 
 
+# How a collective ends when a peer died or hung: gloo's and NCCL's own words.
+COLLECTIVE_FAILURES = ("timed out", "timeout", "connection reset", "connection closed by peer", "broken pipe")
+
+
 def _collective_timeout(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
-    return "timed out" in text or "timeout" in text or "connection reset" in text
+    return any(words in text for words in COLLECTIVE_FAILURES)
 
 
 def main(argv: list[str] | None = None) -> int:

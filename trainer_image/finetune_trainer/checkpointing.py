@@ -6,7 +6,9 @@ to the node's scratch disk and marks it written; the node's local rank 0 waits f
 uploads the node's files, and on rank 0 then waits for every node's report, commits MANIFEST.json
 and applies keepLast. A new save first waits for all of that (on the rendezvous store, not in a
 collective), so at most one snapshot is held in host memory, local disk holds at most two
-checkpoints, and commits happen in step order.
+checkpoints in flight, and commits happen in step order. A node's uploaded files then stay on its
+disk as its copy of the newest checkpoint (resuming.keep_for_restart): an in-place restart reloads
+them from there, checked against the committed manifest, instead of downloading them.
 
 Resume (resuming.py) loads through the same engine, so DeepSpeed reads the files it always reads.
 What a save does to training (how long it blocked, what was committed) goes to one
@@ -30,7 +32,7 @@ from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.position import DataPosition
 from finetune_trainer.process_group import Ranks
-from finetune_trainer.resuming import Resumer
+from finetune_trainer.resuming import Resumer, keep_for_restart
 from finetune_trainer.snapshot import SnapshotEngine, tag, test_pause, write, written_marker
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,8 @@ class Checkpointer:
             if deleted:
                 log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
             self.listener.settled(step)
+        if self.ranks.is_node_main:
+            keep_for_restart(self.local_root, local)
         shutil.rmtree(local, ignore_errors=True)
         shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 

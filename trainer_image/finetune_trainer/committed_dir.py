@@ -55,6 +55,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _matches(path: Path, entry: FileEntry) -> bool:
+    try:
+        return path.stat().st_size == entry.size and sha256_of(path) == entry.sha256
+    except OSError:
+        return False
+
+
 def upload_tree(store: ObjectStore, local_dir: Path, prefix: str) -> list[FileEntry]:
     """Upload every file under `local_dir` to `<prefix>/<relative path>`; their entries, sorted.
 
@@ -123,13 +130,17 @@ class CommittedDir:
     def download(self, files: list[FileEntry], dest: Path, manifest: str,
                  wanted: Callable[[str], bool] | None = None) -> int:  # fmt: skip
         """Fetch the files (those `wanted`, or all) into `dest` and verify each, then write
-        `manifest` there last; the bytes fetched. TornDirectory at the first file that fails."""
+        `manifest` there last; the bytes fetched. A file already in `dest` with the manifest's size
+        and checksum is kept, not fetched (the node's own copy, for an in-place restart).
+        TornDirectory at the first file that fails."""
         fetched = 0
         for entry in files:
             if wanted is not None and not wanted(entry.path):
                 continue
-            fetched += entry.size
             local = dest / entry.path
+            if _matches(local, entry):
+                continue
+            fetched += entry.size
             try:
                 self.store.get_file(self.key(entry.path), local)
             except ObjectNotFound:

@@ -9,6 +9,7 @@ in place; a hub id is left to transformers, which the cluster must be able to re
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,19 @@ class ModelNotFound(InputMissing):
     """The model or tokenizer is missing or unreadable: the trainer exits 3 (InputNotFound)."""
 
 
+def _fetched(dest: Path) -> bool:
+    """The node's copy is whole: the marker (written after the last file) lists every file with its
+    size, and every file is there at that size. A restart in place loads this copy, not the store's."""
+    try:
+        sizes: dict[str, int] = json.loads((dest / COMPLETE_MARKER).read_text())
+        return all((dest / key).stat().st_size == size for key, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _fetch(uri: str, dest: Path, open_store: Opener) -> None:
-    if (dest / COMPLETE_MARKER).exists():
+    if _fetched(dest):
+        log.info("model %s: using this node's copy", uri)
         return
     store = open_store(uri)
     objects = store.list("")
@@ -41,7 +53,7 @@ def _fetch(uri: str, dest: Path, open_store: Opener) -> None:
             store.get_file(obj.key, dest / obj.key)
         except ObjectNotFound:
             raise ModelNotFound(f"model {uri}: {obj.key} vanished while downloading") from None
-    (dest / COMPLETE_MARKER).touch()
+    (dest / COMPLETE_MARKER).write_text(json.dumps({o.key: o.size for o in objects}))
 
 
 def local_source(uri: str, cache: Path, phases: Coordinator, open_store: Opener = open_store) -> str:

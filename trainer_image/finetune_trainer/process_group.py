@@ -97,11 +97,37 @@ def init(ranks: Ranks, collective_timeout: timedelta) -> Any:
     accelerator = get_accelerator()
     backend = "gloo" if on_cpu() else accelerator.communication_backend_name()
     bound_every_group(collective_timeout)
-    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout)
+    store = round_store(ranks, collective_timeout)
+    if store is not None:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            backend, store=store, rank=ranks.rank, world_size=ranks.world_size, timeout=collective_timeout
+        )
+    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout)  # adopts a formed group
     if on_cpu():
         return torch.device("cpu")
     accelerator.set_device(ranks.local_rank)
     return torch.device(accelerator.device_name(ranks.local_rank))
+
+
+def round_store(ranks: Ranks, timeout: timedelta) -> Any:
+    """The rendezvous store of this round of the worker group, when torchrun's agent hosts it.
+
+    The agent's store outlives an in-place restart (one server per launcher, shared by every round),
+    and torch's env:// rendezvous no longer prefixes its keys by restart: the restarted ranks would
+    read the previous round's keys (a dead rank's address, a long phase already "done") and never
+    meet. A prefix per round (TORCHELASTIC_RESTART_COUNT, the same on every node: gang_agent.py)
+    keeps each round's keys its own. None outside torchrun's agent store: env:// as before."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed import PrefixStore, TCPStore
+
+    server = TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), ranks.world_size, is_master=False, timeout=timeout
+    )
+    return PrefixStore(f"/ftjob/round_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", server)
 
 
 def bound_every_group(timeout: timedelta) -> None:

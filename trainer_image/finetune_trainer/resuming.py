@@ -54,7 +54,7 @@ class Resumer:
         self.store = store
         self.ranks = ranks
         self.phases = phases
-        self.target = local_root / "resume"
+        self.target = local_root / RESTART_COPY
 
     def candidates(
         self, resume: str, address: tuple[str, int] | None, elsewhere: CheckpointStore | None
@@ -88,7 +88,7 @@ class Resumer:
             source = elsewhere if from_elsewhere and elsewhere is not None else self.store
 
             def download(source: CheckpointStore = source, step: int = step) -> tuple[str, int, int]:
-                shutil.rmtree(target, ignore_errors=True)
+                keep_only(target, tag(step))  # the node's copy of this step, if any, is checked, not fetched
                 manifest = source.manifest(step)
                 try:
                     fetched = source.download(manifest, target / tag(step), self._node_files(manifest))
@@ -118,14 +118,33 @@ class Resumer:
             process_group.barrier()
             if self.ranks.is_main:  # the recovery benchmark splits a restart's time with this line
                 log.info("loaded checkpoint step %d in %.2fs", step, time.perf_counter() - started)
-            if self.ranks.is_node_main:
-                shutil.rmtree(target, ignore_errors=True)
-            return loaded
+            return loaded  # its files stay on scratch: an in-place restart loads them again
         return None
 
     def _node_files(self, manifest: CheckpointManifest) -> Callable[[str], bool] | None:
         reads_all = self.engine.zero_elastic_checkpoint() or self.engine.load_universal_checkpoint()
         return node_files(self.ranks, manifest.world_size, reads_all)
+
+
+RESTART_COPY = "resume"  # under the checkpoints' scratch root: the node's copy of one checkpoint
+
+
+def keep_only(target: Path, name: str) -> None:
+    """Leave `target/name` and nothing else in `target`."""
+    if target.exists():
+        for entry in target.iterdir():
+            if entry.name != name:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+
+
+def keep_for_restart(local_root: Path, uploaded: Path) -> None:
+    """After a node uploaded its files of a checkpoint, they become its copy for an in-place
+    restart (replacing the older one): resuming checks them against the committed manifest instead
+    of downloading them. A step that never commits is never a candidate, so its copy is never read."""
+    target = local_root / RESTART_COPY
+    target.mkdir(parents=True, exist_ok=True)
+    keep_only(target, "")
+    uploaded.rename(target / uploaded.name)
 
 
 def node_files(ranks: Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
