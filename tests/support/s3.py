@@ -54,15 +54,26 @@ class S3Endpoint:
             urllib.request.urlopen(request).close()
 
     def recorded(self) -> list[tuple[str, str]]:
-        """(method, path) of every request since `record`, oldest first."""
+        """(method, path) of every request since `record`, oldest first. The recorder writes one JSON
+        object per request from the server's threads, not always with a newline between two."""
         with urllib.request.urlopen(f"{self.url}/moto-api/recorder/download-recording") as response:
-            lines = response.read().decode().splitlines()
-        return [(r["method"], urllib.parse.urlparse(r["url"]).path) for r in map(json.loads, lines) if r]
+            text = response.read().decode()
+        decoder, at, out = json.JSONDecoder(), 0, []
+        while (at := _skip_space(text, at)) < len(text):
+            request, at = decoder.raw_decode(text, at)
+            out.append((request["method"], urllib.parse.urlparse(request["url"]).path))
+        return out
 
     def new_bucket(self) -> str:
         name = f"ftjob-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
 
 
 @contextmanager
