@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -110,6 +110,11 @@ class ProgressSource(Protocol):
 class Target:
     pod: str  # the current attempt's rank-0 pod
     updated_at: datetime | None  # the report already in status
+    in_place_counted: int = 0  # the attempt's in-place restarts the status counts
+
+
+def _restarted_in_place(report: ProgressReport, counted: int) -> bool:
+    return any(r.number > counted for r in report.progress.in_place_restarts or [])
 
 
 class ProgressPoller:
@@ -117,6 +122,9 @@ class ProgressPoller:
         self.source, self.clock, self.interval = source, clock, interval
         self.concurrency = max(1, concurrency)
         self.targets: dict[JobKey, Target] = {}
+        # A report of an in-place restart is a decision's input (it counts toward maxRestarts), not
+        # only the trainer's word: it asks for a pass (the runtime's queue).
+        self.on_restart: Callable[[JobKey], None] = lambda key: None
 
     def follow(self, key: JobKey, status: FineTuneJobStatus | None) -> float | None:
         """After a pass (status None: the job is gone): poll its rank 0 while it is Running. The
@@ -125,16 +133,18 @@ class ProgressPoller:
             self.track(key, None)
         else:
             updated_at = status.progress.updated_at if status.progress else None
-            self.track(key, pod_name(key[1], status.attempt, 0), updated_at)
+            self.track(key, pod_name(key[1], status.attempt, 0), updated_at, status.attempt_in_place_restarts)
         return None
 
-    def track(self, key: JobKey, pod: str | None, updated_at: datetime | None = None) -> None:
-        """What the latest pass saw: a Running job's rank-0 pod and the report in its status, or
-        None to stop polling it."""
+    def track(
+        self, key: JobKey, pod: str | None, updated_at: datetime | None = None, in_place_counted: int = 0
+    ) -> None:
+        """What the latest pass saw: a Running job's rank-0 pod, the report in its status and the
+        in-place restarts it counted, or None to stop polling it."""
         if pod is None:
             self.targets.pop(key, None)
         else:
-            self.targets[key] = Target(pod, updated_at)
+            self.targets[key] = Target(pod, updated_at, in_place_counted)
 
     async def poll(self, key: JobKey) -> bool:
         """One job's poll; True when a newer report went into its status."""
@@ -152,6 +162,9 @@ class ProgressPoller:
             self.targets.pop(key, None)
             return False
         target.updated_at = report.progress.updated_at
+        if _restarted_in_place(report, target.in_place_counted):
+            target.in_place_counted = max(r.number for r in report.progress.in_place_restarts or [])
+            self.on_restart(key)
         return True
 
     async def run(self) -> None:

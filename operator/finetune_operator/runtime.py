@@ -59,6 +59,7 @@ class Runtime:
             settings.progress_poll_seconds,
             settings.workers + settings.create_concurrency,
         )
+        self.poller.on_restart = self.queue.add
         self.reconciler = Reconciler(self.backend, self.clock, settings, self.metrics, self.poller)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: Any = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator import contract
-from finetune_operator.api.status import CheckpointRef, Progress
+from finetune_operator.api.status import CheckpointRef, InPlaceRestart, Progress
 from finetune_operator.clock import wait_event
 from finetune_operator.progress import ProgressReport, format_line
 
@@ -40,6 +40,9 @@ class Rank:
     sidecar_exit: int | None = None  # a classic sidecar container exits so after the trainer
     stop_after: float = 0.0  # seconds from SIGTERM to exit 143 (the emergency checkpoint)
     report_every: float = 0.05  # rank 0's seconds between progress reports
+    # rank 0's report at this step says its processes restarted in place (as the trainer's rank 0
+    # reports it after its launcher's agent restarted them), and training resumes 5 steps back
+    restarted_in_place_at: int | None = None
 
 
 Script = Callable[[int, int], Rank]
@@ -149,7 +152,8 @@ class Kubelet:
         )
         self.started.append(key[1])
         reports = rank == 0 and b.progress
-        reporter = asyncio.create_task(self._report(key, b.report_every)) if reports else None
+        report = self._report(key, b.report_every, attempt, b.restarted_in_place_at) if reports else None
+        reporter = asyncio.create_task(report) if report else None
         try:
             ended = b.exit_code is not None or b.evicted or b.node_lost
             await wait_event(deleting, b.after if ended else None)
@@ -212,18 +216,27 @@ class Kubelet:
             "state": state,
         }
 
-    async def _report(self, key: tuple[str, str], every: float) -> None:
+    async def _report(
+        self, key: tuple[str, str], every: float, attempt: int, restarted_at: int | None = None
+    ) -> None:
         """Rank 0's progress lines, one every `every` seconds, a checkpoint every 10 steps."""
         step = 0
+        restarts: list[InPlaceRestart] = []
         while True:
             step += 1
+            if step == restarted_at and not restarts:
+                reason = "node 1: collective failed at step 12: timed out"
+                restarts.append(InPlaceRestart(attempt=attempt, number=1, at=self.clock.now(), exit_code=75,
+                                               reason=reason))  # fmt: skip
+                step -= 5
             checkpoint = None
             if step >= 10:
                 done = step - step % 10
                 checkpoint = CheckpointRef(step=done, uri=f"s3://ckpt/{key[0]}/{key[1]}/step-{done:08d}")
             report = ProgressReport(
                 progress=Progress(
-                    step=step, total_steps=1000, loss=2.0 - step / 1000, updated_at=self.clock.now()
+                    step=step, total_steps=1000, loss=2.0 - step / 1000, updated_at=self.clock.now(),
+                    in_place_restarts=restarts or None,
                 ),
                 latest_checkpoint=checkpoint,
             )
