@@ -159,3 +159,24 @@ async def test_a_capacity_wait_fails_at_the_scheduling_timeout_when_one_is_set()
             and "Insufficient nvidia.com/gpu" in failed["message"]
         )
         assert condition(status, "WaitingForCapacity")["status"] == "False"
+
+
+@pytest.mark.asyncio
+async def test_a_rank_scripted_pending_on_a_missing_claim_fails_after_the_startup_timeout() -> None:
+    """The volume binding PreFilter's message for a claim that does not exist, as clusters print it."""
+    missing = (
+        '0/2 nodes are available: persistentvolumeclaim "train-data" not found. preemption: 0/2 nodes are '
+        "available: 2 No preemption victims found for incoming pod."
+    )
+    async with operator_env(script(Rank(exit_code=None), a1n1=Rank(unschedulable=missing))) as k8s:
+        await k8s.start_operator()
+        await k8s.apply(job())
+        await k8s.eventually(lambda: k8s.status(NS, "demo").get("ranks", {}).get("pending") == 1)
+        await k8s.timed_only(NS, "demo")
+        k8s.clock.jump(STARTUP + 1)
+        status = await k8s.phase(NS, "demo", "Failed")
+        failed = condition(status, "Failed")
+        assert (
+            failed["reason"] == "Unschedulable"
+            and 'persistentvolumeclaim "train-data" not found' in failed["message"]
+        )

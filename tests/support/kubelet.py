@@ -118,7 +118,8 @@ class Kubelet:
             await deleting.wait()
             return await self.cluster.remove(PODS, *key)
         node = await self._schedule(key) if self.scheduler is not None else f"node-{rank}"
-        # the binding sets PodScheduled=True with its time (pkg/registry/core/pod/storage: binding)
+        # The binding sets PodScheduled=True stamped with its time (pkg/registry/core/pod/storage/
+        # storage.go setPodNodeAndMetadata -> podutil.UpdatePodCondition, which stamps a change).
         scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": timestamp(self.clock)}
         await self._write(key, {"spec": {"nodeName": node}, "status": {"conditions": [scheduled]}})
         if b.init_failure:

@@ -43,7 +43,9 @@ class ObservedPod:
     nominated_node: str | None = None  # status.nominatedNodeName: preemption is making room there
     gated: tuple[str, ...] = ()  # spec.schedulingGates: the scheduler does not look at it yet
     scheduled: bool = False  # bound to a node
-    scheduled_at: datetime | None = None  # PodScheduled=True's lastTransitionTime: the binding
+    # PodScheduled=True's lastTransitionTime: the binding (pkg/registry/core/pod/storage/storage.go
+    # setPodNodeAndMetadata sets the condition through podutil.UpdatePodCondition, which stamps it)
+    scheduled_at: datetime | None = None
     ready: bool | None = None  # the Ready condition; None when the pod has none yet
     waiting_reason: str | None = None  # trainer container waiting: ImagePullBackOff, ...
     waiting_message: str | None = None
