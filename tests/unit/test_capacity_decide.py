@@ -87,6 +87,12 @@ def test_the_scheduling_timeout_fails_a_capacity_wait_and_ends_the_condition() -
     assert (_condition(late).status, _condition(late).reason) == ("False", "Failed")
 
 
+def test_a_capacity_wait_with_a_scheduling_timeout_wakes_the_job_at_it() -> None:
+    limit = {"spec.runPolicy.schedulingTimeoutSeconds": 900}
+    d = _decide(_job(_starting(), **limit), _waiting(), after(400))
+    assert d.requeue_after == 501  # the pods were created at 0: 900 s pass at 900 (plus a second)
+
+
 def test_ranks_running_end_the_wait() -> None:
     first = _decide(_job(_starting()), _waiting(), after(30))
     running = _decide(_next(first), [pod(rank=0), pod(rank=1)], after(4000))

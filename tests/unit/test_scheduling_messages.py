@@ -44,6 +44,7 @@ MESSAGES = [
     ),
     ("0/1 nodes are available: 1 node(s) had taint {dedicated: gpu}, that the pod didn't tolerate.", NEVER),
     ("0/4 nodes are available: 4 node(s) were unschedulable.", NEVER),
+    ("0/2 nodes are available: 2 node(s) had taints that the pod didn't tolerate.", NEVER),
     # aggregated: one node short of GPUs is enough to wait
     (
         "0/5 nodes are available: 2 Insufficient nvidia.com/gpu, 3 node(s) didn't match Pod's node "

@@ -322,7 +322,10 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         # A queued gang has no startup deadline, nor has a wait for capacity without a scheduling
         # deadline: the resync looks again, and pod events wake it.
         st.phase = Phase.QUEUED if queued else Phase.STARTING
-        d.wake(min(policy.startup_timeout_seconds, policy.scheduling_timeout_seconds or 86400))
+        d.wake(policy.startup_timeout_seconds)
+        for v in verdicts:
+            if v.deadline_in is not None:
+                d.wake(v.deadline_in)
 
 
 def _finishing(verdicts: list[Verdict]) -> bool:

@@ -34,6 +34,7 @@ class Verdict:
     outcome: Outcome
     reason: str  # a condition/event reason: CamelCase, stable
     message: str = ""
+    deadline_in: float | None = None  # a pending verdict's seconds until it fails (a capacity wait's)
 
 
 DISRUPTIONS = {
@@ -203,7 +204,8 @@ def _capacity(pod: ObservedPod, who: str, age: float, limit: int | None) -> Verd
     if limit is not None and age > limit:
         message = f"{who} not scheduled within schedulingTimeoutSeconds {limit}: {said}"
         return Verdict(Outcome.FAIL, WAITED_TOO_LONG, message)
-    return Verdict(Outcome.PENDING, WAITING_FOR_CAPACITY, f"{who} waits for capacity: {said}")
+    left = None if limit is None else limit - age + 1
+    return Verdict(Outcome.PENDING, WAITING_FOR_CAPACITY, f"{who} waits for capacity: {said}", left)
 
 
 def _waiting(pod: ObservedPod, who: str, *, late: bool, limit: int) -> Verdict:
@@ -214,9 +216,10 @@ def _waiting(pod: ObservedPod, who: str, *, late: bool, limit: int) -> Verdict:
         return Verdict(outcome, blocked.reason, f"{who}{which}: {blocked.reason}{_said(blocked.message)}")
     if pod.unschedulable:
         if scheduling.placement(pod.unschedulable) is scheduling.Placement.NEVER:
-            why = "cannot be scheduled as the cluster is (no node fits its selector, affinity, tolerations "
-            why += "or volumes)"
-            return Verdict(outcome, "Unschedulable", f"{who} {why}: {pod.unschedulable}")
+            # the scheduler's message names what no node satisfies (selector, taint, volume...)
+            return Verdict(
+                outcome, "Unschedulable", f"{who} cannot be scheduled as the cluster is: {pod.unschedulable}"
+            )
         return Verdict(outcome, "Unschedulable", f"{who} cannot be scheduled: {pod.unschedulable}")
     if pod.scheduled:
         # e.g. a volume that never mounts: the kubelet shows nothing but ContainerCreating.

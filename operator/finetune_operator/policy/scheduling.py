@@ -67,6 +67,7 @@ STATIC_PREFIXES = (
     "pod affinity terms conflict",  # nodeaffinity errReasonConflict (PreFilter)
     "node(s) had untolerated taint",  # tainttoleration: "... taint {k: v}" (1.25-1.32), "... taint(s)"
     "node(s) had taint {",  # tainttoleration before 1.25: "... {k: v}, that the pod didn't tolerate"
+    "node(s) had taints that the pod didn't tolerate",  # tainttoleration ErrReasonNotMatch (1.18)
     "node(s) were unschedulable",  # nodeunschedulable ErrReasonUnschedulable (cordoned)
     "node(s) didn't match the requested node name",  # nodename ErrReason
     "node(s) had volume node affinity conflict",  # volumebinding ErrReasonNodeConflict
