@@ -15,10 +15,9 @@ from typing import Final
 
 from finetune_operator.api.status import FineTuneJobStatus, Phase
 from finetune_operator.policy.actions import Event
-from finetune_operator.policy.conditions import condition, set_condition
+from finetune_operator.policy.conditions import ConditionType, Reason, condition, set_condition
 
-WAITING_FOR_CAPACITY: Final = "WaitingForCapacity"  # the condition's type, and its reason while True
-CAPACITY_FOUND: Final = "CapacityFound"
+WAITING_FOR_CAPACITY: Final = ConditionType.WAITING_FOR_CAPACITY
 STARTING_PHASES = frozenset({Phase.STARTING, Phase.QUEUED})
 
 
@@ -32,10 +31,10 @@ def track(st: FineTuneJobStatus, waits: Sequence[str], now: datetime, events: li
         message = f"attempt {st.attempt}: {waits[0]}{others}"
         if not waiting:
             events.append(Event("Normal", WAITING_FOR_CAPACITY, message))
-        set_condition(st, WAITING_FOR_CAPACITY, True, WAITING_FOR_CAPACITY, message, now)
+        set_condition(st, WAITING_FOR_CAPACITY, True, Reason.WAITING_FOR_CAPACITY, message, now)
     elif waiting:
         why = f"attempt {st.attempt}: no rank waits for capacity any more"
-        set_condition(st, WAITING_FOR_CAPACITY, False, CAPACITY_FOUND, why, now)
+        set_condition(st, WAITING_FOR_CAPACITY, False, Reason.CAPACITY_FOUND, why, now)
 
 
 def settle(st: FineTuneJobStatus, now: datetime) -> None:
