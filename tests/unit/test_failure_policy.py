@@ -100,6 +100,14 @@ def test_a_rank_no_node_can_take_fails_only_past_the_startup_deadline() -> None:
     assert "didn't match Pod's node affinity/selector" in late.message
 
 
+def test_a_message_not_kube_schedulers_fails_past_the_startup_deadline_as_before() -> None:
+    """Volcano's own message (its gang plugin): not read as capacity."""
+    raw = unschedulable("pod group is not ready, 2 Pending, 2 minAvailable")
+    assert _verdict(raw, STARTUP - 1).outcome is Outcome.PENDING
+    late = _verdict(raw, STARTUP + 1)
+    assert (late.outcome, late.reason) == (FAIL, "Unschedulable") and "pod group is not ready" in late.message
+
+
 def test_a_rank_waiting_for_capacity_waits_past_the_startup_deadline() -> None:
     """kube-scheduler: "Insufficient nvidia.com/gpu" (noderesources/fit.go) on every node."""
     waiting = _verdict(unschedulable(NO_GPU_FREE), STARTUP * 10)
