@@ -23,6 +23,8 @@ from finetune_operator.progress import ProgressReport, format_line
 from tests.support.clock import JumpingClock
 from tests.support.cluster import PODS, ClusterEmulator, timestamp
 from tests.support.nodes import NodeLifecycle
+from tests.support.pods import NO_GPU_FREE
+from tests.support.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Rank:
     message: str = ""  # termination message
     reason: str | None = None  # container's terminated reason (OOMKilled); default Completed/Error
     waiting: str | None = None  # never starts: ImagePullBackOff, CreateContainerConfigError...
-    unschedulable: bool = False
+    # never scheduled: True for kube-scheduler's "no GPU free" message, or the message to show
+    unschedulable: bool | str = False
     evicted: bool = False
     node_lost: bool = False
     progress: bool = True  # rank 0 reports progress while it runs
@@ -69,6 +72,9 @@ class Kubelet:
         # holds is left as created and looked at again on each change of it (tests/support/gangs.py).
         self.holds: list[Callable[[dict[str, Any]], bool]] = []
         self._held: set[tuple[str, str]] = set()
+        # Places pods on emulated nodes by their spec (tests/support/scheduler.py); None binds rank r
+        # to node-r at once, as if the cluster always had room.
+        self.scheduler: Scheduler | None = None
 
     async def run(self) -> None:
         lifecycle = asyncio.create_task(self.nodes.run())
@@ -96,6 +102,8 @@ class Kubelet:
             self._deleting[key].set()
         elif kind == "DELETED":
             self._held.discard(key)
+            if self.scheduler is not None:
+                self.scheduler.unbind(key)
         if kind == "DELETED" and key in self._pods:
             self._pods.pop(key).cancel()
             self._deleting.pop(key, None)
@@ -108,17 +116,15 @@ class Kubelet:
         b = self.behaviour(attempt, rank)
         deleting = self._deleting[key]
         if b.unschedulable:
-            condition = {
-                "type": "PodScheduled",
-                "status": "False",
-                "reason": "Unschedulable",
-                "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
-            }
-            await self._write(key, {"status": {"conditions": [condition]}})
+            message = b.unschedulable if isinstance(b.unschedulable, str) else NO_GPU_FREE
+            await self._write(key, {"status": {"conditions": [self._unschedulable(message)]}})
             await deleting.wait()
             return await self.cluster.remove(PODS, *key)
-        scheduled = {"type": "PodScheduled", "status": "True"}
-        await self._write(key, {"spec": {"nodeName": f"node-{rank}"}, "status": {"conditions": [scheduled]}})
+        node = await self._schedule(key) if self.scheduler is not None else f"node-{rank}"
+        # The binding sets PodScheduled=True stamped with its time (pkg/registry/core/pod/storage/
+        # storage.go setPodNodeAndMetadata -> podutil.UpdatePodCondition, which stamps a change).
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": timestamp(self.clock)}
+        await self._write(key, {"spec": {"nodeName": node}, "status": {"conditions": [scheduled]}})
         if b.init_failure:
             # restartPolicy Never: a failed init container fails the pod; the trainer never starts
             # (pkg/kubelet/kubelet_pods.go: the trainer waits in PodInitializing).
@@ -164,7 +170,7 @@ class Kubelet:
             await asyncio.sleep(b.stop_after)
             await self._terminate(key, 143, "Error", "")
         elif b.node_lost:
-            self.nodes.lose(f"node-{rank}")
+            self.nodes.lose(node)
             return  # its kubelet is gone: it writes nothing more, and nothing finishes a deletion
         elif b.evicted:
             # pkg/kubelet/eviction/eviction_manager.go evictPod: Failed, reason Evicted, the eviction
@@ -185,6 +191,26 @@ class Kubelet:
             await self._terminate(key, b.exit_code, reason, b.message)
         await deleting.wait()
         await self.cluster.remove(PODS, *key)
+
+    def _unschedulable(self, message: str) -> dict[str, Any]:
+        return {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                "lastTransitionTime": timestamp(self.clock)}  # fmt: skip
+
+    async def _schedule(self, key: tuple[str, str]) -> str:
+        """Wait, as kube-scheduler's queue does, until the pod fits somewhere; each change of
+        capacity retries it (a DELETED event cancels the wait with the pod's task)."""
+        assert self.scheduler is not None
+        said = None
+        while True:
+            changed = self.scheduler.changed
+            pod = self.cluster.get(PODS, *key) or {}
+            placed = self.scheduler.place(key, pod)
+            if placed.node is not None:
+                return placed.node
+            if placed.message != said:
+                said = placed.message
+                await self._write(key, {"status": {"conditions": [self._unschedulable(said or "")]}})
+            await changed.wait()
 
     async def _terminate(self, key: tuple[str, str], code: int, reason: str, message: str) -> None:
         terminated: dict[str, Any] = {"exitCode": code, "reason": reason, "finishedAt": timestamp(self.clock)}

@@ -135,14 +135,26 @@ def disrupted(cause: str, message: str | None = None, **kw: Any) -> dict[str, An
     return pod(conditions=[condition, *kw.pop("conditions", [])], **kw)
 
 
-def unschedulable(**kw: Any) -> dict[str, Any]:
-    condition = {
-        "type": "PodScheduled",
-        "status": "False",
-        "reason": "Unschedulable",
-        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
-    }
-    return pod(phase="Pending", conditions=[condition], scheduled=False, **kw)
+# kube-scheduler's messages (pkg/scheduler/framework/types.go FitError.Error, the reasons of
+# noderesources/fit.go and nodeaffinity/node_affinity.go, defaultpreemption's "preemption: " suffix)
+NO_GPU_FREE = (
+    "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. preemption: 0/4 nodes are available: "
+    "4 No preemption victims found for incoming pod."
+)
+NO_NODE_MATCHES = (
+    "0/4 nodes are available: 4 node(s) didn't match Pod's node affinity/selector. preemption: "
+    "0/4 nodes are available: 4 Preemption is not helpful for scheduling."
+)
+
+
+def unschedulable(message: str = NO_GPU_FREE, nominated: str | None = None, **kw: Any) -> dict[str, Any]:
+    """A pod kube-scheduler could not place, with its message (and the node it nominated while
+    preempting there, status.nominatedNodeName)."""
+    condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+    built = pod(phase="Pending", conditions=[condition], scheduled=False, **kw)
+    if nominated:
+        built["status"]["nominatedNodeName"] = nominated
+    return built
 
 
 def after(seconds: float) -> datetime:

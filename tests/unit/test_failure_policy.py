@@ -10,6 +10,8 @@ from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_v
 from finetune_operator.policy.observed import observe_pod
 
 from tests.support.pods import (
+    NO_GPU_FREE,
+    NO_NODE_MATCHES,
     after,
     container,
     disrupted,
@@ -90,10 +92,52 @@ def test_cluster_configuration_errors_wait_for_the_startup_deadline_then_fail(wa
     assert (late.outcome, late.reason) == (FAIL, waiting) and "s3-creds" in late.message
 
 
-def test_an_unschedulable_rank_fails_only_past_the_startup_deadline() -> None:
-    assert _verdict(unschedulable(), STARTUP - 1).outcome is Outcome.PENDING
-    late = _verdict(unschedulable(), STARTUP + 1)
-    assert (late.outcome, late.reason) == (FAIL, "Unschedulable") and "nvidia.com/gpu" in late.message
+def test_a_rank_no_node_can_take_fails_only_past_the_startup_deadline() -> None:
+    assert _verdict(unschedulable(NO_NODE_MATCHES), STARTUP - 1).outcome is Outcome.PENDING
+    late = _verdict(unschedulable(NO_NODE_MATCHES), STARTUP + 1)
+    assert (late.outcome, late.reason) == (FAIL, "Unschedulable")
+    assert "cannot be scheduled as the cluster is" in late.message
+    assert "didn't match Pod's node affinity/selector" in late.message
+
+
+def test_a_message_not_kube_schedulers_fails_past_the_startup_deadline_as_before() -> None:
+    """Volcano's own message (its gang plugin): not read as capacity."""
+    raw = unschedulable("pod group is not ready, 2 Pending, 2 minAvailable")
+    assert _verdict(raw, STARTUP - 1).outcome is Outcome.PENDING
+    late = _verdict(raw, STARTUP + 1)
+    assert (late.outcome, late.reason) == (FAIL, "Unschedulable") and "pod group is not ready" in late.message
+
+
+def test_a_rank_waiting_for_capacity_waits_past_the_startup_deadline() -> None:
+    """kube-scheduler: "Insufficient nvidia.com/gpu" (noderesources/fit.go) on every node."""
+    waiting = _verdict(unschedulable(NO_GPU_FREE), STARTUP * 10)
+    assert (waiting.outcome, waiting.reason) == (Outcome.PENDING, "WaitingForCapacity")
+    assert "waits for capacity: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu." in waiting.message
+
+
+def test_a_rank_waiting_for_capacity_fails_past_the_scheduling_timeout_when_one_is_set() -> None:
+    raw = observe_pod(unschedulable(NO_GPU_FREE))
+    waiting = classify(raw, now=after(1799), startup_timeout_seconds=STARTUP, scheduling_timeout_seconds=1800)
+    late = classify(raw, now=after(1801), startup_timeout_seconds=STARTUP, scheduling_timeout_seconds=1800)
+    assert waiting.outcome is Outcome.PENDING
+    assert (late.outcome, late.reason) == (FAIL, "SchedulingTimeout")
+    assert "schedulingTimeoutSeconds 1800" in late.message and "Insufficient nvidia.com/gpu" in late.message
+
+
+def test_a_rank_whose_preemption_is_under_way_waits_for_it() -> None:
+    """kube-scheduler nominates a node (status.nominatedNodeName) while the victims terminate."""
+    raw = unschedulable(NO_NODE_MATCHES, nominated="gpu-node-3")
+    verdict = _verdict(raw, STARTUP * 10)
+    assert (verdict.outcome, verdict.reason) == (Outcome.PENDING, "WaitingForCapacity")
+    assert "preempting on gpu-node-3" in verdict.message
+
+
+def test_the_startup_clock_of_a_rank_that_waited_for_capacity_starts_when_it_got_its_node() -> None:
+    """PodScheduled=True's lastTransitionTime is the binding (the API server's pods/binding)."""
+    bound = {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T14:00:00Z"}
+    raw = pod(phase="Pending", conditions=[bound], scheduled=True)  # created 12:00, ContainerCreating
+    assert _verdict(raw, 7200 + STARTUP - 1).outcome is Outcome.PENDING
+    assert _verdict(raw, 7200 + STARTUP + 1).reason == "StartupTimeout"
 
 
 def test_the_termination_message_reaches_the_verdict() -> None:

@@ -15,7 +15,7 @@ from finetune_operator.policy.decide import Decision, Observed, decide
 from finetune_operator.policy.observed import ObservedGroup, observe_pod
 
 from tests.support.factories import manifest
-from tests.support.pods import CREATED, JOB_UID, after, gated, pod, unschedulable
+from tests.support.pods import CREATED, JOB_UID, NO_NODE_MATCHES, after, gated, pod, unschedulable
 
 KUEUE = {"spec.gang": {"scheduler": "Kueue", "queueName": "gpu"}}
 VOLCANO = {"spec.gang": {"scheduler": "Volcano"}}
@@ -75,12 +75,13 @@ class TestKueue:
         """Ungated at 5000 s, the ranks get the whole startup timeout from then on."""
         gang = KUEUE
         queued = _decide(_job(gang, _starting()), [gated(rank=0), gated(rank=1)], after(4000))
-        admitted = _decide(_next(queued, gang), [unschedulable(rank=r) for r in range(2)], after(5000))
+        nowhere = [unschedulable(NO_NODE_MATCHES, rank=r) for r in range(2)]
+        admitted = _decide(_next(queued, gang), nowhere, after(5000))
         assert admitted.status.phase == Phase.STARTING and "Admitted" in [e.reason for e in admitted.events]
         assert _condition(admitted, "Queued").status == "False"
-        waiting = _decide(_next(admitted, gang), [unschedulable(rank=r) for r in range(2)], after(5500))
+        waiting = _decide(_next(admitted, gang), nowhere, after(5500))
         assert waiting.status.phase == Phase.STARTING
-        late = _decide(_next(waiting, gang), [unschedulable(rank=r) for r in range(2)], after(5601))
+        late = _decide(_next(waiting, gang), nowhere, after(5601))
         assert late.status.phase == Phase.FAILED
 
     def test_admitted_ranks_running_is_running(self) -> None:

@@ -574,7 +574,20 @@ class RunPolicy(ApiModel):
     )
     backoff_cap_seconds: int = Field(300, ge=1, le=86400, description="Longest restart delay.")
     startup_timeout_seconds: int = Field(
-        600, ge=30, le=86400, description="How long rank pods may stay unscheduled or pulling images."
+        600,
+        ge=30,
+        le=86400,
+        description="How long rank pods may stay unschedulable for a reason capacity does not fix (no "
+        "node matches their selector, affinity or tolerations; a missing volume), pulling images, or "
+        "scheduled but not started. A wait for capacity is not counted: see schedulingTimeoutSeconds.",
+    )
+    scheduling_timeout_seconds: int | None = Field(
+        None,
+        ge=30,
+        description="How long a rank pod may wait for capacity (the scheduler reports Insufficient "
+        "resources or is preempting for it) before the job fails (SchedulingTimeout). Left out: it waits "
+        "as long as it takes, on every attempt. Pods that no node can ever take (no node matches the "
+        "selector, affinity or tolerations; a missing volume) fail after startupTimeoutSeconds instead.",
     )
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after this long.")
     progress_timeout_seconds: int | None = Field(

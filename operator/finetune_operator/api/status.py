@@ -33,7 +33,8 @@ ACTIVE_PHASES = frozenset({Phase.QUEUED, Phase.STARTING, Phase.RUNNING, Phase.RE
 
 
 class Condition(ApiModel):
-    """A Kubernetes-style condition (Running, Succeeded, Failed, Suspended, Restarting, Queued)."""
+    """A Kubernetes-style condition (Running, Succeeded, Failed, Suspended, Restarting, Queued,
+    WaitingForCapacity)."""
 
     type: ShortString
     status: Literal["True", "False", "Unknown"]

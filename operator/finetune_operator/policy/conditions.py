@@ -18,6 +18,7 @@ class ConditionType:
     SUSPENDED: Final = "Suspended"
     QUEUED: Final = "Queued"  # spec.gang: the scheduler holds the attempt's gang
     CREATE_REFUSED: Final = "CreateRefused"  # the API server refused to create a child
+    WAITING_FOR_CAPACITY: Final = "WaitingForCapacity"  # a rank waits for room on the cluster (capacity.py)
 
 
 class Reason:
@@ -37,6 +38,8 @@ class Reason:
     POD_MISSING: Final = "PodMissing"
     STALLED: Final = "Stalled"
     GANG_QUEUED: Final = "GangQueued"
+    WAITING_FOR_CAPACITY: Final = "WaitingForCapacity"
+    CAPACITY_FOUND: Final = "CapacityFound"
     ADMITTED: Final = "Admitted"
     DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
     BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from finetune_operator.api import FineTuneJob
 from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
+from finetune_operator.policy import capacity, goodput, in_place, refusals
 from finetune_operator.policy import gang as gangs
-from finetune_operator.policy import goodput, in_place, refusals
 from finetune_operator.policy.actions import (
     Action,
     CreateAttempt,
@@ -28,7 +28,15 @@ from finetune_operator.policy.actions import (
 )
 from finetune_operator.policy.backoff import backoff_seconds
 from finetune_operator.policy.conditions import ConditionType, Reason, condition, set_condition
-from finetune_operator.policy.failures import Outcome, Verdict, classify, gang_verdict, rooted_in_a_lost_node
+from finetune_operator.policy.failures import (
+    WAITED_TOO_LONG,
+    WAITING_FOR_CAPACITY,
+    Outcome,
+    Verdict,
+    classify,
+    gang_verdict,
+    rooted_in_a_lost_node,
+)
 from finetune_operator.policy.observed import ObservedGroup, ObservedPod
 from finetune_operator.progress import ProgressReport
 
@@ -134,6 +142,7 @@ def decide(obs: Observed) -> Decision:
         _attempt(obs, d, current)
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         d.actions.insert(0, CreateService())
+    capacity.settle(st, now)
     d.actions = gangs.group_actions(job, st, obs.groups, d.actions)
     _hold_refused_creates(obs, d)
     _hold_names_taken(d, obs.job.metadata.name, foreign)
@@ -234,9 +243,17 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     queued = gangs.waiting(job, st.attempt, current, obs.groups)
     since = gangs.track_queue(st, queued, now, d.events)
     verdicts = [
-        classify(p, now=now, startup_timeout_seconds=policy.startup_timeout_seconds, since=since)
+        classify(
+            p,
+            now=now,
+            startup_timeout_seconds=policy.startup_timeout_seconds,
+            since=since,
+            scheduling_timeout_seconds=policy.scheduling_timeout_seconds,
+        )
         for p in current
     ]
+    waits = [v.message for v in verdicts if v.reason in (WAITING_FOR_CAPACITY, WAITED_TOO_LONG)]
+    capacity.track(st, waits, now, d.events)
     missing = sorted(set(range(nodes)) - {p.rank for p in current})
     judged = refusals.judge(
         st,
@@ -302,9 +319,13 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         if policy.progress_timeout_seconds:
             d.wake(policy.progress_timeout_seconds)
     else:
-        # A queued gang has no startup deadline: the resync looks again, and pod events wake it.
+        # A queued gang has no startup deadline, nor has a wait for capacity without a scheduling
+        # deadline: the resync looks again, and pod events wake it.
         st.phase = Phase.QUEUED if queued else Phase.STARTING
         d.wake(policy.startup_timeout_seconds)
+        for v in verdicts:
+            if v.deadline_in is not None:
+                d.wake(v.deadline_in)
 
 
 def _finishing(verdicts: list[Verdict]) -> bool:

@@ -14,6 +14,7 @@ from datetime import datetime
 from enum import IntEnum
 
 from finetune_operator import contract
+from finetune_operator.policy import scheduling
 from finetune_operator.policy.observed import ObservedPod
 
 
@@ -33,6 +34,7 @@ class Verdict:
     outcome: Outcome
     reason: str  # a condition/event reason: CamelCase, stable
     message: str = ""
+    deadline_in: float | None = None  # a pending verdict's seconds until it fails (a capacity wait's)
 
 
 DISRUPTIONS = {
@@ -83,6 +85,8 @@ EXIT_VERDICTS = {
     contract.ExitCode.TRANSIENT: (Outcome.RESTART, "Transient"),
     contract.ExitCode.TERMINATED: (Outcome.INFRA_RESTART, "Terminated"),
 }
+WAITING_FOR_CAPACITY = "WaitingForCapacity"  # a pending verdict: the scheduler lacks room right now
+WAITED_TOO_LONG = "SchedulingTimeout"  # runPolicy.schedulingTimeoutSeconds passed while waiting
 SIGKILL_EXIT = contract.SIGKILL_EXIT  # the kernel's OOM killer sends SIGKILL; any other exit was not its kill
 # How long a counted gang failure waits while another rank still looks running, for that rank's node
 # to show itself lost. The node lifecycle controller marks a silent node's pods NotReady after
@@ -92,8 +96,9 @@ NODE_LOSS_SETTLE_SECONDS = 60.0
 
 
 def _age(pod: ObservedPod, now: datetime, since: datetime | None = None) -> float:
-    """How long the pod has been waiting to start: since its creation, or since its gang was admitted."""
-    start = max((t for t in (pod.created_at, since) if t is not None), default=None)
+    """How long the pod has been waiting to start: since its creation, since its gang was admitted,
+    or since it got a node (a wait for capacity before that is not startup time)."""
+    start = max((t for t in (pod.created_at, since, pod.scheduled_at) if t is not None), default=None)
     return (now - start).total_seconds() if start else 0.0
 
 
@@ -126,7 +131,12 @@ def node_lost(pod: ObservedPod) -> str | None:
 
 
 def classify(
-    pod: ObservedPod, *, now: datetime, startup_timeout_seconds: int, since: datetime | None = None
+    pod: ObservedPod,
+    *,
+    now: datetime,
+    startup_timeout_seconds: int,
+    since: datetime | None = None,
+    scheduling_timeout_seconds: int | None = None,
 ) -> Verdict:
     """One rank pod's verdict. The rules run in this order:
     1. a trainer that exited 0 finished its rank, whatever a sidecar, an eviction or a node shutdown
@@ -139,7 +149,9 @@ def classify(
     5. failed without a trainer exit (node admission), or deleted by someone else: not counted;
     6. waiting: non-recovering waits, unschedulable, or scheduled but never started fail past the
        startup deadline (counted from `since` when that is later than the pod's creation: a gang
-       scheduler admitted the gang then); before it everything waits.
+       scheduler admitted the gang then); before it everything waits. A pod the scheduler holds
+       for lack of capacity (policy/scheduling.py) waits, however long, unless
+       `scheduling_timeout_seconds` is set and has passed.
     """
     who = f"rank {pod.rank} ({pod.name})"
     if pod.exit_code == 0 or (pod.phase == "Succeeded" and pod.init_failure is None):
@@ -177,8 +189,23 @@ def classify(
         return Verdict(Outcome.INFRA_RESTART, "PodDeleted", f"{who} is being deleted by someone else")
     if pod.running:
         return Verdict(Outcome.RUNNING, "Running")
-    late = _age(pod, now, since) > startup_timeout_seconds
-    return _waiting(pod, who, late=late, limit=startup_timeout_seconds)
+    age = _age(pod, now, since)
+    if pod.unschedulable and pod.blocked_by is None:
+        placed = scheduling.placement(pod.unschedulable, nominated=pod.nominated_node is not None)
+        if placed is scheduling.Placement.CAPACITY:
+            return _capacity(pod, who, age, scheduling_timeout_seconds)
+    return _waiting(pod, who, late=age > startup_timeout_seconds, limit=startup_timeout_seconds)
+
+
+def _capacity(pod: ObservedPod, who: str, age: float, limit: int | None) -> Verdict:
+    said = pod.unschedulable or ""
+    if pod.nominated_node:
+        said = f"preempting on {pod.nominated_node}: {said}"
+    if limit is not None and age > limit:
+        message = f"{who} not scheduled within schedulingTimeoutSeconds {limit}: {said}"
+        return Verdict(Outcome.FAIL, WAITED_TOO_LONG, message)
+    left = None if limit is None else limit - age + 1
+    return Verdict(Outcome.PENDING, WAITING_FOR_CAPACITY, f"{who} waits for capacity: {said}", left)
 
 
 def _waiting(pod: ObservedPod, who: str, *, late: bool, limit: int) -> Verdict:
@@ -188,6 +215,11 @@ def _waiting(pod: ObservedPod, who: str, *, late: bool, limit: int) -> Verdict:
         which = "" if blocked.container == contract.CONTAINER_NAME else f" (container {blocked.container})"
         return Verdict(outcome, blocked.reason, f"{who}{which}: {blocked.reason}{_said(blocked.message)}")
     if pod.unschedulable:
+        if scheduling.placement(pod.unschedulable) is scheduling.Placement.NEVER:
+            # the scheduler's message names what no node satisfies (selector, taint, volume...)
+            return Verdict(
+                outcome, "Unschedulable", f"{who} cannot be scheduled as the cluster is: {pod.unschedulable}"
+            )
         return Verdict(outcome, "Unschedulable", f"{who} cannot be scheduled: {pod.unschedulable}")
     if pod.scheduled:
         # e.g. a volume that never mounts: the kubelet shows nothing but ContainerCreating.

@@ -40,8 +40,12 @@ class ObservedPod:
     disruption: str | None = None  # reason of a True DisruptionTarget condition
     disruption_message: str | None = None
     unschedulable: str | None = None  # message of PodScheduled=False/Unschedulable
+    nominated_node: str | None = None  # status.nominatedNodeName: preemption is making room there
     gated: tuple[str, ...] = ()  # spec.schedulingGates: the scheduler does not look at it yet
     scheduled: bool = False  # bound to a node
+    # PodScheduled=True's lastTransitionTime: the binding (pkg/registry/core/pod/storage/storage.go
+    # setPodNodeAndMetadata sets the condition through podutil.UpdatePodCondition, which stamps it)
+    scheduled_at: datetime | None = None
     ready: bool | None = None  # the Ready condition; None when the pod has none yet
     waiting_reason: str | None = None  # trainer container waiting: ImagePullBackOff, ...
     waiting_message: str | None = None
@@ -153,9 +157,13 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod:
         unschedulable=(scheduled.get("message") or "unschedulable")
         if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
         else None,
+        nominated_node=status.get("nominatedNodeName") or None,
         gated=tuple(str(g.get("name", "")) for g in (pod.get("spec") or {}).get("schedulingGates") or []),
         scheduled=bool((pod.get("spec") or {}).get("nodeName"))
         or bool(scheduled and scheduled.get("status") == "True"),
+        scheduled_at=parse_time(scheduled.get("lastTransitionTime"))
+        if scheduled and scheduled.get("status") == "True"
+        else None,
         ready=None if ready is None else ready.get("status") == "True",
         waiting_reason=waiting.get("reason"),
         waiting_message=waiting.get("message"),
