@@ -15,6 +15,7 @@ from finetune_operator.api import FineTuneJob, parse_manifest
 from finetune_operator.api.status import FineTuneJobStatus, Phase
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.builders import build_config_map
+from finetune_operator.jobview import JobView, describe
 from finetune_operator.policy.actions import CreateAttempt, DeletePods
 from finetune_operator.policy.decide import Decision, Observed, decide
 from finetune_operator.policy.memory import smaller_size
@@ -208,3 +209,12 @@ def test_the_micro_batch_survives_a_status_round_trip_through_json() -> None:
         "since": "2026-01-01T12:00:05Z",
     }
     assert FineTuneJobStatus.model_validate(stored) == status
+
+
+def test_describe_shows_the_micro_batch_in_effect_and_why() -> None:
+    status = _oom(_job(_running(_job(), after(0))), after(5)).status
+    text = describe(JobView(body=_job(status).to_wire()))
+    assert (
+        "Micro batch:  4 x 4 accumulation (OutOfMemory: attempt 1 ran out of memory at micro batch 8 x 2 "
+        "accumulation)" in text
+    )
