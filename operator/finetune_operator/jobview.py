@@ -177,6 +177,12 @@ def describe(view: JobView, now: datetime | None = None) -> str:
             f" {source.get('duplicates', 0)} duplicates, {source.get('empty', 0)} empty,"
             f" {source.get('dropped', 0)} dropped" + (f" ({reasons})" if reasons else "")
         )
+    micro = status.get("microBatch") or {}
+    if micro:
+        reason = micro.get("reason")
+        why = "as written" if reason == "Spec" else f"{reason}: {micro.get('message', '')}"
+        size, steps = micro.get("size"), micro.get("gradientAccumulationSteps")
+        lines.append(f"Micro batch:  {size} x {steps} accumulation ({why})")
     goodput = status.get("goodput") or {}
     if goodput.get("percent") is not None:
         lines.append(

@@ -58,6 +58,21 @@ def test_batch_arithmetic_is_consistent_for_deepspeed() -> None:
     assert ds["gradient_accumulation_steps"] == 4
 
 
+@pytest.mark.parametrize(("size", "accumulation"), [(2, 2), (1, 4)])
+def test_a_reduced_micro_batch_keeps_deepspeeds_batch_arithmetic(size: int, accumulation: int) -> None:
+    """status.microBatch after an out-of-memory failure (policy/memory.py): DeepSpeed gets the reduced
+    micro batch and the accumulation that keeps train_batch_size."""
+    reduced = {"size": size, "gradientAccumulationSteps": accumulation, "reason": "OutOfMemory"}
+    batch = {
+        "spec.resources.nodes": 2,
+        "spec.training.microBatchSize": 4,
+        "spec.training.globalBatchSize": 64,
+    }
+    ds = _ds({**batch, "status": {"attempt": 1, "microBatch": reduced}})
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (size, accumulation)
+    assert ds["train_batch_size"] == 64 == size * accumulation * 16  # 2 nodes x 8 GPUs
+
+
 def test_the_raw_override_is_merged_last() -> None:
     ds = _ds(
         {

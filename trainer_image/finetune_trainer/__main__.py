@@ -46,10 +46,10 @@ def _out_of_memory(exc: BaseException) -> bool:
 def out_of_memory(exc: BaseException, config: TrainerConfig, step: int | None) -> OutOfMemory:
     """The OutOfMemory failure, with where it happened and what sized it: the fix is a smaller step."""
     where = f" at step {step}" if step is not None else ""
-    training, seq = config.training, config.dataset.max_seq_length
+    micro, seq = config.schedule.micro_batch_size, config.dataset.max_seq_length
     first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
     return OutOfMemory(
-        f"out of memory{where} (micro batch {training.micro_batch_size} x {seq} tokens per rank): {first}; "
+        f"out of memory{where} (micro batch {micro} x {seq} tokens per rank): {first}; "
         "lower training.microBatchSize or dataset.maxSeqLength, or enable training.gradientCheckpointing, "
         "ZeRO-3 or offload"
     )

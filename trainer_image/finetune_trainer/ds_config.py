@@ -48,7 +48,9 @@ def _zero(config: TrainerConfig) -> dict[str, Any]:
 def deepspeed_config(config: TrainerConfig, *, cpu: bool = False) -> dict[str, Any]:
     training, schedule = config.training, config.schedule
     generated: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        # The micro batch in effect (after an out-of-memory reduction, smaller than the spec's);
+        # micro x accumulation x world size == train_batch_size holds for every size the operator picks.
+        "train_micro_batch_size_per_gpu": schedule.micro_batch_size,
         "gradient_accumulation_steps": schedule.gradient_accumulation_steps,
         "train_batch_size": schedule.global_batch_size,
         "gradient_clipping": training.gradient_clipping,

@@ -50,7 +50,7 @@ class Evaluator:
         if per_rank == 0:
             return None
         first = self.ranks.rank * per_rank
-        micro = self.config.training.micro_batch_size
+        micro = self.config.schedule.micro_batch_size
         loss_sum, counted = 0.0, 0.0
         engine.eval()
         with torch.no_grad():
@@ -84,7 +84,7 @@ class StepLoop:
         trace = SampleTrace.from_env(ranks)
         cadence = Cadence.of(config, steps.total_steps, has_validation=bool(data.validation))
         evaluator = Evaluator(config, ranks, ctx.device, data.validation)
-        micro = config.training.micro_batch_size
+        micro = config.schedule.micro_batch_size  # in effect: the operator may have reduced it
         loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
         tokens = targets_in_window = 0
         window_start = time.monotonic()

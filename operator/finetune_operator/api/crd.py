@@ -46,6 +46,7 @@ PRINTER_COLUMNS = [
     _column("Goodput", "number", ".status.goodput.percent", "Percent of the job's time spent training", 1),
     _column("ETA", "integer", ".status.progress.etaSeconds", "Seconds to the end of training", 1),
     _column("Tokens/s", "number", ".status.progress.tokensPerSecond", "Training throughput", 1),
+    _column("Micro-Batch", "integer", ".status.microBatch.size", "Micro batch in effect, see status", 1),
     _column("Reason", "string", '.status.conditions[?(@.type=="Failed")].reason', "Why the job failed", 1),
 ]
 

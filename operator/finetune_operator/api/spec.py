@@ -619,6 +619,14 @@ class RunPolicy(ApiModel):
     suspend: bool = Field(
         False, description="Stop the pods and keep the job; unsuspend resumes from a checkpoint."
     )
+    adapt_micro_batch_on_out_of_memory: bool = Field(
+        True,
+        description="After an out-of-memory failure (trainer exit 4), restart with the micro batch "
+        "halved (the largest proper divisor for odd sizes) and gradient accumulation raised to match, "
+        "so the global batch, data order, loss and schedule stay the same; down to 1, then Failed "
+        "(OutOfMemory). Such a restart does not count toward maxRestarts and has no backoff. false: "
+        "an out-of-memory failure fails the job at once.",
+    )
 
     rules = (
         Rule(

@@ -171,6 +171,26 @@ class CreateRefusal(ApiModel):
     last: Timestamp = Field(description="The latest refusal.")
 
 
+class MicroBatch(ApiModel):
+    """The micro batch the ranks train with, and why: training.microBatchSize as written, or a
+    smaller one after an out-of-memory failure (runPolicy.adaptMicroBatchOnOutOfMemory). The global
+    batch never changes: gradient accumulation grows by the factor the micro batch shrank. This is
+    what later attempts read, so it stays for the rest of the job."""
+
+    size: int = Field(ge=1, description="Sequences per process per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        ge=1, description="Micro batches per optimizer step on each process."
+    )
+    reason: Literal["Spec", "OutOfMemory"] = Field(
+        description="Spec: training.microBatchSize as written; OutOfMemory: reduced after an "
+        "out-of-memory failure."
+    )
+    message: Annotated[str, Field(max_length=1024)] | None = Field(
+        None, description="What happened, e.g. which attempt ran out of memory at which micro batch."
+    )
+    since: Timestamp | None = Field(None, description="When this micro batch took effect.")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Annotated[Phase, Strict(False)] | None = Field(
         None, description="Where the job is in its lifecycle."
@@ -210,4 +230,7 @@ class FineTuneJobStatus(ApiModel):
     goodput: Goodput | None = Field(None, description="Where the job's time went.")
     create_refusal: CreateRefusal | None = Field(
         None, description="The API server's latest refusal to create a child of the current attempt."
+    )
+    micro_batch: MicroBatch | None = Field(
+        None, description="The micro batch and gradient accumulation in effect, and why."
     )

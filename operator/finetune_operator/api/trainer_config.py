@@ -37,6 +37,11 @@ class Schedule(ApiModel):
     """Numbers the spec leaves to derivation, settled once so every rank agrees."""
 
     global_batch_size: int = Field(ge=1)
+    micro_batch_size: int = Field(
+        ge=1,
+        description="The micro batch in effect: training.microBatchSize, or the smaller one the "
+        "operator chose after an out-of-memory failure (status.microBatch). The trainer uses this one.",
+    )
     gradient_accumulation_steps: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     warmup_steps: int | None = Field(None, ge=0)
@@ -85,11 +90,28 @@ def job_store_uri(job: FineTuneJob) -> str:
     return join_uri(job.spec.checkpoint.uri, job.metadata.namespace, job.metadata.name)
 
 
+def global_batch_size(job: FineTuneJob) -> int:
+    """Sequences per optimizer step: as written, or one micro batch per rank as written (never the
+    reduced micro batch: reducing it keeps the global batch)."""
+    training = job.spec.training
+    return training.global_batch_size or training.micro_batch_size * job.spec.resources.world_size
+
+
+def micro_batch_in_effect(job: FineTuneJob) -> int:
+    """The status's micro batch once the operator reduced it, else the spec's. The status is the
+    only memory of it (an operator restarted at any moment reads it back), and the decide step
+    changes it only in a pass that creates no pods, so the pass that creates an attempt's config
+    always sees the size already written."""
+    status = job.status.micro_batch if job.status else None
+    return status.size if status is not None else job.spec.training.micro_batch_size
+
+
 def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
     spec = job.spec
     world = World(nnodes=spec.resources.nodes, nproc_per_node=spec.resources.procs_per_node)
-    per_step = spec.training.micro_batch_size * world.world_size
-    global_batch = spec.training.global_batch_size or per_step
+    micro = micro_batch_in_effect(job)
+    per_step = micro * world.world_size
+    global_batch = global_batch_size(job)
     warmup_ratio = spec.training.warmup_ratio
     if warmup_ratio is None:
         warmup_ratio = 0.0 if spec.training.warmup_steps is not None else DEFAULT_WARMUP_RATIO
@@ -104,6 +126,7 @@ def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
         world=world,
         schedule=Schedule(
             global_batch_size=global_batch,
+            micro_batch_size=micro,
             gradient_accumulation_steps=global_batch // per_step,
             learning_rate=spec.training.learning_rate or DEFAULT_LEARNING_RATE[spec.training.method],
             warmup_steps=spec.training.warmup_steps,

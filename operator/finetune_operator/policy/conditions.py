@@ -44,6 +44,8 @@ class Reason:
     DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
     BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
     INFRASTRUCTURE_RESTART_LIMIT_EXCEEDED: Final = "InfrastructureRestartLimitExceeded"
+    # Out of memory: the next attempt trains with a smaller micro batch (policy/memory.py).
+    MICRO_BATCH_REDUCED: Final = "MicroBatchReduced"
 
 
 def set_condition(

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from finetune_operator.api import FineTuneJob
-from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
+from finetune_operator.api.status import FineTuneJobStatus, MicroBatch, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
-from finetune_operator.policy import capacity, goodput, in_place, refusals
+from finetune_operator.policy import capacity, goodput, in_place, memory, refusals
 from finetune_operator.policy import gang as gangs
 from finetune_operator.policy.actions import (
     Action,
@@ -207,6 +207,7 @@ def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None
     st.phase = Phase.STARTING
     st.ranks = RankCounts()
     st.attempt_in_place_restarts = 0
+    st.micro_batch = memory.in_effect(obs.job, st, obs.now)
     refusals.clear_for_new_attempt(st, obs.now)
     d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
     if resumed:
@@ -294,6 +295,8 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
             Event("Normal", ConditionType.SUCCEEDED, f"attempt {st.attempt}: every rank finished")
         )
         _finished(obs, d, current)
+    elif gang.outcome is Outcome.FAIL and (smaller := memory.reduced(job, st, gang, now)) is not None:
+        _restart_smaller(obs, d, current, gang, smaller)
     elif gang.outcome is Outcome.FAIL:
         _fail(obs, d, current, gang.reason, gang.message)
     elif gang.outcome in (Outcome.RESTART, Outcome.INFRA_RESTART):
@@ -386,9 +389,31 @@ def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause
     d.wake(delay)
 
 
+def _restart_smaller(
+    obs: Observed, d: Decision, current: list[ObservedPod], cause: Verdict, smaller: MicroBatch
+) -> None:
+    """Out of memory with a smaller micro batch left (policy/memory.py): the gang restarts at once,
+    uncounted, charged to application restarts. The size is written in this pass, which creates no
+    pods; the pass that starts the next attempt builds its config from it."""
+    st = d.status
+    st.micro_batch = smaller
+    st.restart_class = "Application"
+    st.phase = Phase.RESTARTING
+    set_condition(
+        st, ConditionType.RESTARTING, True, Reason.MICRO_BATCH_REDUCED, smaller.message or "", obs.now
+    )
+    set_condition(st, ConditionType.RUNNING, False, cause.reason, "", obs.now)
+    d.events.append(Event("Warning", Reason.RANK_FAILED, cause.message or cause.reason))
+    d.events.append(Event("Normal", Reason.MICRO_BATCH_REDUCED, memory.announcement(obs.job, st, smaller)))
+    d.actions += _delete(current, obs.now)
+    d.wake(1.0)
+
+
 def _backoff(obs: Observed, st: FineTuneJobStatus) -> float:
     """Each class backs off on its own count: an eviction loop slows down however few application
     failures there were, and a lost node does not lengthen the next crash's delay."""
+    if memory.restarting_smaller(st):
+        return 0.0  # not a retry of the same thing: nothing to back off from
     policy = obs.job.spec.run_policy
     count = st.infra_restarts if st.restart_class == "Infrastructure" else st.restarts
     return backoff_seconds(
