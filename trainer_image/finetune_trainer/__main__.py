@@ -18,7 +18,7 @@ from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.config import load_config, write_termination_message
-from finetune_trainer.failures import OutOfMemory, TrainerFailure, Transient
+from finetune_trainer.failures import COLLECTIVE_FAILED, OutOfMemory, TrainerFailure, Transient
 
 
 def _quiet_libraries(is_main: bool) -> None:
@@ -97,7 +97,7 @@ def escaped(exc: Exception, config: TrainerConfig, step: int | None) -> TrainerF
     if _out_of_memory(exc):
         return out_of_memory(exc, config, step)
     if _collective_timeout(exc):
-        return Transient(f"collective failed{at}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return Transient(f"{COLLECTIVE_FAILED}{at}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     logging.getLogger("finetune_trainer").exception("training failed%s", at)
     return TrainerFailure(f"{type(exc).__name__}{at}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
 

@@ -200,6 +200,7 @@ class Checkpointer:
     def _upload(self, step: int, position: dict[str, Any]) -> None:
         local = self.local_root / tag(step)
         self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
+        keep_for_restart(self.local_root, local)
         if self.ranks.is_main:
             reports = self.store.wait_for_nodes(step, self.nnodes, NODE_REPORT_TIMEOUT, self.run_id)
             manifest = self.store.commit(
@@ -213,8 +214,6 @@ class Checkpointer:
             if deleted:
                 log.info("keepLast %d: deleted checkpoints %s", self.keep_last, deleted)
             self.listener.settled(step)
-        if self.ranks.is_node_main:
-            keep_for_restart(self.local_root, local)
         shutil.rmtree(local, ignore_errors=True)
         shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 

@@ -12,6 +12,10 @@ from typing import ClassVar
 
 from finetune_operator import contract
 
+# How a rank's reason starts when its collective broke: on a healthy rank that is the symptom of a
+# peer's failure, never its cause (restart_records picks the cause by it).
+COLLECTIVE_FAILED = "collective failed"
+
 
 class TrainerFailure(Exception):
     exit_code: ClassVar[int] = 1

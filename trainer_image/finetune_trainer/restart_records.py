@@ -25,6 +25,7 @@ from finetune_operator import contract
 from finetune_operator.api.status import InPlaceRestart
 
 from finetune_trainer import process_group
+from finetune_trainer.failures import COLLECTIVE_FAILED
 from finetune_trainer.process_group import Ranks
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,23 @@ def now() -> str:
 
 def root_causes(records: list[FailureRecord]) -> list[InPlaceRestart]:
     """One restart per number, from every node's records: the failure that caused it. A dead peer
-    makes the survivors fail as transient (their collective broke), so another exit is the cause
-    when there is one; among equals the earliest."""
+    makes the survivors fail as transient with a broken collective, so a failure that is not a
+    broken collective is the cause when there is one, then another exit than transient; among
+    equals the earliest."""
     by_number: dict[int, list[FailureRecord]] = {}
     for record in records:
         by_number.setdefault(record.number, []).append(record)
     out = []
     for number in sorted(by_number)[-KEPT:]:
         candidates = by_number[number]
-        causes = [r for r in candidates if r.exit_code != contract.ExitCode.TRANSIENT] or candidates
-        cause = min(causes, key=lambda r: r.at)
+        cause = min(
+            candidates,
+            key=lambda r: (
+                r.reason.startswith(COLLECTIVE_FAILED),
+                r.exit_code == contract.ExitCode.TRANSIENT,
+                r.at,
+            ),
+        )
         out.append(
             InPlaceRestart(
                 attempt=int(os.environ.get(contract.ENV_ATTEMPT) or 1),

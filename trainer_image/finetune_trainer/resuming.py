@@ -138,12 +138,17 @@ def keep_only(target: Path, name: str) -> None:
 
 
 def keep_for_restart(local_root: Path, uploaded: Path) -> None:
-    """After a node uploaded its files of a checkpoint, they become its copy for an in-place
-    restart (replacing the older one): resuming checks them against the committed manifest instead
-    of downloading them. A step that never commits is never a candidate, so its copy is never read."""
+    """Once a node uploaded its files of a checkpoint they become its copy for an in-place restart,
+    before the commit (a failure right after it must not lose the copy): resuming checks them
+    against the committed manifest instead of downloading them. The newest two are kept, so the
+    newest committed one is always among them (at most one newer upload is uncommitted); a copy of
+    a step that never commits is never a candidate, so it is never read."""
     target = local_root / RESTART_COPY
     target.mkdir(parents=True, exist_ok=True)
-    keep_only(target, "")
+    kept = sorted(p.name for p in target.iterdir() if p.is_dir() and p.name != uploaded.name)
+    for old in kept[:-1]:
+        shutil.rmtree(target / old, ignore_errors=True)
+    shutil.rmtree(target / uploaded.name, ignore_errors=True)
     uploaded.rename(target / uploaded.name)
 
 
