@@ -4,8 +4,9 @@ of its own) behind a link throttled to `--mbps` for downloads (tests/support/slo
 
     .venv/bin/python benchmarks/recovery.py [--runs 3] [--hidden 1024] [--layers 28] [--mbps 100]
 
-One CPU rank; it fails as transient (exit 75, the trainer's test-only fault hook) after step 4,
-with checkpoints every 2 steps. Measured in the same run:
+One CPU rank with checkpoints every 2 steps; once a checkpoint is committed its training process
+crashes (SIGSEGV from this script: an application failure, restarted in place). Measured in the
+same run:
   in place   the launcher restarts the training processes inside the pod: the model and the node's
              checkpoint files are on its scratch disk (runPolicy.inPlaceRestarts, the default);
   pod level  the same failure with runPolicy.inPlaceRestarts 0: a new attempt's pod, an empty
@@ -22,6 +23,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,8 +41,7 @@ from tests.support.slow_link import slow_link
 from tests.support.trainer_run import Workspace, tiny_job_manifest
 
 POLL = 0.02
-FAILED_AFTER = 4
-FAULT = f"{FAILED_AFTER}:75:0"
+MAX_STEPS = 400  # never reached: each run is stopped at its first step after the failure
 STEP_LINE = re.compile(r'FTJOB_PROGRESS \{"progress":\{"step":(\d+)')
 
 
@@ -55,11 +56,6 @@ def _wait(check: Callable[[], Any], what: str, timeout: float = 900.0) -> float:
 
 def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _steps_after(text: str, marker: str) -> list[int]:
-    at = text.find(marker)
-    return [] if at < 0 else [int(s) for s in STEP_LINE.findall(text[at:])]
 
 
 def _upload_dir(bucket: str, prefix: str, local: Path) -> None:
@@ -87,7 +83,7 @@ def _job(
             "spec.model.source": model,
             "spec.resources.nodes": 1,
             "spec.resources.processesPerNode": 1,
-            "spec.training.maxSteps": FAILED_AFTER + 2,
+            "spec.training.maxSteps": MAX_STEPS,
             "spec.training.microBatchSize": 1,
             "spec.training.globalBatchSize": 2,
             "spec.training.logEverySteps": 1,
@@ -122,47 +118,65 @@ def _ftjob_run(root: Path, manifest: Path) -> tuple[subprocess.Popen[bytes], Pat
     return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT), root / "run"
 
 
-def _finish(proc: subprocess.Popen[bytes], root: Path) -> None:
-    try:
-        if proc.wait(900) != 0:
-            raise SystemExit(f"benchmark: ftjob run failed:\n{_text(root / 'out.log')[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `ftjob run`: its rank supervisors end every rank with it (rank_supervisor.py)."""
+    proc.kill()
+    proc.wait(60)
+    time.sleep(2)
+
+
+def _trainer_pid(launcher_parent: int) -> int | None:
+    """The training process under a rank "pod" (supervisor -> launcher -> worker), from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"-m finetune_trainer --config" in cmdline and b"finetune_trainer.launch" not in cmdline:
+            return int(stat.parent.name)
+    return None
+
+
+def _resumed_step(text: str) -> list[int]:
+    at = max(text.rfind("resuming at step"), text.rfind("starting at step"))
+    return [] if at < 0 else [int(s) for s in STEP_LINE.findall(text[at:])]
 
 
 def failure_to_step(root: Path, manifest: Path, pod_after: str) -> dict[str, float]:
-    """Run the job; seconds from the failure to the first step after it (in `pod_after`'s log),
-    and the cold start of the first attempt."""
+    """Run the job, crash its training process once a checkpoint is committed; seconds from the
+    crash to the first step after it (in `pod_after`'s log), and the first attempt's cold start."""
     proc, work = _ftjob_run(root, manifest)
     first, after = work / "logs" / "tiny-a1-n0.log", work / "logs" / f"{pod_after}.log"
     try:
         spawned = _wait(lambda: (work / "pods" / "tiny-a1-n0.json").exists(), "attempt 1 started")
         first_step = _wait(lambda: STEP_LINE.search(_text(first)), "attempt 1's first step")
-        failed = _wait(lambda: "test fault" in _text(first), "the failure")
-        marker = "resuming at step"
-        resumed = _wait(lambda: _steps_after(_text(after).split("test fault")[-1], marker), "a step after it")
+        _wait(lambda: "committed" in _text(first), "a committed checkpoint")
+        pid = _trainer_pid(proc.pid)
+        if pid is None:
+            raise SystemExit("benchmark: no training process found")
+        crashed = time.monotonic()
+        os.kill(pid, signal.SIGSEGV)
+        mark = len(_text(after)) if after == first else 0
+        resumed = _wait(lambda: _resumed_step(_text(after)[mark:]), "a step after the crash")
     finally:
-        _finish(proc, root)
-    return {"cold start": first_step - spawned, "recovery": resumed - failed}
+        _stop(proc)
+    return {"cold start": first_step - spawned, "recovery": resumed - crashed}
 
 
 def floor(root: Path, model_dir: Path, bucket: str, job_prefix: str, ws: Workspace) -> float:
     """A fresh process with everything on local disk: the store copied out of S3 first."""
     store = root / "store"
     _download_prefix(bucket, job_prefix, store / "default" / "tiny")
-    for leftover in ("final",):
-        shutil.rmtree(store / "default" / "tiny" / leftover, ignore_errors=True)
-    manifest = _job(
-        root, ws, f"file://{model_dir}", f"file://{store}", None, {"spec.training.maxSteps": FAILED_AFTER + 4}
-    )
+    manifest = _job(root, ws, f"file://{model_dir}", f"file://{store}", None, {})
     proc, work = _ftjob_run(root, manifest)
     log = work / "logs" / "tiny-a1-n0.log"
     try:
         spawned = _wait(lambda: (work / "pods" / "tiny-a1-n0.json").exists(), "the floor's pod")
-        stepped = _wait(lambda: _steps_after(_text(log), "resuming at step"), "the floor's first step")
+        stepped = _wait(lambda: _resumed_step(_text(log)), "the floor's first step")
+        if "resuming at step" not in _text(log):
+            raise SystemExit("benchmark: the floor did not resume from the copied checkpoint")
     finally:
-        _finish(proc, root)
+        _stop(proc)
     return stepped - spawned
 
 
@@ -177,13 +191,10 @@ def one_run(root: Path, args: argparse.Namespace, url: str) -> dict[str, float]:
     with slow_link(
         upstream.hostname or "", upstream.port or 0, upload_delay=0.0, download_delay=delay
     ) as slow:
-        model, fault = (
-            f"s3://{bucket}/models/big",
-            {"spec.resources.env": [{"name": "FTJOB_TEST_FAIL_AT_STEP", "value": FAULT}]},
-        )
+        model = f"s3://{bucket}/models/big"
         in_place = failure_to_step(
             root / "in-place",
-            _job(root / "in-place", ws, model, f"s3://{bucket}/in-place", slow, fault),
+            _job(root / "in-place", ws, model, f"s3://{bucket}/in-place", slow, {}),
             "tiny-a1-n0",
         )
         pod_level = failure_to_step(
@@ -194,7 +205,7 @@ def one_run(root: Path, args: argparse.Namespace, url: str) -> dict[str, float]:
                 model,
                 f"s3://{bucket}/pod-level",
                 slow,
-                {**fault, "spec.runPolicy.inPlaceRestarts": 0},
+                {"spec.runPolicy.inPlaceRestarts": 0},
             ),
             "tiny-a2-n0",
         )
