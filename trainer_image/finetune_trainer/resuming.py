@@ -57,7 +57,7 @@ class Resumer:
         self.ranks = ranks
         self.phases = phases
         self.target = local_root / RESTART_COPY
-        self.reshaper = Reshaper(store, ranks, phases, local_root)
+        self.reshaper = Reshaper(engine, store, ranks, phases, local_root)
 
     def candidates(
         self, resume: str, address: tuple[str, int] | None, elsewhere: CheckpointStore | None

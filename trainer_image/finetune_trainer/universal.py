@@ -96,6 +96,20 @@ def convert(source: Path, output: Path) -> None:
     (output.parent / "latest_universal").unlink(missing_ok=True)  # it writes one; we load by tag
 
 
+def check_global_batch(checkpoint: CheckpointManifest, global_batch: int) -> None:
+    """A resume at another world size keeps the global batch: the checkpoint's data position and
+    learning-rate schedule count steps of it. The API server refuses a world-size change without
+    training.globalBatchSize; this catches what it cannot see (a local run, an edited config)."""
+    position = checkpoint.data_position
+    steps, seen = int(position.get("globalStep", 0)), int(position.get("samplesSeen", 0))
+    if steps and seen != steps * global_batch:
+        raise UniversalUnsupported(
+            f"checkpoint step {checkpoint.step} was trained with a global batch of {seen // steps} "
+            f"at world size {checkpoint.world_size}; this run's is {global_batch}: set "
+            f"training.globalBatchSize to {seen // steps} (a multiple of microBatchSize x world size)"
+        )
+
+
 @contextlib.contextmanager
 def universal_loading(engine: Any, on: bool) -> Iterator[None]:
     """`checkpoint.load_universal` for this one load: DeepSpeed reads the flag at load time, and
@@ -119,8 +133,9 @@ class Reshaped:
 
 
 class Reshaper:
-    def __init__(self, store: CheckpointStore, ranks: Ranks, phases: Coordinator, scratch: Path,
+    def __init__(self, engine: Any, store: CheckpointStore, ranks: Ranks, phases: Coordinator, scratch: Path,
                  refusal: str | None = None) -> None:  # fmt: skip
+        self.engine = engine
         self.store = store  # the job's own: conversions are written here, also of a warm start's
         self.ranks = ranks
         self.phases = phases
@@ -138,6 +153,8 @@ class Reshaper:
 
     def _on_main(self, source: CheckpointStore, step: int) -> Reshaped | None:
         checkpoint = source.manifest(step)
+        if checkpoint.world_size != self.ranks.world_size:
+            check_global_batch(checkpoint, self.engine.train_batch_size())
         if not needs_conversion(checkpoint, self.ranks.world_size):
             return None
         if self.refusal:
