@@ -47,9 +47,10 @@ CHANGES = {
 }
 WORLD_1 = {**CHANGES, "spec.resources.processesPerNode": 1}
 # fp32 on CPU: the same global batch, summed in another order (two ranks' all-reduce of two micro
-# batches each, against one rank accumulating four), differs in the last bits of each gradient;
-# over a few Adam steps at lr 0.01 that stays far below the loss's own step-to-step change (~0.1).
-LOSS_TOLERANCE = 2e-3
+# batches each, against one rank accumulating four), may differ in the last bits of each gradient.
+# Measured: equal to the 5 decimals the loss is reported with; 1e-4 leaves room for those bits
+# over a few Adam steps, far below the loss's own step-to-step change (~0.1).
+LOSS_TOLERANCE = 1e-4
 PARTIAL = "zero/lm_head.weight/fp32.pt"  # what a conversion killed during its upload left behind
 
 
@@ -127,6 +128,7 @@ def test_loss_after_the_resume_matches_the_uninterrupted_run(runs: Runs) -> None
     reference, resumed = _per_step(runs.reference.output), _per_step(runs.resumed.output)
     after = range(runs.suspended_at + 1, STEPS + 1)
     differences = {step: abs(resumed[step] - reference[step]) for step in after}
+    print({step: (reference[step], resumed[step]) for step in after})  # the figures, with -rP
     assert max(differences.values()) <= LOSS_TOLERANCE, (differences, reference, resumed)
 
 

@@ -14,7 +14,7 @@ from finetune_trainer.storage import open_store
 from finetune_trainer.universal import (
     Reshaper,
     UniversalManifest,
-    UniversalUnsupported,
+    WorldSizeChangeRefused,
     check_global_batch,
     manifest_sha256,
     needs_conversion,
@@ -70,7 +70,7 @@ def test_a_checkpoint_without_zero_shards_loads_at_any_world_size() -> None:
 
 
 def test_a_resume_with_another_global_batch_is_refused_naming_the_field() -> None:
-    with pytest.raises(UniversalUnsupported, match=r"set training.globalBatchSize to 16"):
+    with pytest.raises(WorldSizeChangeRefused, match=r"set training.globalBatchSize to 16"):
         check_global_batch(_manifest(batch=16), global_batch=8)
     check_global_batch(_manifest(batch=16), global_batch=16)
 

@@ -54,8 +54,8 @@ FORMAT_VERSION = 1
 ZERO_OPTIMIZER_SHARD = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 
 
-class UniversalUnsupported(InvalidInput):
-    """The world size changed, but this job's checkpoints cannot be converted: exit 2."""
+class WorldSizeChangeRefused(InvalidInput):
+    """The world size changed, but the checkpoint cannot continue at it as configured: exit 2."""
 
 
 class UniversalManifest(BaseModel):
@@ -103,7 +103,7 @@ def check_global_batch(checkpoint: CheckpointManifest, global_batch: int) -> Non
     position = checkpoint.data_position
     steps, seen = int(position.get("globalStep", 0)), int(position.get("samplesSeen", 0))
     if steps and seen != steps * global_batch:
-        raise UniversalUnsupported(
+        raise WorldSizeChangeRefused(
             f"checkpoint step {checkpoint.step} was trained with a global batch of {seen // steps} "
             f"at world size {checkpoint.world_size}; this run's is {global_batch}: set "
             f"training.globalBatchSize to {seen // steps} (a multiple of microBatchSize x world size)"
@@ -133,14 +133,14 @@ class Reshaped:
 
 
 class Reshaper:
-    def __init__(self, engine: Any, store: CheckpointStore, ranks: Ranks, phases: Coordinator, scratch: Path,
-                 refusal: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, engine: Any, store: CheckpointStore, ranks: Ranks, phases: Coordinator, scratch: Path
+    ) -> None:
         self.engine = engine
         self.store = store  # the job's own: conversions are written here, also of a warm start's
         self.ranks = ranks
         self.phases = phases
         self.scratch = scratch / UNIVERSAL
-        self.refusal = refusal  # why this job's checkpoints cannot be converted, if they cannot
 
     def _dir(self, step: int) -> CommittedDir:
         return CommittedDir(self.store.store, universal_dir(step))
@@ -157,11 +157,6 @@ class Reshaper:
             check_global_batch(checkpoint, self.engine.train_batch_size())
         if not needs_conversion(checkpoint, self.ranks.world_size):
             return None
-        if self.refusal:
-            raise UniversalUnsupported(
-                f"the world size changed from {checkpoint.world_size} to {self.ranks.world_size}, "
-                f"but {self.refusal}"
-            )
         wanted = manifest_sha256(checkpoint)
         existing = self.committed(step, wanted)
         if existing is not None:
