@@ -3,7 +3,8 @@
 Rank 0 picks the newest committed checkpoint whose files are all there; every node downloads and
 verifies it; if any node finds a checksum wrong, all ranks move on to the next older one.
 `checkpoint.resume` may instead name one committed checkpoint of another job (a warm start), until
-this job has committed its own.
+this job has committed its own. A ZeRO checkpoint saved at another world size is loaded through its
+universal conversion instead (universal.py), made once and committed next to it.
 """
 
 from __future__ import annotations
