@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from finetune_trainer.checkpoint_store import CheckpointManifest, CheckpointStore, TornCheckpoint, step_dir
-from finetune_trainer.committed_dir import MANIFEST, CommittedDir, FileEntry, TornDirectory
+from finetune_trainer.committed_dir import CommittedDir, FileEntry, TornDirectory
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InvalidInput
 from finetune_trainer.process_group import Ranks
@@ -216,19 +216,23 @@ class Reshaper:
 
     def download(self, reshaped: Reshaped, target: Path) -> tuple[str, int, int]:
         """On each node's local rank 0: the committed conversion into `target/<tag>`, verified;
-        node 0 moves its own copy there. (problem, bytes fetched, bytes in all), as resuming's."""
+        (problem, bytes fetched, bytes in all), as resuming's. It joins the node's copy of the step
+        (resuming.keep_for_restart) rather than replacing it: the two share only
+        mp_rank_00_model_states.pt, which the converter copies unchanged, and each load reads only
+        its own files (universal: zero/<param>/; otherwise the zero_pp_rank_* shards). Files already
+        there with the manifest's checksum are kept (an in-place restart, and node 0's conversion)."""
+        from finetune_trainer.resuming import keep_only  # resuming imports this module
+
         manifest = reshaped.manifest
         assert manifest is not None
         dest = target / tag(reshaped.step)
-        shutil.rmtree(target, ignore_errors=True)
-        total = sum(f.size for f in manifest.files)
-        local = self.scratch / tag(reshaped.step)
-        text = manifest.model_dump_json(indent=1)
-        if (local / MANIFEST).is_file() and (local / MANIFEST).read_text() == text:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(local, dest)
-            return "", 0, total
-        try:
+        keep_only(target, tag(reshaped.step))
+        converted = self.scratch / tag(reshaped.step)
+        if converted.is_dir():  # node 0's own conversion: moved, not fetched again
+            shutil.copytree(converted, dest, dirs_exist_ok=True)
+            shutil.rmtree(converted, ignore_errors=True)
+        total, text = sum(f.size for f in manifest.files), manifest.model_dump_json(indent=1)
+        try:  # its MANIFEST.json replaces the checkpoint's there: a marker nothing reads back
             fetched = self._dir(reshaped.step).download(manifest.files, dest, text)
         except TornDirectory as exc:
             log.warning("skipping checkpoint step %d: its universal checkpoint: %s", reshaped.step, exc)
