@@ -179,6 +179,49 @@ class TestTransitionRules:
         )
 
 
+BATCH = {"spec.training.microBatchSize": 1, "spec.training.globalBatchSize": 32}  # world 8 before
+
+
+class TestWorldSizeChanges:
+    """The world size changes only where the job has no gang (Suspended, or Restarting between
+    attempts), and only with a fixed global batch: the next attempt resumes at the new size from a
+    checkpoint converted to DeepSpeed's universal format (the trainer's universal.py)."""
+
+    def _change(
+        self, apiserver: FakeApiServer, changes: dict[str, Any], *, phase: str, before: dict[str, Any] = BATCH
+    ) -> list[str]:
+        stored = apiserver.admit(started(manifest(before), attempt=3, phase=phase)).object
+        new = started(manifest({**before, **changes}), attempt=3, phase=phase)
+        return apiserver.admit(new, old=stored).errors
+
+    @pytest.mark.parametrize("phase", ["Running", "Starting", "Queued"])
+    def test_refused_while_the_job_has_pods(self, apiserver: FakeApiServer, phase: str) -> None:
+        errors = self._change(apiserver, {"spec.resources.nodes": 2}, phase=phase)
+        assert any(e.startswith("spec.resources.nodes: Invalid value") and "set runPolicy.suspend" in e
+                   for e in errors), errors  # fmt: skip
+
+    @pytest.mark.parametrize(
+        "changes",
+        [{"spec.resources.nodes": 2}, {"spec.resources.gpusPerNode": 4}, {"spec.resources.nodes": 4}],
+    )
+    def test_accepted_while_suspended(self, apiserver: FakeApiServer, changes: dict[str, Any]) -> None:
+        assert self._change(apiserver, changes, phase="Suspended") == []
+
+    def test_accepted_while_restarting_between_attempts(self, apiserver: FakeApiServer) -> None:
+        assert self._change(apiserver, {"spec.resources.gpusPerNode": 2}, phase="Restarting") == []
+
+    def test_refused_without_a_global_batch_size(self, apiserver: FakeApiServer) -> None:
+        errors = self._change(apiserver, {"spec.resources.nodes": 2}, phase="Suspended", before={})
+        assert any("training.globalBatchSize is set" in e for e in errors), errors
+
+    def test_refused_when_the_new_world_size_cannot_divide_the_global_batch(
+        self, apiserver: FakeApiServer
+    ) -> None:
+        errors = self._change(apiserver, {"spec.resources.gpusPerNode": 3}, phase="Suspended")
+        assert any(e.startswith("spec.training.globalBatchSize") and "multiple of microBatchSize" in e
+                   for e in errors), errors  # fmt: skip
+
+
 def test_the_embedded_kubernetes_schemas_are_the_ones_kubernetes_validate_ships(repo: Any) -> None:
     from tools.k8s_schema import TARGET, render
 

@@ -3,13 +3,19 @@
     <job uri>/checkpoints/step-00000100/<files each node saved>
     <job uri>/checkpoints/step-00000100/nodes/node-00001.json   <- a node's report: its files, sizes, sha256
     <job uri>/checkpoints/step-00000100/MANIFEST.json           <- written last, by rank 0: the commit point
+    <job uri>/checkpoints/step-00000100/universal/<files>       <- its conversion to DeepSpeed's universal
+    <job uri>/checkpoints/step-00000100/universal/MANIFEST.json    format, for a resume at another world
+                                                                   size (universal.py): a committed
+                                                                   directory of its own, naming the
+                                                                   sha256 of the manifest it converted
 
 A checkpoint is a directory committed by its manifest (committed_dir.py, whose rules it follows).
 Every node uploads what it saved, then its report. Rank 0 writes MANIFEST.json only once every
 node's report is there, and only from them. No manifest, no checkpoint: resume takes the newest
 manifest whose files are all present with the recorded sizes and (when downloaded) checksums, and
 skips a torn one with a warning. Retention deletes only committed checkpoints older than the newest
-`keep_last`, never the one a run resumed from, plus uncommitted leftovers older than the newest commit.
+`keep_last`, never the one a run resumed from, plus uncommitted leftovers older than the newest commit;
+a checkpoint's universal conversion lives inside its directory, so it goes with it.
 """
 
 from __future__ import annotations
@@ -143,7 +149,8 @@ class CheckpointStore:
 
     def committed_steps(self) -> list[int]:
         listed = self.store.list(f"{CHECKPOINTS}/")
-        steps = {_step_of(o.key) for o in listed if o.key.endswith(f"/{MANIFEST}")}
+        # Only a step's own manifest commits it; its universal conversion's (one level down) does not.
+        steps = {_step_of(o.key) for o in listed if o.key.endswith(f"/{MANIFEST}") and o.key.count("/") == 2}
         return sorted(s for s in steps if s is not None)
 
     def manifest(self, step: int) -> CheckpointManifest:

@@ -3,11 +3,13 @@
 Rank 0 picks the newest committed checkpoint whose files are all there; every node downloads and
 verifies it; if any node finds a checksum wrong, all ranks move on to the next older one.
 `checkpoint.resume` may instead name one committed checkpoint of another job (a warm start), until
-this job has committed its own.
+this job has committed its own. A ZeRO checkpoint saved at another world size is loaded through its
+universal conversion instead (universal.py), made once and committed next to it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -31,6 +33,7 @@ from finetune_trainer.failures import InputMissing
 from finetune_trainer.position import DataPosition
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.snapshot import tag
+from finetune_trainer.universal import Reshaper, universal_loading
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class Resumer:
         self.ranks = ranks
         self.phases = phases
         self.target = local_root / RESTART_COPY
+        self.reshaper = Reshaper(engine, store, ranks, phases, local_root)
 
     def candidates(
         self, resume: str, address: tuple[str, int] | None, elsewhere: CheckpointStore | None
@@ -97,9 +101,14 @@ class Resumer:
                     return str(exc), 0, 0
                 return "", fetched, sum(f.size for f in manifest.files)
 
+            # Saved at another world size under ZeRO: its universal conversion instead (universal.py).
+            reshaped = self.reshaper.prepare(source, step)
+            if reshaped is not None and reshaped.problem:
+                continue
+            fetch = functools.partial(self.reshaper.download, reshaped, target) if reshaped else download
             # Each node downloads while its ranks wait on the rendezvous store: a 70B checkpoint takes
             # longer than a collective may. One torn copy anywhere moves every rank to the next older.
-            outcomes = self.phases.per_node(f"the download of step {step}", download)
+            outcomes = self.phases.per_node(f"the download of step {step}", fetch)
             if any(problem for problem, _, _ in outcomes):
                 continue
             if self.ranks.is_main:  # the resume benchmark reads this line
@@ -107,9 +116,10 @@ class Resumer:
                     "downloaded checkpoint step %d: %s of %d bytes",
                     step, ", ".join(f"node {n} {b}" for n, (_, b, _) in enumerate(outcomes)), outcomes[0][2],
                 )  # fmt: skip
-            _, client_state = self.engine.load_checkpoint(
-                str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+            with universal_loading(self.engine, reshaped is not None):
+                _, client_state = self.engine.load_checkpoint(
+                    str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
+                )
             loaded = Loaded(
                 step=step,
                 position=DataPosition.from_json((client_state or {}).get("data_position", {})),

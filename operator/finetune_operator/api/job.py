@@ -123,6 +123,38 @@ def _frozen_once_started(path: str, what: str, *, cel_value: str | None = None) 
     )
 
 
+# The stored phases in which a started job has no gang: the next attempt is created whole from the
+# spec it then reads, and resumes from a checkpoint converted to the new world size (the trainer's
+# universal.py). Queued, Starting and Running have an attempt's pods, which all share one world size.
+RESHAPE_PHASES = ("Suspended", "Restarting")
+
+
+def _world_size_rules() -> tuple[ServerRule, ...]:
+    new, old = _world_cel("self.spec.resources"), _world_cel("oldSelf.spec.resources")
+    not_started = "!has(oldSelf.status) || !has(oldSelf.status.attempt) || oldSelf.status.attempt == 0"
+    phases = ", ".join(f"'{p}'" for p in RESHAPE_PHASES)
+    return (
+        ServerRule(
+            cel=f"{not_started} || {new} == {old} "
+            f"|| (has(oldSelf.status.phase) && oldSelf.status.phase in [{phases}])",
+            message="The world size (resources.nodes x processes per node) cannot change while the job "
+            "has pods: set runPolicy.suspend to true, wait for phase Suspended, then change it (also "
+            "allowed while Restarting, between attempts); the next attempt resumes from the latest "
+            "checkpoint converted to the new world size",
+            field="spec.resources.nodes",
+        ),
+        ServerRule(
+            # Left out, the global batch is microBatchSize x world size: it would change with it,
+            # and the checkpoint's data position and learning-rate schedule with it.
+            cel=f"{not_started} || {new} == {old} || has(self.spec.training.globalBatchSize)",
+            message="The world size (resources.nodes x processes per node) can change only when "
+            "training.globalBatchSize is set (left out, the global batch is microBatchSize x world size "
+            "and would change with it); create a new FineTuneJob instead",
+            field="spec.resources.nodes",
+        ),
+    )
+
+
 def _optional(field: str) -> str:
     """An optional model string as a comparable value: left out reads as '' (never a valid value)."""
     return f"(has({{obj}}.spec.model.{field}) ? {{obj}}.spec.model.{field} : '')"
@@ -150,11 +182,7 @@ class FineTuneJob(ApiModel):
         _frozen_once_started("spec.training", "spec.training"),
         _frozen_once_started("spec.deepspeed", "spec.deepspeed"),
         _frozen_once_started("spec.checkpoint.uri", "spec.checkpoint.uri"),
-        _frozen_once_started(
-            "spec.resources.nodes",
-            "The world size (resources.nodes x processes per node)",
-            cel_value=_world_cel("{obj}.spec.resources"),
-        ),
+        *_world_size_rules(),
     )
 
 
