@@ -1,9 +1,10 @@
 """In-place restarts in `ftjob run` with the real trainer: two node ranks ("pods") on CPU, the model
-and the checkpoints in S3 (moto), one rank failing as transient (exit 75) after step 10 through the
-trainer's test-only fault hook. Its launcher restarts the training processes inside the same pod, the
-other pod's joins the new round, and the run resumes from the newest committed checkpoint with the
-model and that checkpoint read from the pods' scratch disks: compared with the same job run without
-the fault, and with the store's request log (moto's recorder).
+and the checkpoints in S3 (moto), one rank failing as transient (exit 75) 5 s after step 10 (the
+checkpoints behind training commit meanwhile) through the trainer's test-only fault hook. Its
+launcher restarts the training processes inside the same pod, the other pod's joins the new round,
+and the run resumes from the newest committed checkpoint with the model and that checkpoint read
+from the pods' scratch disks: compared with the same job run without the fault, and with the
+store's request log (moto's recorder).
 
 A rank whose whole process group is killed (a lost node) still restarts the gang at pod level:
 tests/integration/test_local_run.py.
@@ -103,7 +104,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, s3_module_env: S3Endpoint) ->
         s3,
         model_uri,
         f"s3://{bucket}/restarted",
-        {ENV_FAIL_AT_STEP: f"{FAILED_AFTER}:75:1"},
+        {ENV_FAIL_AT_STEP: f"{FAILED_AFTER}:75:1:5"},
     )
     return reference, restarted
 

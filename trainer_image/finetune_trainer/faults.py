@@ -2,10 +2,12 @@
 real classification and restart paths instead of a mock of the trainer. Unset (always, outside
 tests) they do nothing.
 
-- `FTJOB_TEST_FAIL_AT_STEP=STEP:CODE[:RANK]`: before training step STEP+1 (after STEP optimizer
-  steps), global rank RANK (default 0) fails with exit CODE (75: Transient, 1: an unexpected
-  exception), once: only in the first process of the first attempt (torchrun's restart count 0,
-  attempt 1), so a restart, in place or not, runs past it.
+- `FTJOB_TEST_FAIL_AT_STEP=STEP:CODE[:RANK[:SECONDS]]`: before training step STEP+1 (after STEP
+  optimizer steps), global rank RANK (default 0) fails with exit CODE (75: Transient, 1: an
+  unexpected exception), SECONDS after it got there (a rank that hangs, then dies: the other ranks
+  wait in their next collective while the checkpoints behind training commit); once: only in the
+  first process of the first attempt (torchrun's restart count 0, attempt 1), so a restart, in
+  place or not, runs past it.
 - `FTJOB_TEST_OOM_ABOVE_MICRO_BATCH=N`: the first step's forward runs out of memory (a
   torch.OutOfMemoryError, classified by the trainer's own handler) whenever the micro batch in
   effect is above N, as a device that fits N examples would.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from finetune_operator import contract
 
@@ -53,11 +56,13 @@ def before_step(done: int, rank: int, micro_batch: int) -> None:
     setting = os.environ.get(ENV_FAIL_AT_STEP)
     if not setting or not _first_process():
         return
-    step, code, *who = (int(part) for part in setting.split(":"))
-    if done != step or rank != (who[0] if who else 0):
+    step, code, *rest = (float(part) for part in setting.split(":"))
+    who, hang = (int(rest[0]) if rest else 0), (rest[1] if len(rest) > 1 else 0.0)
+    if done != int(step) or rank != who:
         return
-    message = f"test fault: rank {rank} failed after step {step} ({ENV_FAIL_AT_STEP})"
+    time.sleep(hang)
+    message = f"test fault: rank {rank} failed after step {int(step)} ({ENV_FAIL_AT_STEP})"
     log.warning(message)
     if code == contract.ExitCode.TRANSIENT:
         raise Transient(message)
-    raise InjectedFailure(message, code)
+    raise InjectedFailure(message, int(code))
