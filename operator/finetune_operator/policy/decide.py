@@ -4,15 +4,13 @@ an input, randomness is derived from the job, and everything remembered lives in
 Phases: Pending -> Starting -> Running -> Succeeded | Failed, with Restarting (a rank failed: the
 attempt's pods are deleted, the backoff runs, then attempt N+1 starts), Suspended, and Queued (between
 Starting and Running while spec.gang's scheduler holds the attempt's gang: policy/gang.py).
+Here: which branch a pass takes and the running attempt's verdict; the moves the branches share are
+policy/transitions.py's, a pod-level restart and its backoff policy/restarts.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-
-from finetune_operator.api import FineTuneJob
-from finetune_operator.api.status import FineTuneJobStatus, MicroBatch, Phase, RankCounts
+from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
 from finetune_operator.policy import capacity, goodput, in_place, memory, refusals
 from finetune_operator.policy import gang as gangs
@@ -22,11 +20,8 @@ from finetune_operator.policy.actions import (
     CreatePodGroup,
     CreateService,
     DeleteAttemptConfig,
-    DeleteJob,
-    DeletePods,
     Event,
 )
-from finetune_operator.policy.backoff import backoff_seconds
 from finetune_operator.policy.conditions import ConditionType, Reason, condition, set_condition
 from finetune_operator.policy.failures import (
     WAITED_TOO_LONG,
@@ -37,53 +32,20 @@ from finetune_operator.policy.failures import (
     gang_verdict,
     rooted_in_a_lost_node,
 )
-from finetune_operator.policy.observed import ObservedGroup, ObservedPod
-from finetune_operator.progress import ProgressReport
+from finetune_operator.policy.observed import ObservedPod
+from finetune_operator.policy.restarts import begin_restart, restart_smaller, restarting
+from finetune_operator.policy.transitions import (
+    FORCE_DELETE_AFTER,
+    Decision,
+    Observed,
+    delete_pods,
+    fail,
+    finished,
+    start_attempt,
+    suspend,
+)
 
-FORCE_DELETE_AFTER = timedelta(seconds=60)  # past a pod's deletion deadline: its node is gone
-
-
-@dataclass(frozen=True)
-class Observed:
-    job: FineTuneJob
-    pods: tuple[ObservedPod, ...]
-    service_exists: bool
-    now: datetime
-    progress: ProgressReport | None = None
-    groups: tuple[ObservedGroup, ...] = ()  # spec.gang's PodGroups (Volcano, Coscheduling)
-
-
-@dataclass
-class Decision:
-    status: FineTuneJobStatus
-    actions: list[Action] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    requeue_after: float | None = None
-
-    def wake(self, seconds: float) -> None:
-        seconds = max(1.0, seconds)
-        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
-
-
-def _delete(pods: list[ObservedPod], now: datetime) -> list[Action]:
-    """Delete what is not yet going; force what has outstayed its deletion deadline. Names sorted:
-    the same observation gives the same actions whatever order a backend listed the pods in."""
-    fresh = tuple(sorted(p.name for p in pods if not p.deleting))
-    stuck = tuple(
-        sorted(
-            p.name
-            for p in pods
-            if p.deleting
-            and p.deletion_deadline is not None
-            and now - p.deletion_deadline > FORCE_DELETE_AFTER
-        )
-    )
-    out: list[Action] = []
-    if fresh:
-        out.append(DeletePods(fresh))
-    if stuck:
-        out.append(DeletePods(stuck, force=True))
-    return out
+__all__ = ["Decision", "Observed", "decide"]  # what a pass is, from the module that makes one
 
 
 def _counts(pods: list[ObservedPod], verdicts: list[Verdict]) -> RankCounts:
@@ -116,20 +78,20 @@ def decide(obs: Observed) -> Decision:
     foreign = {p.name for p in obs.pods if p not in mine}
     current = [p for p in mine if p.attempt == st.attempt]
     stale = [p for p in mine if p.attempt != st.attempt]
-    d.actions += _delete(stale, now)
+    d.actions += delete_pods(stale, now)
     if st.phase in (Phase.SUCCEEDED, Phase.FAILED):
-        _finished(obs, d, current)
+        finished(obs, d, current)
     elif job.spec.run_policy.suspend:
-        _suspend(obs, d, current)
+        suspend(obs, d, current)
     elif st.phase == Phase.SUSPENDED and current:
         # The old attempt's ranks may still be writing their emergency checkpoint: the next attempt
         # resumes from it only once they are gone.
-        d.actions += _delete(current, now)
+        d.actions += delete_pods(current, now)
         d.wake(5.0)
     elif st.attempt == 0 or st.phase == Phase.SUSPENDED:
-        _start_attempt(obs, d, resumed=st.phase == Phase.SUSPENDED)
+        start_attempt(obs, d, resumed=st.phase == Phase.SUSPENDED)
     elif _past_deadline(obs, st):
-        _fail(
+        fail(
             obs,
             d,
             current,
@@ -137,7 +99,7 @@ def decide(obs: Observed) -> Decision:
             f"activeDeadlineSeconds {job.spec.run_policy.active_deadline_seconds} passed",
         )
     elif st.phase == Phase.RESTARTING:
-        _restarting(obs, d, current)
+        restarting(obs, d, current)
     else:
         _attempt(obs, d, current)
     if not obs.service_exists and st.phase not in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
@@ -196,48 +158,6 @@ def _past_deadline(obs: Observed, st: FineTuneJobStatus) -> bool:
     return (obs.now - st.start_time).total_seconds() - st.suspended_seconds >= deadline
 
 
-def _start_attempt(obs: Observed, d: Decision, *, resumed: bool = False) -> None:
-    st, nodes = d.status, obs.job.spec.resources.nodes
-    if st.attempt:
-        d.actions.append(DeleteAttemptConfig(st.attempt))
-    st.attempt += 1
-    st.start_time = st.start_time or obs.now
-    queued = resumed or st.attempt == 1
-    goodput.start_attempt(st, "Queue" if queued else (st.restart_class or "Application"))
-    st.phase = Phase.STARTING
-    st.ranks = RankCounts()
-    st.attempt_in_place_restarts = 0
-    st.micro_batch = memory.in_effect(obs.job, st, obs.now)
-    refusals.clear_for_new_attempt(st, obs.now)
-    d.actions.append(CreateAttempt(st.attempt, tuple(range(nodes))))
-    if resumed:
-        suspended = condition(st, ConditionType.SUSPENDED)
-        if suspended is not None and suspended.last_transition_time is not None:
-            st.suspended_seconds += max(0.0, (obs.now - suspended.last_transition_time).total_seconds())
-        why = "unsuspended: resuming from the latest checkpoint"
-        set_condition(st, ConditionType.SUSPENDED, False, Reason.RESUMED, why, obs.now)
-        d.events.append(
-            Event("Normal", Reason.RESUMED, f"attempt {st.attempt}: resuming from the latest checkpoint")
-        )
-    elif st.attempt == 1:
-        d.events.append(Event("Normal", Reason.CREATED, f"attempt 1: {nodes} rank pod(s)"))
-    d.wake(obs.job.spec.run_policy.startup_timeout_seconds)
-
-
-def _suspend(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
-    st = d.status
-    d.actions += _delete(current, obs.now)
-    st.ranks = RankCounts(total=len(current))
-    if st.phase != Phase.SUSPENDED:
-        st.phase = Phase.SUSPENDED
-        why = "runPolicy.suspend is true: pods deleted, status kept"
-        set_condition(st, ConditionType.SUSPENDED, True, Reason.SUSPENDED, why, obs.now)
-        set_condition(st, ConditionType.RUNNING, False, Reason.SUSPENDED, "", obs.now)
-        d.events.append(
-            Event("Normal", ConditionType.SUSPENDED, f"attempt {st.attempt} stopped; unsuspend to resume")
-        )
-
-
 def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     job, st, now = obs.job, d.status, obs.now
     policy, nodes = job.spec.run_policy, job.spec.resources.nodes
@@ -264,7 +184,7 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     )
     d.events += judged.events
     if judged.fail is not None:
-        _fail(obs, d, current, ConditionType.CREATE_REFUSED, judged.fail)
+        fail(obs, d, current, ConditionType.CREATE_REFUSED, judged.fail)
         return
     if judged.wake is not None:
         d.wake(judged.wake)
@@ -294,13 +214,13 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
         d.events.append(
             Event("Normal", ConditionType.SUCCEEDED, f"attempt {st.attempt}: every rank finished")
         )
-        _finished(obs, d, current)
+        finished(obs, d, current)
     elif gang.outcome is Outcome.FAIL and (smaller := memory.reduced(job, st, gang, now)) is not None:
-        _restart_smaller(obs, d, current, gang, smaller)
+        restart_smaller(obs, d, current, gang, smaller)
     elif gang.outcome is Outcome.FAIL:
-        _fail(obs, d, current, gang.reason, gang.message)
+        fail(obs, d, current, gang.reason, gang.message)
     elif gang.outcome in (Outcome.RESTART, Outcome.INFRA_RESTART):
-        _begin_restart(obs, d, current, gang)
+        begin_restart(obs, d, current, gang)
     elif (
         gang.outcome is Outcome.RUNNING
         and not missing
@@ -308,7 +228,7 @@ def _attempt(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
     ) or (st.phase == Phase.RUNNING and _finishing(verdicts)):
         if _stalled(obs, st):
             seconds = policy.progress_timeout_seconds
-            _begin_restart(
+            begin_restart(
                 obs, d, current, Verdict(Outcome.RESTART, Reason.STALLED, f"no progress for {seconds}s")
             )
             return
@@ -358,109 +278,3 @@ def _stalled(obs: Observed, st: FineTuneJobStatus) -> bool:
         timeout += policy.phase_timeout_seconds
     since = [t for t in (reported, began) if t]
     return bool(since) and (obs.now - max(since)).total_seconds() > timeout
-
-
-def _begin_restart(obs: Observed, d: Decision, current: list[ObservedPod], cause: Verdict) -> None:
-    st, policy = d.status, obs.job.spec.run_policy
-    counted = cause.outcome is Outcome.RESTART
-    if counted and st.restarts >= policy.max_restarts:
-        message = f"{cause.reason}: {cause.message}; maxRestarts {policy.max_restarts} reached"
-        _fail(obs, d, current, Reason.BACKOFF_LIMIT_EXCEEDED, message)
-        return
-    if not counted and st.infra_restarts >= policy.max_infrastructure_restarts:
-        limit = policy.max_infrastructure_restarts
-        message = f"{cause.reason}: {cause.message}; maxInfrastructureRestarts {limit} reached"
-        _fail(obs, d, current, Reason.INFRASTRUCTURE_RESTART_LIMIT_EXCEEDED, message)
-        return
-    if counted:
-        st.restarts += 1
-    else:
-        st.infra_restarts += 1
-    st.restart_class = "Application" if counted else "Infrastructure"
-    st.phase = Phase.RESTARTING
-    set_condition(st, ConditionType.RESTARTING, True, cause.reason, cause.message, obs.now)
-    set_condition(st, ConditionType.RUNNING, False, cause.reason, "", obs.now)
-    delay = _backoff(obs, st)
-    d.events.append(Event("Warning", Reason.RANK_FAILED, cause.message or cause.reason))
-    note = "" if counted else ", not counted toward maxRestarts"
-    message = f"attempt {st.attempt} failed ({cause.reason}); attempt {st.attempt + 1} in {delay:.0f}s{note}"
-    d.events.append(Event("Normal", ConditionType.RESTARTING, message))
-    d.actions += _delete(current, obs.now)
-    d.wake(delay)
-
-
-def _restart_smaller(
-    obs: Observed, d: Decision, current: list[ObservedPod], cause: Verdict, smaller: MicroBatch
-) -> None:
-    """Out of memory with a smaller micro batch left (policy/memory.py): the gang restarts at once,
-    uncounted, charged to application restarts. The size is written in this pass, which creates no
-    pods; the pass that starts the next attempt builds its config from it."""
-    st = d.status
-    st.micro_batch = smaller
-    st.restart_class = "Application"
-    st.phase = Phase.RESTARTING
-    set_condition(
-        st, ConditionType.RESTARTING, True, Reason.MICRO_BATCH_REDUCED, smaller.message or "", obs.now
-    )
-    set_condition(st, ConditionType.RUNNING, False, cause.reason, "", obs.now)
-    d.events.append(Event("Warning", Reason.RANK_FAILED, cause.message or cause.reason))
-    d.events.append(Event("Normal", Reason.MICRO_BATCH_REDUCED, memory.announcement(obs.job, st, smaller)))
-    d.actions += _delete(current, obs.now)
-    d.wake(1.0)
-
-
-def _backoff(obs: Observed, st: FineTuneJobStatus) -> float:
-    """Each class backs off on its own count: an eviction loop slows down however few application
-    failures there were, and a lost node does not lengthen the next crash's delay."""
-    if memory.restarting_smaller(st):
-        return 0.0  # not a retry of the same thing: nothing to back off from
-    policy = obs.job.spec.run_policy
-    count = st.infra_restarts if st.restart_class == "Infrastructure" else st.restarts
-    return backoff_seconds(
-        restarts=max(0, count - 1),
-        base=policy.backoff_base_seconds,
-        cap=policy.backoff_cap_seconds,
-        uid=obs.job.metadata.uid or obs.job.metadata.name,
-        attempt=st.attempt,
-    )
-
-
-def _restarting(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
-    st = d.status
-    restarting = condition(st, ConditionType.RESTARTING)
-    began = restarting.last_transition_time if restarting and restarting.last_transition_time else obs.now
-    ready_at = began + timedelta(seconds=_backoff(obs, st))
-    if current:
-        d.actions += _delete(current, obs.now)  # the gang must be gone before the next one rendezvous
-        d.wake(max(5.0, (ready_at - obs.now).total_seconds()))
-    elif obs.now < ready_at:
-        d.wake((ready_at - obs.now).total_seconds())
-    else:
-        why = f"attempt {st.attempt + 1} started"
-        set_condition(st, ConditionType.RESTARTING, False, Reason.RESTARTED, why, obs.now)
-        _start_attempt(obs, d)
-
-
-def _fail(obs: Observed, d: Decision, current: list[ObservedPod], reason: str, message: str) -> None:
-    st = d.status
-    st.phase, st.completion_time = Phase.FAILED, obs.now
-    set_condition(st, ConditionType.RUNNING, False, reason, "", obs.now)
-    set_condition(st, ConditionType.FAILED, True, reason, message, obs.now)
-    d.events.append(Event("Warning", ConditionType.FAILED, f"{reason}: {message}"))
-    _finished(obs, d, current)
-
-
-def _finished(obs: Observed, d: Decision, current: list[ObservedPod]) -> None:
-    policy, st = obs.job.spec.run_policy, d.status
-    if policy.clean_pod_policy == "All":
-        d.actions += _delete(current, obs.now)
-    elif policy.clean_pod_policy == "Running":
-        d.actions += _delete([p for p in current if p.phase in ("Pending", "Running", "Unknown")], obs.now)
-    if policy.ttl_seconds_after_finished is not None and st.completion_time is not None:
-        left = (
-            st.completion_time + timedelta(seconds=policy.ttl_seconds_after_finished) - obs.now
-        ).total_seconds()
-        if left <= 0:
-            d.actions.append(DeleteJob())
-        else:
-            d.wake(left)
