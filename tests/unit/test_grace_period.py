@@ -33,33 +33,39 @@ URI = "s3://bucket/runs/team-a/demo/checkpoints/step-00000010"
 
 
 def test_a_save_that_fits_the_time_left_is_started() -> None:
-    planned = grace.plan(estimate=10.0, left=60.0, last_committed=8, step=10)
+    planned = grace.plan(last_save=10.0, left=60.0, last_committed=8, step=10)
     assert planned.save
 
 
 def test_a_save_longer_than_the_time_left_is_skipped_naming_the_figures_and_the_last_commit() -> None:
-    planned = grace.plan(estimate=95.0, left=20.0, last_committed=8, step=10)
+    planned = grace.plan(last_save=95.0, left=20.0, last_committed=8, step=10)
     assert not planned.save
     assert planned.why.startswith("emergency checkpoint skipped: the last save took 95s, 20s left")
     assert "the last committed checkpoint is step 8" in planned.why
 
 
 def test_the_safety_margin_skips_a_save_that_would_only_just_fit() -> None:
-    assert not grace.plan(estimate=18.0, left=20.0, last_committed=8, step=10).save
-    assert grace.plan(estimate=14.0, left=20.0, last_committed=8, step=10).save  # 14 x 1.25 + 2 = 19.5
+    assert not grace.plan(last_save=18.0, left=20.0, last_committed=8, step=10).save
+    assert grace.plan(last_save=14.0, left=20.0, last_committed=8, step=10).save  # 14 x 1.25 + 2 = 19.5
+
+
+def test_a_save_still_in_flight_counts_since_the_emergency_save_waits_for_it() -> None:
+    assert grace.plan(last_save=8.0, left=12.0, last_committed=8, step=10).save
+    planned = grace.plan(last_save=8.0, in_flight=6.0, left=12.0, last_committed=8, step=10)
+    assert not planned.save and "the last save took 8s (and 6s for the save still in flight)" in planned.why
 
 
 def test_an_unknown_deadline_saves_as_before() -> None:
-    assert grace.plan(estimate=95.0, left=None, last_committed=8, step=10).save
+    assert grace.plan(last_save=95.0, left=None, last_committed=8, step=10).save
 
 
 def test_the_first_save_of_a_run_is_attempted_since_nothing_was_measured() -> None:
-    planned = grace.plan(estimate=None, left=3.0, last_committed=None, step=10)
+    planned = grace.plan(last_save=None, left=3.0, last_committed=None, step=10)
     assert planned.save and "no save measured yet" in planned.why
 
 
 def test_a_skip_before_any_commit_says_there_is_none() -> None:
-    assert grace.plan(estimate=95.0, left=3.0, last_committed=None, step=10).why.endswith("is none")
+    assert grace.plan(last_save=95.0, left=3.0, last_committed=None, step=10).why.endswith("is none")
 
 
 def test_the_deadline_is_the_signal_plus_the_shutdown_timeout() -> None:
@@ -68,7 +74,11 @@ def test_the_deadline_is_the_signal_plus_the_shutdown_timeout() -> None:
 
 @pytest.mark.parametrize(
     ("signalled_at", "env"),
-    [(None, {contract.ENV_SHUTDOWN_TIMEOUT: "25"}), (100.0, {}), (100.0, {contract.ENV_SHUTDOWN_TIMEOUT: "x"})],
+    [
+        (None, {contract.ENV_SHUTDOWN_TIMEOUT: "25"}),
+        (100.0, {}),
+        (100.0, {contract.ENV_SHUTDOWN_TIMEOUT: "x"}),
+    ],
 )
 def test_without_a_signal_time_or_a_shutdown_timeout_the_deadline_is_unknown(
     signalled_at: float | None, env: dict[str, str]
@@ -113,8 +123,9 @@ def test_every_rank_takes_rank_zeros_estimate_against_the_tightest_deadline(
     plans = _gang_plans(
         monkeypatch,
         [
-            {"deadline_at": 60.0, "estimate": 30.0, "last_committed": 8},  # rank 0: 60 s would fit
-            {"deadline_at": 20.0, "estimate": None, "last_committed": None},  # its node is stopped sooner
+            # rank 0: 60 s would fit its 30 s save; rank 1's node is stopped sooner
+            {"deadline_at": 60.0, "last_save": 30.0, "in_flight": None, "last_committed": 8},
+            {"deadline_at": 20.0, "last_save": None, "in_flight": None, "last_committed": None},
         ],
     )
     assert [p.save for p in plans] == [False, False]
@@ -127,8 +138,8 @@ def test_a_rank_told_to_stop_before_its_own_signal_does_not_bind_the_others(
     plans = _gang_plans(
         monkeypatch,
         [
-            {"deadline_at": None, "estimate": 5.0, "last_committed": 8},
-            {"deadline_at": 60.0, "estimate": None, "last_committed": None},
+            {"deadline_at": None, "last_save": 5.0, "in_flight": None, "last_committed": 8},
+            {"deadline_at": 60.0, "last_save": None, "in_flight": None, "last_committed": None},
         ],
     )
     assert [p.save for p in plans] == [True, True] and plans[0] == plans[1]
@@ -138,8 +149,8 @@ def test_with_no_deadline_on_any_rank_the_gang_saves(monkeypatch: pytest.MonkeyP
     plans = _gang_plans(
         monkeypatch,
         [
-            {"deadline_at": None, "estimate": 95.0, "last_committed": 8},
-            {"deadline_at": None, "estimate": None, "last_committed": None},
+            {"deadline_at": None, "last_save": 95.0, "in_flight": None, "last_committed": 8},
+            {"deadline_at": None, "last_save": None, "in_flight": None, "last_committed": None},
         ],
     )
     assert all(p.save and "deadline unknown" in p.why for p in plans)
@@ -167,7 +178,7 @@ def test_a_short_grace_period_warns_naming_the_field_and_the_figures() -> None:
 def test_the_warning_says_exactly_when_the_trainer_would_skip() -> None:
     for grace_period, seconds in [(30, 20.0), (30, 18.0), (120, 92.0), (120, 100.0)]:
         budget = rule.shutdown_seconds(grace_period)
-        skipped = not grace.plan(estimate=seconds, left=budget, last_committed=1, step=2).save
+        skipped = not grace.plan(last_save=seconds, left=budget, last_committed=1, step=2).save
         assert (rule.warning(grace_period, seconds) is not None) == skipped
 
 

@@ -119,9 +119,11 @@ class Checkpointer:
     def save(self, step: int, position: DataPosition, *, block: bool) -> None:
         """Training blocks for the previous checkpoint's tail (at most one snapshot is ever held) and
         for the snapshot to host memory; the write, the upload and the commit run behind it."""
-        started = self._save_started = time.perf_counter()
+        started = time.perf_counter()
         self._wait_for_background(f"the checkpoint of step {self.last_saved}")
         waited = time.perf_counter() - started
+        # This save's own time starts here: the previous one's tail is that one's.
+        own_start = self._save_started = started + waited
         local = self.local_root / tag(step)
         if self.ranks.is_node_main:
             # Leftovers of the same step from a killed attempt must not be uploaded as this run's, nor
@@ -140,7 +142,7 @@ class Checkpointer:
         self.last_saved = step
         self._thread = threading.Thread(
             target=self._background,
-            args=(step, stored, snapshots, started),
+            args=(step, stored, snapshots, own_start),
             name=f"checkpoint-{step}",
             daemon=True,
         )
@@ -215,7 +217,7 @@ class Checkpointer:
             manifest = self.store.commit(
                 step, reports, world_size=self.ranks.world_size, data_position=position
             )
-            # Start to commit, the previous save's tail included: what a blocking emergency save takes.
+            # Snapshot to commit: what a blocking emergency save takes once no other save is in flight.
             seconds = time.perf_counter() - began
             self.last_committed, self.last_save_seconds = step, seconds
             if self._save_started == began:  # not the next save's start, if that one began already
@@ -234,15 +236,13 @@ class Checkpointer:
         shutil.rmtree(local, ignore_errors=True)
         shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
 
-    def emergency_estimate(self) -> float | None:
-        """Rank 0: how long an emergency save would take now (None before any save was measured):
-        the last save's duration, plus what is left of the save in flight, which it waits for."""
-        if self.last_save_seconds is None:
-            return None
+    def in_flight_estimate(self) -> float:
+        """Rank 0: what is left, judged by the last save's duration, of a save still in flight, which
+        an emergency save waits for first (0 when none is, or nothing was measured yet)."""
         began = self._save_started
-        elapsed = 0.0 if began is None else time.perf_counter() - began
-        left = 0.0 if began is None else max(0.0, self.last_save_seconds - elapsed)
-        return self.last_save_seconds + left
+        if self.last_save_seconds is None or began is None:
+            return 0.0
+        return max(0.0, self.last_save_seconds - (time.perf_counter() - began))
 
     def wait(self) -> None:
         """Block until this rank's background checkpoint (write; on a node's local rank 0 also the

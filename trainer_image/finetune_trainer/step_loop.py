@@ -151,7 +151,8 @@ class StepLoop:
             self.ctx.device,
             step=done,
             deadline_at=grace.deadline(self.stop.at),
-            estimate=checkpointer.emergency_estimate() if main else None,
+            last_save=checkpointer.last_save_seconds if main else None,
+            in_flight=checkpointer.in_flight_estimate() if main else None,
             last_committed=checkpointer.last_committed if main else None,
         )
         if not planned.save:
