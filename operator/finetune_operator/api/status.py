@@ -116,9 +116,9 @@ class CheckpointRef(ApiModel):
     duration_seconds: float | None = Field(
         None,
         ge=0,
-        description="How long this save took, from its start to its commit (the previous save's tail, "
-        "snapshot, write, upload and commit): what an emergency checkpoint on SIGTERM needs of the "
-        "grace period.",
+        description="How long this save took, from its snapshot to its commit (snapshot, write, upload "
+        "and commit; not the wait for the save before it): what an emergency checkpoint on SIGTERM "
+        "needs of the grace period.",
     )
 
 
