@@ -27,6 +27,7 @@ from finetune_operator.cli_errors import (
 )
 from finetune_operator.manifests import read_jobs
 from finetune_operator.pipes import quiet_stdout
+from finetune_operator.policy import grace
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
 
 LOCAL_RUNS = Path("ftjob-runs")  # where `ftjob run` puts a job's workdir unless told otherwise
@@ -55,6 +56,19 @@ def _load_jobs(path: Path) -> list[FineTuneJob] | None:
     return jobs if len(jobs) == len(parsed) else None
 
 
+def _warn_grace_period(path: Path, job: FineTuneJob) -> None:
+    """A manifest with status (`kubectl get ftj NAME -o yaml`) carries the job's measured save
+    (status.latestCheckpoint.durationSeconds): warn, as the operator does, when the grace period
+    cannot hold it. Without one nothing is measured, and nothing is said: a floor by model size
+    would be a guess, since the storage link, not the model, sets most of a save's time."""
+    ref = job.status.latest_checkpoint if job.status else None
+    warning = grace.warning(
+        job.spec.run_policy.termination_grace_period_seconds, ref.duration_seconds if ref else None
+    )
+    if warning is not None:
+        print(f"{path}: {job.metadata.name} warning: {warning}", file=sys.stderr)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
@@ -76,6 +90,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"= micro {job.spec.training.micro_batch_size} x world x accumulation "
                 f"{cfg.schedule.gradient_accumulation_steps}; checkpoints under {cfg.checkpoint.job_uri}"
             )
+            _warn_grace_period(path, job)
     return status
 
 

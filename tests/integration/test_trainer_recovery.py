@@ -243,6 +243,12 @@ def test_sigterm_leaves_an_emergency_checkpoint_and_exits_143(scenario: Scenario
     assert step == scenario.committed_at_preemption[-1]
 
 
+def test_the_emergency_save_was_planned_against_the_shutdown_timeout_and_started(scenario: Scenario) -> None:
+    # The launcher's 60 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) holds it; a save that cannot fit is
+    # test_emergency_checkpoint_plan.py's.
+    assert re.search(r"emergency checkpoint of step \d+: .*\d+s left", scenario.preempted.output)
+
+
 def test_a_corrupted_checkpoint_is_skipped_with_a_warning(scenario: Scenario) -> None:
     assert f"skipping checkpoint step {scenario.corrupted}" in scenario.finished.output
     assert f"resuming at step {scenario.committed_at_preemption[-2]} of" in scenario.finished.output

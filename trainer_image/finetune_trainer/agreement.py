@@ -25,11 +25,13 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.at: float | None = None  # when the first signal came (monotonic): the grace period's start
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.requested = True
+        self.at = self.at if self.at is not None else time.monotonic()
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class CheckpointListener(Protocol):
 
     def stalled(self, seconds: float) -> None: ...
 
-    def committed(self, step: int, uri: str, at: datetime) -> None: ...
+    def committed(self, step: int, uri: str, at: datetime, seconds: float | None = None) -> None: ...
 
     def settled(self, step: int) -> None: ...
 
@@ -56,7 +56,7 @@ class NoListener:
     def stalled(self, seconds: float) -> None:
         pass
 
-    def committed(self, step: int, uri: str, at: datetime) -> None:
+    def committed(self, step: int, uri: str, at: datetime, seconds: float | None = None) -> None:
         pass
 
     def settled(self, step: int) -> None:
@@ -88,6 +88,11 @@ class Checkpointer:
         self.resumed_from: int | None = None
         self.run_id: str = process_group.broadcast(uuid.uuid4().hex if ranks.is_main else None)
         self.last_saved: int | None = None
+        # Rank 0's figures for the emergency checkpoint's plan (grace.py): the newest commit, how long
+        # its save took from start to commit, and when the save in flight (if any) started.
+        self.last_committed: int | None = None
+        self.last_save_seconds: float | None = None
+        self._save_started: float | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         # DeepSpeed's writes go through this engine, which only snapshots (snapshot.py).
@@ -108,7 +113,7 @@ class Checkpointer:
             return None
         if loaded.own:
             # keepLast spares it until this run commits a newer one, and the run does not save it again.
-            self.resumed_from = self.last_saved = loaded.step
+            self.resumed_from = self.last_saved = self.last_committed = loaded.step
         return loaded.position
 
     def save(self, step: int, position: DataPosition, *, block: bool) -> None:
@@ -117,6 +122,8 @@ class Checkpointer:
         started = time.perf_counter()
         self._wait_for_background(f"the checkpoint of step {self.last_saved}")
         waited = time.perf_counter() - started
+        # This save's own time starts here: the previous one's tail is that one's.
+        own_start = self._save_started = started + waited
         local = self.local_root / tag(step)
         if self.ranks.is_node_main:
             # Leftovers of the same step from a killed attempt must not be uploaded as this run's, nor
@@ -134,7 +141,10 @@ class Checkpointer:
         snapshotted = time.perf_counter() - started - waited
         self.last_saved = step
         self._thread = threading.Thread(
-            target=self._background, args=(step, stored, snapshots), name=f"checkpoint-{step}", daemon=True
+            target=self._background,
+            args=(step, stored, snapshots, own_start),
+            name=f"checkpoint-{step}",
+            daemon=True,
         )
         self._thread.start()
         if block:
@@ -161,7 +171,9 @@ class Checkpointer:
             self.wait()
         self.phases.per_node(what, self.wait)
 
-    def _background(self, step: int, position: dict[str, Any], snapshots: list[tuple[str, Any]]) -> None:
+    def _background(
+        self, step: int, position: dict[str, Any], snapshots: list[tuple[str, Any]], began: float
+    ) -> None:
         marker = written_marker(self.local_root, step, self.ranks.local_rank)
         marker.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -181,7 +193,7 @@ class Checkpointer:
             try:
                 self._wait_for_local_writes(step)
                 test_pause("upload", step)
-                self._upload(step, position)
+                self._upload(step, position, began)
             except BaseException as exc:
                 self._error = exc
 
@@ -197,7 +209,7 @@ class Checkpointer:
         if failed:
             raise RuntimeError(f"checkpoint step {step}: a rank could not write its files: {failed[0]}")
 
-    def _upload(self, step: int, position: dict[str, Any]) -> None:
+    def _upload(self, step: int, position: dict[str, Any], began: float) -> None:
         local = self.local_root / tag(step)
         self.store.upload_node(step, self.ranks.node_rank, local, self.run_id)
         keep_for_restart(self.local_root, local)
@@ -206,7 +218,13 @@ class Checkpointer:
             manifest = self.store.commit(
                 step, reports, world_size=self.ranks.world_size, data_position=position
             )
-            self.listener.committed(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at)
+            # Snapshot to commit: what a blocking emergency save takes once no other save is in flight.
+            seconds = time.perf_counter() - began
+            self.last_committed, self.last_save_seconds = step, seconds
+            if self._save_started == began:  # not the next save's start, if that one began already
+                self._save_started = None
+            log.info("checkpoint step %d: saved in %.3fs from start to commit", step, seconds)
+            self.listener.committed(step, f"{self.job_uri}/{step_dir(step)}", manifest.created_at, seconds)
             deleted = self.store.retain(self.keep_last, protect=self.resumed_from)
             # From this commit on the run can resume from its own newer checkpoint, so the one
             # it started from falls under keepLast like any other.
@@ -216,6 +234,14 @@ class Checkpointer:
             self.listener.settled(step)
         shutil.rmtree(local, ignore_errors=True)
         shutil.rmtree(written_marker(self.local_root, step, 0).parent, ignore_errors=True)
+
+    def in_flight_estimate(self) -> float:
+        """Rank 0: what is left, judged by the last save's duration, of a save still in flight, which
+        an emergency save waits for first (0 when none is, or nothing was measured yet)."""
+        began = self._save_started
+        if self.last_save_seconds is None or began is None:
+            return 0.0
+        return max(0.0, self.last_save_seconds - (time.perf_counter() - began))
 
     def wait(self) -> None:
         """Block until this rank's background checkpoint (write; on a node's local rank 0 also the

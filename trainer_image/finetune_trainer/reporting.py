@@ -124,11 +124,12 @@ class Reporter:
             total = (self.progress.checkpoint_stall_seconds or 0.0) + seconds
             self.progress = self.progress.model_copy(update={"checkpoint_stall_seconds": round(total, 3)})
 
-    def committed(self, step: int, uri: str, at: datetime) -> None:
+    def committed(self, step: int, uri: str, at: datetime, seconds: float | None = None) -> None:
         if not self.enabled:
             return
         with self._lock:
-            self.checkpoint = CheckpointRef(step=step, uri=uri, time=at)
+            duration = round(seconds, 3) if seconds is not None else None
+            self.checkpoint = CheckpointRef(step=step, uri=uri, time=at, duration_seconds=duration)
             log.info("checkpoint step %d committed: %s", step, uri)
             self._emit()
 

@@ -5,12 +5,13 @@ the validation loss is the `Evaluator`'s."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import faults, process_group, token_loss
+from finetune_trainer import faults, grace, process_group, token_loss
 from finetune_trainer.agreement import StopFlag, StopOrCheckpointVote
 from finetune_trainer.cadence import Cadence
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
@@ -19,6 +20,8 @@ from finetune_trainer.failures import Terminated
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.sample_trace import SampleTrace
 from finetune_trainer.startup import RankContext, Started
+
+log = logging.getLogger(__name__)
 
 
 def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any) -> dict[str, Any]:
@@ -132,8 +135,28 @@ class StepLoop:
                     run.reporter.evaluation(done, eval_loss)
             if decisions.stop:
                 vote.settle()
+                self._plan_emergency(done)
                 run.checkpointer.save(done, steps.position(done, data.key), block=True)
                 raise Terminated(f"terminated: emergency checkpoint at step {done} committed")
             if decisions.checkpoint:
                 run.checkpointer.save(done, steps.position(done, data.key), block=False)
                 vote.checkpointed(done)
+
+    def _plan_emergency(self, done: int) -> None:
+        """Every rank at once: start the emergency save only if it can commit before the SIGKILL
+        (grace.py); otherwise end now, saying which checkpoint the next attempt resumes from."""
+        checkpointer = self.started.checkpointer
+        main = self.ctx.ranks.is_main
+        planned = grace.agreed_plan(
+            self.ctx.device,
+            step=done,
+            deadline_at=grace.deadline(self.stop.at),
+            last_save=checkpointer.last_save_seconds if main else None,
+            in_flight=checkpointer.in_flight_estimate() if main else None,
+            last_committed=checkpointer.last_committed if main else None,
+        )
+        if not planned.save:
+            log.warning("%s", planned.why)
+            raise Terminated(f"terminated at step {done}: {planned.why}")
+        if main:
+            log.info("%s", planned.why)

@@ -113,6 +113,13 @@ class CheckpointRef(ApiModel):
     step: int = Field(ge=0)
     uri: StorageUri
     time: Timestamp | None = None
+    duration_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="How long this save took, from its snapshot to its commit (snapshot, write, upload "
+        "and commit; not the wait for the save before it): what an emergency checkpoint on SIGTERM "
+        "needs of the grace period.",
+    )
 
 
 class Goodput(ApiModel):
@@ -233,4 +240,10 @@ class FineTuneJobStatus(ApiModel):
     )
     micro_batch: MicroBatch | None = Field(
         None, description="The micro batch and gradient accumulation in effect, and why."
+    )
+    grace_period_warning: Annotated[str, Field(max_length=1024)] | None = Field(
+        None,
+        description="Set while runPolicy.terminationGracePeriodSeconds is too short for the job's "
+        "measured checkpoint save (latestCheckpoint.durationSeconds): on SIGTERM the emergency "
+        "checkpoint would be skipped.",
     )

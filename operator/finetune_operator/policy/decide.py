@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from finetune_operator.api.status import FineTuneJobStatus, Phase, RankCounts
 from finetune_operator.builders.naming import pod_name
-from finetune_operator.policy import capacity, goodput, in_place, memory, refusals
+from finetune_operator.policy import capacity, goodput, grace, in_place, memory, refusals
 from finetune_operator.policy import gang as gangs
 from finetune_operator.policy.actions import (
     Action,
@@ -70,6 +70,7 @@ def decide(obs: Observed) -> Decision:
         st.latest_checkpoint = obs.progress.latest_checkpoint or st.latest_checkpoint
     goodput.account(old, st, now)
     in_place.count(st, now, d.events)
+    grace.warn(job.spec.run_policy.termination_grace_period_seconds, st, d.events)
     uid = job.metadata.uid
     # Children are matched by the job's uid, not only by label: a job deleted and applied again under
     # the same name must not adopt the old incarnation's still-terminating pods (the garbage
