@@ -12,7 +12,7 @@ from finetune_operator.builders import naming
 from finetune_operator.builders.gang import build_pod_group, gang_pod_metadata
 from finetune_operator.builders.objects import Manifest, child_metadata
 from finetune_operator.builders.placement import affinity
-from finetune_operator.policy import in_place
+from finetune_operator.policy import grace, in_place
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,6 @@ def _secret_ref(name: str, secret: str, *, optional: bool) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name, "optional": optional}}}
 
 
-def shutdown_timeout(job: FineTuneJob) -> int:
-    grace = job.spec.run_policy.termination_grace_period_seconds
-    return max(1, grace - contract.SHUTDOWN_MARGIN_SECONDS)
-
-
 def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
     """The container env of one rank: rendezvous, identity, storage, then the user's extras."""
     name, namespace = job.metadata.name, job.metadata.namespace
@@ -50,7 +45,10 @@ def rank_env(job: FineTuneJob, attempt: int, rank: int) -> list[dict[str, Any]]:
         _value(contract.ENV_ATTEMPT, attempt),
         _value(contract.ENV_SCRATCH_DIR, contract.SCRATCH_DIR),
         _value(contract.ENV_TERMINATION_LOG, contract.TERMINATION_LOG),
-        _value(contract.ENV_SHUTDOWN_TIMEOUT, shutdown_timeout(job)),
+        _value(
+            contract.ENV_SHUTDOWN_TIMEOUT,
+            grace.shutdown_seconds(job.spec.run_policy.termination_grace_period_seconds),
+        ),
         _value(contract.ENV_IN_PLACE_RESTARTS, in_place.allowance(job)),
         _value(contract.ENV_IN_PLACE_BACKOFF, ",".join(f"{s:.0f}" for s in in_place.backoffs(job, attempt))),
         _value("HF_HOME", f"{contract.SCRATCH_DIR}/hf"),

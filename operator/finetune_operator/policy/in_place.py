@@ -72,4 +72,3 @@ def count(status: FineTuneJobStatus, now: datetime, events: list[Event]) -> None
     message = f"in-place restart {last.number} of attempt {status.attempt}: {last.reason}"
     set_condition(status, ConditionType.RESTARTING, False, Reason.RESTARTED_IN_PLACE, message, now)
     goodput.restarted_in_place(status, min(r.at for r in new), now)
-
