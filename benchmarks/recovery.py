@@ -42,6 +42,7 @@ from tests.support.trainer_run import Workspace, tiny_job_manifest
 
 POLL = 0.02
 MAX_STEPS = 400  # never reached: each run is stopped at its first step after the failure
+COMMITTED = re.compile(r"checkpoint step \d+ committed")
 STEP_LINE = re.compile(r'FTJOB_PROGRESS \{"progress":\{"step":(\d+)')
 
 
@@ -150,7 +151,7 @@ def failure_to_step(root: Path, manifest: Path, pod_after: str) -> dict[str, flo
     try:
         spawned = _wait(lambda: (work / "pods" / "tiny-a1-n0.json").exists(), "attempt 1 started")
         first_step = _wait(lambda: STEP_LINE.search(_text(first)), "attempt 1's first step")
-        _wait(lambda: "committed" in _text(first), "a committed checkpoint")
+        _wait(lambda: COMMITTED.search(_text(first)), "a committed checkpoint")
         pid = _trainer_pid(proc.pid)
         if pid is None:
             raise SystemExit("benchmark: no training process found")
@@ -158,6 +159,8 @@ def failure_to_step(root: Path, manifest: Path, pod_after: str) -> dict[str, flo
         os.kill(pid, signal.SIGSEGV)
         mark = len(_text(after)) if after == first else 0
         resumed = _wait(lambda: _resumed_step(_text(after)[mark:]), "a step after the crash")
+        if "resuming at step" not in _text(after)[mark:]:
+            raise SystemExit(f"benchmark: {pod_after} did not resume from the committed checkpoint")
     finally:
         _stop(proc)
     return {"cold start": first_step - spawned, "recovery": resumed - crashed}
@@ -174,7 +177,7 @@ def floor(root: Path, model_dir: Path, bucket: str, job_prefix: str, ws: Workspa
         spawned = _wait(lambda: (work / "pods" / "tiny-a1-n0.json").exists(), "the floor's pod")
         stepped = _wait(lambda: _resumed_step(_text(log)), "the floor's first step")
         if "resuming at step" not in _text(log):
-            raise SystemExit("benchmark: the floor did not resume from the copied checkpoint")
+            raise SystemExit(f"benchmark: the floor did not resume from the copied checkpoint:\n{_text(log)[-3000:]}")
     finally:
         _stop(proc)
     return stepped - spawned
