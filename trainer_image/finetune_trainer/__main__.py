@@ -19,6 +19,7 @@ from finetune_operator.api import TrainerConfig
 
 from finetune_trainer.config import load_config, write_termination_message
 from finetune_trainer.failures import COLLECTIVE_FAILED, OutOfMemory, TrainerFailure, Transient
+from finetune_trainer.process_group import keep_pod_node_rank
 
 
 def _quiet_libraries(is_main: bool) -> None:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune_trainer")
     parser.add_argument("--config", type=Path, default=Path(contract.CONFIG_PATH))
     args = parser.parse_args(argv)
+    keep_pod_node_rank(os.environ)  # before anything reads RANK: rank 0 is the pod's, not torchrun's
     _quiet_libraries(os.environ.get("RANK", "0") == "0")
     try:
         _run(load_config(args.config))
