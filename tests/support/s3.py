@@ -54,10 +54,14 @@ class S3Endpoint:
             urllib.request.urlopen(request).close()
 
     def recorded(self) -> list[tuple[str, str]]:
-        """(method, path) of every request since `record`, oldest first. The recorder writes one JSON
-        object per request from the server's threads, not always with a newline between two."""
+        """(method, path) of every request since `record`, oldest first, and the recording stopped.
+        The recorder writes one JSON object per request from the server's threads, not always with a
+        newline between two."""
         with urllib.request.urlopen(f"{self.url}/moto-api/recorder/download-recording") as response:
             text = response.read().decode()
+        # The recorder keeps every request body: stopped here, so later tests on this server do not pay.
+        request = urllib.request.Request(f"{self.url}/moto-api/recorder/stop-recording", method="POST")
+        urllib.request.urlopen(request).close()
         decoder, at, out = json.JSONDecoder(), 0, []
         while (at := _skip_space(text, at)) < len(text):
             request, at = decoder.raw_decode(text, at)
