@@ -1,5 +1,7 @@
-"""Two nodes resume a checkpoint of an unchanged world size: each downloads only what its ranks load
-(its own ZeRO shard and the shared files), not the whole checkpoint."""
+"""Two nodes resume a checkpoint of an unchanged world size on empty scratch disks (a new attempt's
+pods): each downloads only what its ranks load (its own ZeRO shard and the shared files), not the
+whole checkpoint. Pods restarted in place keep their scratch and fetch even less:
+tests/integration/test_in_place_restarts.py."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def test_each_node_downloads_its_own_shard_and_the_shared_files(workspace: Works
 
     first = _two_nodes(config(4), tmp_path, "a")
     assert [f.code for f in first] == [0, 0], first[0].output[-3000:]
-    resumed = _two_nodes(config(6), tmp_path, "b")
+    resumed = _two_nodes(config(6), tmp_path / "new-pods", "b")
     assert [f.code for f in resumed] == [0, 0], resumed[0].output[-3000:]
 
     step, node0, node1, total = map(int, DOWNLOADED.search(resumed[0].output).groups())  # type: ignore[union-attr]
