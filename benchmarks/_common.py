@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,23 @@ def run_in_tree(src: Path, code: str, *arguments: str) -> dict[str, Any]:
         raise SystemExit(f"the run in {src} failed: {done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+POLL = 0.02
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 600.0) -> float:
+    """Poll `check` every POLL seconds; the moment it first held (time.monotonic), or exit naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return time.monotonic()
+        time.sleep(POLL)
+    raise SystemExit(f"benchmark: not within {timeout:.0f}s: {what}")
+
+
+def text_of(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

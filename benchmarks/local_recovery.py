@@ -21,33 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import yaml
-from _common import print_table
+from _common import print_table, text_of, wait_until
 
 from tests.support.trainer_run import Workspace, tiny_job_manifest
 
-POLL = 0.02
-
-
-def _wait(check: Callable[[], Any], what: str, timeout: float = 600.0) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return time.monotonic()
-        time.sleep(POLL)
-    raise SystemExit(f"benchmark: not within {timeout:.0f}s: {what}")
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
 
 def _stepped(log: Path, after: int) -> bool:
-    steps = [int(s) for s in re.findall(r'FTJOB_PROGRESS \{"progress":\{"step":(\d+)', _text(log))]
+    steps = [int(s) for s in re.findall(r'FTJOB_PROGRESS \{"progress":\{"step":(\d+)', text_of(log))]
     return any(s > after for s in steps)
 
 
@@ -83,21 +66,21 @@ def one_run(root: Path, backoff: int) -> dict[str, float]:
     with (root / "out.log").open("w") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            spawned1 = _wait(lambda: (pods / "tiny-a1-n0.json").exists(), "attempt 1 started")
-            first_step1 = _wait(lambda: _stepped(logs / "tiny-a1-n0.log", 0), "attempt 1 first step")
-            _wait(lambda: "committed" in _text(logs / "tiny-a1-n0.log"), "a committed checkpoint")
+            spawned1 = wait_until(lambda: (pods / "tiny-a1-n0.json").exists(), "attempt 1 started")
+            first_step1 = wait_until(lambda: _stepped(logs / "tiny-a1-n0.log", 0), "attempt 1 first step")
+            wait_until(lambda: "committed" in text_of(logs / "tiny-a1-n0.log"), "a committed checkpoint")
             pid = json.loads((pods / "tiny-a1-n1.json").read_text())["local"]["pid"]
             killed = time.monotonic()
             os.killpg(pid, signal.SIGKILL)
-            detected = _wait(lambda: "RankFailed" in _text(events), "the failure recorded")
-            spawned2 = _wait(lambda: (pods / "tiny-a2-n0.json").exists(), "attempt 2 started")
+            detected = wait_until(lambda: "RankFailed" in text_of(events), "the failure recorded")
+            spawned2 = wait_until(lambda: (pods / "tiny-a2-n0.json").exists(), "attempt 2 started")
             log2 = logs / "tiny-a2-n0.log"
-            resumed_line = _wait(lambda: "resuming at step" in _text(log2), "attempt 2 resumed")
-            resumed = int(re.search(r"resuming at step (\d+)", _text(log2))[1])  # type: ignore[index]
-            first_step2 = _wait(lambda: _stepped(log2, resumed), "attempt 2 first step")
-            load = float(re.search(r"loaded checkpoint step \d+ in ([\d.]+)s", _text(log2))[1])  # type: ignore[index]
+            resumed_line = wait_until(lambda: "resuming at step" in text_of(log2), "attempt 2 resumed")
+            resumed = int(re.search(r"resuming at step (\d+)", text_of(log2))[1])  # type: ignore[index]
+            first_step2 = wait_until(lambda: _stepped(log2, resumed), "attempt 2 first step")
+            load = float(re.search(r"loaded checkpoint step \d+ in ([\d.]+)s", text_of(log2))[1])  # type: ignore[index]
             if proc.wait(600) != 0:
-                raise SystemExit(f"benchmark: ftjob run failed:\n{_text(root / 'out.log')[-3000:]}")
+                raise SystemExit(f"benchmark: ftjob run failed:\n{text_of(root / 'out.log')[-3000:]}")
         finally:
             if proc.poll() is None:
                 proc.kill()

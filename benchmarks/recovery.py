@@ -35,28 +35,20 @@ from urllib.parse import urlparse
 
 import boto3
 import yaml
-from _common import new_bucket, print_table, s3_server
+from _common import new_bucket, print_table, s3_server, text_of, wait_until
 
 from tests.support.slow_link import slow_link
 from tests.support.trainer_run import Workspace, tiny_job_manifest
 
-POLL = 0.02
 MAX_STEPS = 400  # never reached: each run is stopped at its first step after the failure
+
+
+def _wait(check: Callable[[], Any], what: str) -> float:
+    return wait_until(check, what, timeout=900.0)  # a 1 GB model's checkpoints take minutes here
+
+
 COMMITTED = re.compile(r"checkpoint step \d+ committed")
 STEP_LINE = re.compile(r'FTJOB_PROGRESS \{"progress":\{"step":(\d+)')
-
-
-def _wait(check: Callable[[], Any], what: str, timeout: float = 900.0) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return time.monotonic()
-        time.sleep(POLL)
-    raise SystemExit(f"benchmark: not within {timeout:.0f}s: {what}")
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _upload_dir(bucket: str, prefix: str, local: Path) -> None:
@@ -126,7 +118,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     time.sleep(2)
 
 
-def _trainer_pid(launcher_parent: int) -> int | None:
+def _trainer_pid() -> int | None:
     """The training process under a rank "pod" (supervisor -> launcher -> worker), from /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -150,16 +142,16 @@ def failure_to_step(root: Path, manifest: Path, pod_after: str) -> dict[str, flo
     first, after = work / "logs" / "tiny-a1-n0.log", work / "logs" / f"{pod_after}.log"
     try:
         spawned = _wait(lambda: (work / "pods" / "tiny-a1-n0.json").exists(), "attempt 1 started")
-        first_step = _wait(lambda: STEP_LINE.search(_text(first)), "attempt 1's first step")
-        _wait(lambda: COMMITTED.search(_text(first)), "a committed checkpoint")
-        pid = _trainer_pid(proc.pid)
+        first_step = _wait(lambda: STEP_LINE.search(text_of(first)), "attempt 1's first step")
+        _wait(lambda: COMMITTED.search(text_of(first)), "a committed checkpoint")
+        pid = _trainer_pid()
         if pid is None:
             raise SystemExit("benchmark: no training process found")
         crashed = time.monotonic()
         os.kill(pid, signal.SIGSEGV)
-        mark = len(_text(after)) if after == first else 0
-        resumed = _wait(lambda: _resumed_step(_text(after)[mark:]), "a step after the crash")
-        if "resuming at step" not in _text(after)[mark:]:
+        mark = len(text_of(after)) if after == first else 0
+        resumed = _wait(lambda: _resumed_step(text_of(after)[mark:]), "a step after the crash")
+        if "resuming at step" not in text_of(after)[mark:]:
             raise SystemExit(f"benchmark: {pod_after} did not resume from the committed checkpoint")
     finally:
         _stop(proc)
@@ -175,9 +167,9 @@ def floor(root: Path, model_dir: Path, bucket: str, job_prefix: str, ws: Workspa
     log = work / "logs" / "tiny-a1-n0.log"
     try:
         spawned = _wait(lambda: (work / "pods" / "tiny-a1-n0.json").exists(), "the floor's pod")
-        stepped = _wait(lambda: _resumed_step(_text(log)), "the floor's first step")
-        if "resuming at step" not in _text(log):
-            raise SystemExit(f"benchmark: the floor did not resume:\n{_text(log)[-3000:]}")
+        stepped = _wait(lambda: _resumed_step(text_of(log)), "the floor's first step")
+        if "resuming at step" not in text_of(log):
+            raise SystemExit(f"benchmark: the floor did not resume:\n{text_of(log)[-3000:]}")
     finally:
         _stop(proc)
     return stepped - spawned
