@@ -32,6 +32,7 @@ class Bad:
 
 
 GPU8 = {"spec.resources.gpusPerNode": 8}
+DPO = {"spec.training.objective": "dpo", "spec.dataset.sources.0.shape": "preference"}
 PVC = {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}
 
 
@@ -189,6 +190,56 @@ CASES = [
         {"spec.checkpoint.everySteps": 0, "spec.checkpoint.everyMinutes": 0},
         "spec.checkpoint.everySteps",
         rule=True,
+    ),
+    # objectives: what each needs and what cannot carry it
+    Bad("dpo settings on an sft run", {"spec.training.dpo": {"beta": 0.2}}, "spec.training.dpo", rule=True),
+    Bad(
+        "distillation without its teacher settings",
+        {"spec.training.objective": "distill"},
+        "spec.training.distillation",
+        rule=True,
+    ),
+    Bad(
+        "a teacher on an sft run",
+        {"spec.training.distillation": {"teacher": "s3://models/teacher"}},
+        "spec.training.distillation",
+        rule=True,
+    ),
+    Bad(
+        "label smoothing with the ipo loss",
+        {**DPO, "spec.training.dpo": {"lossType": "ipo", "labelSmoothing": 0.1}},
+        "spec.training.dpo.labelSmoothing",
+        rule=True,
+    ),
+    Bad("dpo on text records", {"spec.training.objective": "dpo"}, "spec.dataset.sources", rule=True),
+    Bad(
+        "preference pairs with objective sft",
+        {"spec.dataset.sources.0.shape": "preference"},
+        "spec.training.objective",
+        rule=True,
+    ),
+    Bad("dpo with packing", {**DPO, "spec.dataset.packing": True}, "spec.dataset.packing", rule=True),
+    Bad(
+        "dpo pairs split into windows",
+        {**DPO, "spec.dataset.overlength": "split"},
+        "spec.dataset.overlength",
+        rule=True,
+    ),
+    Bad(
+        "a teacher at temperature zero",
+        {
+            "spec.training.objective": "distill",
+            "spec.training.distillation": {"teacher": "s3://models/teacher", "temperature": 0},
+        },
+        "spec.training.distillation.temperature",
+    ),
+    Bad(
+        "a divergence past reverse KL",
+        {
+            "spec.training.objective": "distill",
+            "spec.training.distillation": {"teacher": "s3://models/teacher", "beta": 1.5},
+        },
+        "spec.training.distillation.beta",
     ),
     # enums
     Bad("fp8 precision", {"spec.training.precision": "fp8"}, "spec.training.precision"),

@@ -88,6 +88,36 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: s.training.eval_every_steps is None or s.dataset.validation_fraction > 0,
         ),
         Rule(
+            cel="self.training.objective != 'dpo' || self.dataset.sources.all(s, s.shape == 'preference')",
+            message="objective dpo trains on preference pairs: give every source shape preference",
+            field="dataset.sources",
+            check=lambda s: (
+                s.training.objective != "dpo" or all(x.shape == "preference" for x in s.dataset.sources)
+            ),
+        ),
+        Rule(
+            cel="self.training.objective == 'dpo' || self.dataset.sources.all(s, s.shape != 'preference')",
+            message="shape preference (chosen and rejected answers) trains only with training.objective "
+            "dpo; set it, or give the source another shape",
+            field="training.objective",
+            check=lambda s: (
+                s.training.objective == "dpo" or all(x.shape != "preference" for x in s.dataset.sources)
+            ),
+        ),
+        Rule(
+            cel="self.training.objective != 'dpo' || !self.dataset.packing",
+            message="objective dpo pads each pair to its own length: set dataset.packing false",
+            field="dataset.packing",
+            check=lambda s: s.training.objective != "dpo" or not s.dataset.packing,
+        ),
+        Rule(
+            cel="self.training.objective != 'dpo' || self.dataset.overlength != 'split'",
+            message="a preference pair cannot be split into windows: set dataset.overlength truncate "
+            "(both answers cut to maxSeqLength) or drop (the pair left out)",
+            field="dataset.overlength",
+            check=lambda s: s.training.objective != "dpo" or s.dataset.overlength != "split",
+        ),
+        Rule(
             # DeepSpeed's CPU accelerator has no fp16 ("Type fp16 is not supported on your device"),
             # which every restart would hit again; bf16 and fp32 run on CPU.
             cel="self.training.precision != 'fp16' || self.resources.gpusPerNode > 0",

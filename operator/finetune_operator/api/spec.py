@@ -58,7 +58,7 @@ class ModelSpec(ApiModel):
     )
 
 
-RecordShape = Literal["text", "promptCompletion", "chat", "alpaca"]
+RecordShape = Literal["text", "promptCompletion", "chat", "alpaca", "preference"]
 RoleNames = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=16)
 ]
@@ -88,8 +88,11 @@ class DatasetSource(ApiModel):
         description="Record shape: text (one text field), promptCompletion (loss only on the "
         "completion), chat (a list of messages, loss only on assistant turns and tool calls: OpenAI "
         "`messages` with string or typed-part content, tool_calls and tool messages, or ShareGPT "
-        "`conversations` of from/value, found by themselves), or alpaca (instruction/input/output, "
-        "loss only on the output).",
+        "`conversations` of from/value, found by themselves), alpaca (instruction/input/output, "
+        "loss only on the output), or preference (a prompt with a chosen and a rejected answer, for "
+        "training.objective dpo: TRL's prompt/chosen/rejected as text or messages, its implicit-prompt "
+        "form where chosen and rejected are whole conversations, or LLaMA-Factory's ranking format, "
+        "a conversation under messagesField with chosen and rejected as single messages).",
     )
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto",
@@ -134,6 +137,12 @@ class DatasetSource(ApiModel):
         "tools",
         description="Field holding the tools offered (a list or its JSON text), passed to the chat "
         "template (shape chat).",
+    )
+    chosen_field: ShortString = Field(
+        "chosen", description="The preferred answer: text, a message or messages (shape preference)."
+    )
+    rejected_field: ShortString = Field(
+        "rejected", description="The dispreferred answer, in the same forms (shape preference)."
     )
     instruction_field: ShortString = Field("instruction", description="The instruction (shape alpaca).")
     input_field: ShortString = Field("input", description="The optional input (shape alpaca).")
@@ -238,11 +247,81 @@ class LoraSpec(ApiModel):
     )
 
 
+class DpoSpec(ApiModel):
+    """Direct preference optimisation (training.objective dpo), with TRL's DPOConfig names."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="How far the policy may move from the reference: the implicit reward's scale "
+        "(sigmoid) or the inverse of the target margin (ipo).",
+    )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid (the DPO paper's loss) or ipo (identity preference optimisation: a "
+        "squared loss on length-averaged log-probabilities, less prone to overfitting the pairs).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="The share of pairs assumed mislabelled (conservative DPO); sigmoid only.",
+    )
+
+    rules = (
+        Rule(
+            cel="self.lossType == 'sigmoid' || self.labelSmoothing == 0.0",
+            message="labelSmoothing applies to lossType sigmoid only; set it to 0 or use sigmoid",
+            field="labelSmoothing",
+            check=lambda s: s.loss_type == "sigmoid" or s.label_smoothing == 0,
+        ),
+    )
+
+
+class DistillationSpec(ApiModel):
+    """Knowledge distillation (training.objective distill): the student learns the teacher's
+    next-token distribution next to the data's tokens. Names as TRL's GKDConfig where it has one."""
+
+    teacher: ModelSource = Field(
+        description="The teacher model, in the forms model.source takes. It must share the student's "
+        "vocabulary (the same tokenizer family): the trainer refuses it at start otherwise."
+    )
+    teacher_revision: ShortString | None = Field(None, description="Hub revision of a hub-id teacher.")
+    temperature: float = Field(
+        1.0, gt=0, le=100, description="Both models' logits are divided by it before comparing."
+    )
+    beta: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The divergence, as TRL's generalized JSD: 0 is forward KL(teacher || student), "
+        "1 is reverse KL(student || teacher), values between interpolate (0.5: Jensen-Shannon).",
+    )
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of the distillation loss; 1 - alpha weighs the cross-entropy on the data's "
+        "tokens. Both are means over the target tokens of the global batch.",
+    )
+
+
 class TrainingSpec(ApiModel):
-    """The optimisation: method, length, batch, schedule and numerics."""
+    """The optimisation: method, objective, length, batch, schedule and numerics."""
 
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters.")
     lora: LoraSpec | None = Field(None, description="LoRA settings; only with method lora (defaults apply).")
+    objective: Literal["sft", "dpo", "distill"] = Field(
+        "sft",
+        description="What is learned, with either method: sft (next-token cross-entropy on the "
+        "targets), dpo (preference pairs against the model as it was before training: needs "
+        "preference data) or distill (a teacher's next-token distribution: needs distillation).",
+    )
+    dpo: DpoSpec | None = Field(None, description="DPO settings; only with objective dpo (defaults apply).")
+    distillation: DistillationSpec | None = Field(
+        None, description="The teacher and the loss's settings; required with objective distill, only then."
+    )
     epochs: int | None = Field(
         None, ge=1, le=1000, description="Passes over the data. Set this or maxSteps; neither means 1 epoch."
     )
@@ -261,7 +340,11 @@ class TrainingSpec(ApiModel):
         "Left out: one micro batch per rank (no accumulation).",
     )
     learning_rate: float | None = Field(
-        None, gt=0, le=1, description="Peak learning rate. Left out: 2e-5 for full, 2e-4 for lora."
+        None,
+        gt=0,
+        le=1,
+        description="Peak learning rate. Left out: 2e-5 for full, 2e-4 for lora; with "
+        "objective dpo 1e-6 for full and 1e-5 for lora.",
     )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps. Set this or warmupRatio.")
     warmup_ratio: float | None = Field(
@@ -303,6 +386,19 @@ class TrainingSpec(ApiModel):
             message="lora settings are only allowed with method lora",
             field="lora",
             check=lambda s: s.method == "lora" or s.lora is None,
+        ),
+        Rule(
+            cel="self.objective == 'dpo' || !has(self.dpo)",
+            message="dpo settings are only allowed with objective dpo",
+            field="dpo",
+            check=lambda s: s.objective == "dpo" or s.dpo is None,
+        ),
+        Rule(
+            cel="(self.objective == 'distill') == has(self.distillation)",
+            message="objective distill needs distillation (its teacher), and distillation is only "
+            "allowed with objective distill",
+            field="distillation",
+            check=lambda s: (s.objective == "distill") == (s.distillation is not None),
         ),
         Rule(
             cel="!(has(self.epochs) && has(self.maxSteps))",

@@ -13,6 +13,9 @@ from finetune_operator.api.job import FineTuneJob
 from finetune_operator.api.spec import DatasetSpec, DeepSpeedSpec, ModelSpec, TrainingSpec
 
 DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4}
+# Preference tuning moves a model that already answers well: TRL's DPOConfig default for full
+# fine-tuning, ten times that for adapters (which start from zero).
+DEFAULT_DPO_LEARNING_RATE = {"full": 1e-6, "lora": 1e-5}
 DEFAULT_WARMUP_RATIO = 0.03
 
 
@@ -106,6 +109,11 @@ def micro_batch_in_effect(job: FineTuneJob) -> int:
     return status.size if status is not None else job.spec.training.micro_batch_size
 
 
+def default_learning_rate(training: TrainingSpec) -> float:
+    table = DEFAULT_DPO_LEARNING_RATE if training.objective == "dpo" else DEFAULT_LEARNING_RATE
+    return table[training.method]
+
+
 def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
     spec = job.spec
     world = World(nnodes=spec.resources.nodes, nproc_per_node=spec.resources.procs_per_node)
@@ -128,7 +136,7 @@ def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
             global_batch_size=global_batch,
             micro_batch_size=micro,
             gradient_accumulation_steps=global_batch // per_step,
-            learning_rate=spec.training.learning_rate or DEFAULT_LEARNING_RATE[spec.training.method],
+            learning_rate=spec.training.learning_rate or default_learning_rate(spec.training),
             warmup_steps=spec.training.warmup_steps,
             warmup_ratio=warmup_ratio,
         ),
