@@ -170,6 +170,9 @@ def describe(view: JobView, now: datetime | None = None) -> str:
             f" eval loss {progress.get('evalLoss', '-')}, {progress.get('tokensPerSecond', 0):.0f} tokens/s,"
             f" ETA {progress.get('etaSeconds', '-')} s"
         )
+    metrics = progress.get("metrics") or {}
+    if metrics:
+        lines.append("Objective:    " + ", ".join(f"{_metric_label(k)} {v:.4f}" for k, v in metrics.items()))
     for source in progress.get("data") or []:
         reasons = ", ".join(f"{n} {reason}" for reason, n in (source.get("reasons") or {}).items())
         lines.append(
@@ -219,9 +222,29 @@ def load_local(workdir: Path) -> JobView | None:
     return None if body is None else JobView(body, backend.pod_records(), backend.events())
 
 
+def _metric_label(name: str) -> str:
+    """A status metric as its users know it: rewardsAccuracy -> rewards accuracy."""
+    return "".join(f" {c.lower()}" if c.isupper() else c for c in name)
+
+
+def _metric_series(reports: list[ProgressReport]) -> dict[str, list[tuple[int, float]]]:
+    """Each objective metric's points, a point where its value changed (reports repeat the latest)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in reports:
+        metrics = (
+            r.progress.metrics.model_dump(by_alias=True, exclude_none=True) if r.progress.metrics else {}
+        )
+        for name, value in metrics.items():
+            points = series.setdefault(name, [])
+            if r.progress.step is not None and (not points or points[-1][1] != value):
+                points.append((r.progress.step, value))
+    return series
+
+
 def plot_loss(attempts: list[tuple[int, list[ProgressReport]]], path: Path, title: str) -> Path | None:
     """Training (and evaluation) loss over steps, one colour per attempt, so a restart shows as
-    where the next attempt picks the curve up again."""
+    where the next attempt picks the curve up again; below it, the objective's parts (DPO's reward
+    accuracy and margin, distillation's divergence and cross-entropy) when it reports them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +253,20 @@ def plot_loss(attempts: list[tuple[int, list[ProgressReport]]], path: Path, titl
     points = [(a, r) for a, reports in attempts for r in reports if r.progress.loss is not None]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    parts = [(a, _metric_series(reports)) for a, reports in attempts]
+    if any(series for _, series in parts):
+        fig, (ax, below) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+        for attempt, series in parts:
+            for name, values in series.items():
+                below.plot(
+                    *zip(*values, strict=True), marker=".", label=f"attempt {attempt} {_metric_label(name)}"
+                )
+        below.set_xlabel("optimizer step")
+        below.set_ylabel("objective parts")
+        below.grid(alpha=0.3)
+        below.legend(fontsize="small")
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
     for attempt, reports in attempts:
         train = [(r.progress.step, r.progress.loss) for r in reports if r.progress.loss is not None]
         # Every report repeats the latest eval loss; a point is where a new evaluation appeared.

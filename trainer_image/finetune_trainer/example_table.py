@@ -104,6 +104,11 @@ class ExampleTable:
         """Every example's token count, from the mapped ends alone."""
         return np.diff(self._columns["ends"], prepend=0)
 
+    def token_count(self, indices: Iterable[int]) -> int:
+        """How many tokens the examples at `indices` hold, from the mapped ends alone."""
+        ends = self._columns["ends"]
+        return sum(int(ends[i]) - (int(ends[i - 1]) if i else 0) for i in indices)
+
     def targets(self, indices: Iterable[int]) -> int:
         """How many tokens the examples at `indices` are trained to predict (token_loss.targets_of),
         counted on the mapped labels without copying them."""

@@ -16,7 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.status import CheckpointRef, DataSourceReport, InPlaceRestart, Progress
+from finetune_operator.api.status import (
+    CheckpointRef,
+    DataSourceReport,
+    InPlaceRestart,
+    ObjectiveMetrics,
+    Progress,
+)
 from finetune_operator.progress import ProgressReport, format_line
 
 log = logging.getLogger("finetune_trainer")
@@ -27,6 +33,11 @@ def human_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _label(name: str) -> str:
+    """A metric's name as TRL and TensorBoard users read it: rewards_margin -> rewards/margin."""
+    return name.replace("rewards_", "rewards/")
 
 
 class Reporter:
@@ -78,7 +89,9 @@ class Reporter:
         line = format_line(ProgressReport(progress=self.progress, latest_checkpoint=self.checkpoint))
         print(line, file=sys.stdout, flush=True)
 
-    def step(self, step: int, *, loss: float, tokens_per_second: float, learning_rate: float) -> None:
+    def step(self, step: int, *, loss: float, tokens_per_second: float, learning_rate: float,
+             metrics: dict[str, float] | None = None) -> None:  # fmt: skip
+        """`metrics`: the objective's parts (ObjectiveMetrics' field names), averaged like the loss."""
         if not self.enabled:
             return
         with self._lock:
@@ -90,14 +103,16 @@ class Reporter:
                     "loss": round(loss, 5),
                     "tokens_per_second": round(tokens_per_second, 1),
                     "updated_at": datetime.now(UTC),
+                    "metrics": self._with_metrics(metrics or {}),
                 }
             )
             eta = self.progress.eta_seconds
             ckpt = f" | ckpt step {self.checkpoint.step}" if self.checkpoint else ""
             evl = f" eval {self.progress.eval_loss:.4f}" if self.progress.eval_loss is not None else ""
+            parts = "".join(f" | {_label(k)} {v:.4f}" for k, v in (metrics or {}).items())
             log.info(
-                "step %d/%d (%.0f%%) | loss %.4f%s | lr %.2e | %.0f tok/s | eta %s%s",
-                step, self.total_steps, self.progress.percent, loss, evl, learning_rate,
+                "step %d/%d (%.0f%%) | loss %.4f%s%s | lr %.2e | %.0f tok/s | eta %s%s",
+                step, self.total_steps, self.progress.percent, loss, evl, parts, learning_rate,
                 tokens_per_second, human_duration(eta) if eta is not None else "?", ckpt,
             )  # fmt: skip
             self._emit()
@@ -105,15 +120,32 @@ class Reporter:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/learning_rate", learning_rate, step)
             self._writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
+            for name, value in (metrics or {}).items():
+                self._writer.add_scalar(f"train/{_label(name)}", value, step)
 
-    def evaluation(self, step: int, eval_loss: float) -> None:
+    def evaluation(self, step: int, eval_loss: float, metrics: dict[str, float] | None = None) -> None:
+        """`metrics` as in `step`, over the held-out data, named without the eval_ prefix."""
         if not self.enabled:
             return
+        held_out = {f"eval_{k}": v for k, v in (metrics or {}).items()}
         with self._lock:
-            self.progress = self.progress.model_copy(update={"eval_loss": round(eval_loss, 5)})
-        log.info("step %d | eval loss %.4f", step, eval_loss)
+            self.progress = self.progress.model_copy(
+                update={"eval_loss": round(eval_loss, 5), "metrics": self._with_metrics(held_out)}
+            )
+        parts = "".join(f" | {_label(k)} {v:.4f}" for k, v in (metrics or {}).items())
+        log.info("step %d | eval loss %.4f%s", step, eval_loss, parts)
         if self._writer is not None:
             self._writer.add_scalar("eval/loss", eval_loss, step)
+            for name, value in (metrics or {}).items():
+                self._writer.add_scalar(f"eval/{_label(name)}", value, step)
+
+    def _with_metrics(self, values: dict[str, float]) -> ObjectiveMetrics | None:
+        """The reported metrics with `values` replacing theirs (the train and eval parts are reported
+        at different steps; each report carries the latest of both)."""
+        if not values:
+            return self.progress.metrics
+        current = self.progress.metrics.model_dump() if self.progress.metrics else {}
+        return ObjectiveMetrics(**{**current, **{k: round(v, 5) for k, v in values.items()}})
 
     def stalled(self, seconds: float) -> None:
         """Training waited `seconds` on a checkpoint save. The sum over this attempt goes out with the

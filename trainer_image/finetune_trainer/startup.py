@@ -24,6 +24,7 @@ from finetune_trainer.dropped import summary as data_summary
 from finetune_trainer.ds_config import check as check_deepspeed_config
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.model import load_model, load_tokenizer, local_source
+from finetune_trainer.objectives import Objective, objective_for
 from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.reporting import Reporter
@@ -80,6 +81,7 @@ class Started:
     tokenizer: Any
     job_store: ObjectStore
     keep_alive: Any  # must outlive the engine's use under ZeRO-3 (model.load_model)
+    objective: Objective
 
 
 def set_up(ctx: RankContext) -> Started:
@@ -127,6 +129,7 @@ def set_up(ctx: RankContext) -> Started:
         keep_last=config.checkpoint.keep_last,
         phases=ctx.phases,
     )
+    objective = objective_for(ctx, engine, data, store=job_store, ds_config=ds_config)
     position = checkpointer.resume(config.checkpoint.resume, lambda uri: CheckpointStore(ctx.open(uri)))
     begin = position.global_step if position else 0
     if position and position.data_key not in (None, data.key):
@@ -147,4 +150,4 @@ def set_up(ctx: RankContext) -> Started:
     )
     checkpointer.report_to(reporter)
     return Started(engine, data, steps, checkpointer, reporter, begin, model_source, tokenizer, job_store,
-                   keep_alive)  # fmt: skip
+                   keep_alive, objective)  # fmt: skip

@@ -49,6 +49,15 @@ def counting_records(count: int, seed: int = 0) -> list[dict[str, str]]:
     return out
 
 
+def preference_records(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Counting pairs for DPO: the chosen answer continues the sequence, the rejected one gives the
+    same numbers backwards. A tiny model learns to prefer the first within a few dozen steps."""
+    return [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": " ".join(reversed(r["completion"].split()))}
+        for r in counting_records(count, seed)
+    ]
+
+
 def write_tiny_model(dest: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A randomly initialised Llama with a word-level tokenizer that covers counting_records."""
     import torch

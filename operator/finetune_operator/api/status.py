@@ -82,6 +82,30 @@ class InPlaceRestart(ApiModel):
     reason: Annotated[str, Field(max_length=1024)] = Field(description="The failed rank's reason.")
 
 
+class ObjectiveMetrics(ApiModel):
+    """The objective's own parts, averaged like the loss since the previous report (training) or over
+    the held-out data (eval*). DPO: the implicit rewards, beta x log(policy / reference) of each
+    answer, per pair (TRL's rewards/chosen, rejected, margins, accuracies). Distillation: its two
+    terms per target token."""
+
+    rewards_chosen: float | None = Field(None, description="DPO: mean reward of the chosen answers.")
+    rewards_rejected: float | None = Field(None, description="DPO: mean reward of the rejected answers.")
+    rewards_margin: float | None = Field(None, description="DPO: mean of chosen minus rejected reward.")
+    rewards_accuracy: float | None = Field(
+        None, ge=0, le=1, description="DPO: share of pairs whose chosen reward is the higher."
+    )
+    eval_rewards_margin: float | None = Field(None, description="DPO: rewardsMargin on held-out pairs.")
+    eval_rewards_accuracy: float | None = Field(
+        None, ge=0, le=1, description="DPO: rewardsAccuracy on held-out pairs."
+    )
+    divergence: float | None = Field(
+        None, description="Distillation: the divergence from the teacher (distillation.beta's), per token."
+    )
+    cross_entropy: float | None = Field(
+        None, description="Distillation: cross-entropy on the data's tokens, per token."
+    )
+
+
 class Progress(ApiModel):
     """Training progress as reported by rank 0."""
 
@@ -97,6 +121,9 @@ class Progress(ApiModel):
         ge=0,
         description="Seconds training waited on checkpoint saves in this attempt (cumulative), "
         "when the trainer reports it.",
+    )
+    metrics: ObjectiveMetrics | None = Field(
+        None, description="The objective's parts (dpo, distill); none for sft, whose loss says it all."
     )
     updated_at: Timestamp | None = Field(None, description="When rank 0 reported this.")
     data: list[DataSourceReport] | None = Field(
@@ -134,11 +161,15 @@ class Goodput(ApiModel):
         0.0, ge=0, description="Waiting for the first (or a resumed) attempt to run."
     )
     application_restart_seconds: float = Field(
-        0.0, ge=0, description="From an application failure until the next attempt trains a step it had "
+        0.0,
+        ge=0,
+        description="From an application failure until the next attempt trains a step it had "
         "not reached before (restart, reload, redone steps).",
     )
     infrastructure_restart_seconds: float = Field(
-        0.0, ge=0, description="From an eviction, preemption or lost node until the next attempt trains a "
+        0.0,
+        ge=0,
+        description="From an eviction, preemption or lost node until the next attempt trains a "
         "step it had not reached before.",
     )
     checkpoint_stall_seconds: float = Field(
@@ -156,7 +187,9 @@ class Goodput(ApiModel):
     )
     step_reached: int | None = Field(None, ge=0, description="The highest step any attempt reported.")
     redo_until_step: int | None = Field(
-        None, ge=0, description="The highest step reached before the current attempt, which redoes the "
+        None,
+        ge=0,
+        description="The highest step reached before the current attempt, which redoes the "
         "steps from its checkpoint up to there: after a restart, that time is lost to the restart.",
     )
 

@@ -1,0 +1,153 @@
+"""What an optimizer step minimises, one component per `training.objective`: next-token
+cross-entropy (sft, here), the DPO loss against the reference's log-probabilities
+(preference_objective.py) or a teacher's next-token distribution (distill_objective.py).
+
+Each objective owns four decisions, so the step loop makes none of them:
+- `count`: what its per-step loss is a mean over, for the whole global batch (target tokens for sft
+  and distill, pairs for dpo), counted without a collective from the memory-mapped table;
+- `step`: this rank's micro batches, each loss scaled so the summed gradients are the gradient of
+  that global mean however the batch is cut over accumulation and ranks (token_loss.py says why);
+- `metric_names`: the parts it reports (status.progress.metrics), summed like the loss;
+- `evaluate`: its loss and metrics over the held-out examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from finetune_operator.api import TrainerConfig
+
+from finetune_trainer import process_group, token_loss
+from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
+from finetune_trainer.example_table import ExampleTable
+from finetune_trainer.process_group import Ranks
+
+if TYPE_CHECKING:
+    from finetune_trainer.prepared_data import PreparedData
+    from finetune_trainer.startup import RankContext
+
+
+@dataclass(frozen=True)
+class StepSums:
+    """A step's (or an evaluation's) sums on this rank: the loss summed over its items, and each
+    metric's sum in `metric_names` order. Divided by the global count, they are the reported means."""
+
+    loss: Any  # a detached float64 tensor
+    metrics: Any  # a detached float64 tensor, one entry per metric (empty for sft)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    metrics: dict[str, float]
+
+
+class Objective(Protocol):
+    metric_names: tuple[str, ...]
+
+    def count(self, table: ExampleTable, indices: Sequence[int]) -> int: ...
+
+    def step(self, engine: Any, micro_batches: list[list[int]], global_count: int, world_size: int
+             ) -> StepSums: ...  # fmt: skip
+
+    def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None: ...
+
+
+def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any) -> dict[str, Any]:
+    """A micro batch of single examples (sft, distill) as model inputs."""
+    pad_id = 0  # masked out of attention and loss, so any id serves
+    columns = collate(
+        examples,
+        pad_id,
+        config.dataset.max_seq_length,
+        packed=config.dataset.packing,
+        flatten=config.training.attention_implementation == "flash_attention_2",
+    )
+    return model_inputs(columns, device)
+
+
+def evaluation_share(examples: ExampleTable, ranks: Ranks, micro: int) -> list[list[int]] | None:
+    """This rank's micro batches of the held-out examples: equal shares on every rank, since ZeRO-3
+    gathers parameters collectively on every forward. None when there are fewer examples than ranks."""
+    per_rank = len(examples) // ranks.world_size
+    if per_rank == 0:
+        return None
+    first = ranks.rank * per_rank
+    return [
+        list(range(at, min(at + micro, first + per_rank))) for at in range(first, first + per_rank, micro)
+    ]
+
+
+# One held-out micro batch's (loss sum, items counted, metric sums), computed without gradients.
+Part = Callable[[list[int]], tuple[float, float, list[float]]]
+
+
+def held_out(engine: Any, batches: list[list[int]], part: Part, names: tuple[str, ...], device: Any
+             ) -> Evaluation | None:  # fmt: skip
+    """Loss and metrics over every rank's share of the held-out examples, `part` giving one micro
+    batch's (loss sum, items counted, metric sums) without gradients; None when nothing counted."""
+    import torch
+
+    loss_sum, counted, metric_sums = 0.0, 0.0, [0.0] * len(names)
+    engine.eval()
+    with torch.no_grad():
+        for batch in batches:
+            loss, count, metrics = part(batch)
+            loss_sum, counted = loss_sum + loss, counted + count
+            metric_sums = [a + b for a, b in zip(metric_sums, metrics, strict=True)]
+    engine.train()
+    total, count, *metrics = process_group.all_reduce([loss_sum, counted, *metric_sums], "sum", device)
+    if not count:
+        return None
+    return Evaluation(loss=total / count, metrics={n: v / count for n, v in zip(names, metrics, strict=True)})
+
+
+class Supervised:
+    """sft: the mean cross-entropy over every target token of the global batch (token_loss.py)."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, config: TrainerConfig, ranks: Ranks, device: Any, train: ExampleTable) -> None:
+        self.config, self.ranks, self.device, self.train = config, ranks, device, train
+
+    def count(self, table: ExampleTable, indices: Sequence[int]) -> int:
+        return table.targets(indices)
+
+    def step(self, engine: Any, micro_batches: list[list[int]], global_count: int, world_size: int
+             ) -> StepSums:  # fmt: skip
+        import torch
+
+        batches = (batch_inputs(self.config, [self.train[i] for i in b], self.device) for b in micro_batches)
+        loss = token_loss.step(engine, batches, global_count, world_size)
+        return StepSums(loss=loss, metrics=torch.zeros(0, dtype=torch.float64, device=self.device))
+
+    def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
+        """Mean loss per target token over the held-out examples."""
+        batches = evaluation_share(examples, self.ranks, self.config.schedule.micro_batch_size)
+        if batches is None:
+            return None
+
+        def part(indices: list[int]) -> tuple[float, float, list[float]]:
+            batch = batch_inputs(self.config, [examples[i] for i in indices], self.device)
+            targets = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            return float(engine(**batch).loss) * targets, targets, []
+
+        return held_out(engine, batches, part, self.metric_names, self.device)
+
+
+def objective_for(ctx: RankContext, engine: Any, data: PreparedData, *, store: Any,
+                  ds_config: dict[str, Any]) -> Objective:  # fmt: skip
+    """The run's objective, ready: called before any checkpoint is loaded, while the engine holds the
+    base model's weights (the DPO reference is scored from them)."""
+    objective = ctx.config.training.objective
+    if objective == "dpo":
+        from finetune_trainer.preference_objective import Preference
+
+        return Preference.prepare(ctx, engine, data, store)
+    if objective == "distill":
+        from finetune_trainer.distill_objective import Distillation
+
+        return Distillation.prepare(ctx, engine, data, ds_config)
+    return Supervised(ctx.config, ctx.ranks, ctx.device, data.train)
