@@ -30,6 +30,8 @@ def test_the_promised_examples_exist() -> None:
         "llama-3.1-8b-lora.yaml",
         "llama-3.1-70b-zero3.yaml",
         "llama-3.1-8b-pvc.yaml",
+        "llama-3.1-8b-dpo.yaml",
+        "llama-3.1-70b-to-8b-distill.yaml",
     }
 
 
@@ -109,3 +111,11 @@ def test_the_pvc_example_reads_and_writes_only_under_its_mounts() -> None:
     claims = {v.k_name: v.k_persistentVolumeClaim for v in job.spec.resources.volumes}
     assert all(claim is not None for claim in claims.values())
     assert claims["models"].k_readOnly and claims["datasets"].k_readOnly
+
+
+def test_the_dpo_example_tunes_what_the_sft_example_exports() -> None:
+    """The SFT -> DPO pipeline: stage two's model is stage one's output."""
+    folder = EXAMPLES[0].parent
+    sft, dpo = _load(folder / "llama-3.1-8b-lora.yaml"), _load(folder / "llama-3.1-8b-dpo.yaml")
+    assert dpo["spec"]["model"]["source"] == sft["spec"]["output"]["uri"]
+    assert dpo["spec"]["training"]["objective"] == "dpo"
