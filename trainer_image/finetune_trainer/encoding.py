@@ -7,11 +7,13 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_trainer.chat_labels import IGNORE_INDEX, chat_labels
 from finetune_trainer.messages import Refused
-from finetune_trainer.records import Record
+
+if TYPE_CHECKING:  # records reads preference pairs with preferences.py, which builds on this module
+    from finetune_trainer.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ def encode(record: Record, tokenizer: Any, *, as_chat: bool = False, report: Enc
            ) -> tuple[list[int], list[int]]:  # fmt: skip
     """Token ids and labels of a record; `Refused` with the reason when it cannot be labelled."""
     fields = record.fields
+    if "chosen" in fields:  # a preference pair has a prompt too, and is not a prompt and completion
+        raise ValueError(f"record {record.id} is a preference pair: preferences.encode_pair encodes it")
     if "text" in fields:
         ids = [*_ids(tokenizer, fields["text"], special=True), tokenizer.eos_token_id]
         return ids, list(ids)
@@ -109,11 +113,18 @@ def iter_encode(records: Iterable[Record], tokenizer: Any, *, max_len: int, over
                 report: EncodingReport, chat_sources: frozenset[str] = frozenset()
                 ) -> Iterator[Example]:  # fmt: skip
     """Records to examples, streamed; overlength ones truncated, dropped or split, counted in
-    `report`. `chat_sources`: the sources whose prompt/completion records go into the chat template."""
+    `report`. `chat_sources`: the sources whose prompt/completion records go into the chat template.
+    A preference pair (preferences.py) is one example of its two sides, truncated or dropped whole."""
+    from finetune_trainer import preferences  # it builds on this module
+
     for record in records:
         report.records[record.source] = report.records.get(record.source, 0) + 1
+        as_chat, pair = record.source in chat_sources, "chosen" in record.fields
         try:
-            ids, labels = encode(record, tokenizer, as_chat=record.source in chat_sources, report=report)
+            if pair:
+                sides = preferences.encode_pair(record.fields, tokenizer, as_chat=as_chat, report=report)
+            else:
+                ids, labels = encode(record, tokenizer, as_chat=as_chat, report=report)
         except Exception as exc:  # a record the template refuses is counted, never fatal
             reason = str(exc) if isinstance(exc, Refused) else f"{type(exc).__name__}: {exc}"
             reason = reason.splitlines()[0][:160]
@@ -121,6 +132,11 @@ def iter_encode(records: Iterable[Record], tokenizer: Any, *, max_len: int, over
             report.lose(record.source, reason)
             if report.unencodable <= 3:
                 log.warning("record %s not encodable, skipped: %s", record.id, reason)
+            continue
+        if pair:
+            example = preferences.fitted(record, sides, max_len=max_len, overlength=overlength, report=report)
+            if example is not None:
+                yield example
             continue
         if len(ids) > max_len:
             if overlength == "drop":

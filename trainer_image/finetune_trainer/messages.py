@@ -35,15 +35,34 @@ class Refused(ValueError):
 
 def conversation(source: DatasetSource, row: dict[str, Any], reasoning: str) -> dict[str, Any]:
     """The record as messages (and tools); `Refused` with the reason otherwise."""
+    messages = messages_under(source, row)
+    if not isinstance(messages, list) or not messages:
+        raise Refused(f"no list of messages under {source.messages_field}")
+    out = turns(source, messages, reasoning, system=row.get("system"))
+    link_tool_results(out)
+    record: dict[str, Any] = {"messages": out}
+    tools = tools_under(source, row)
+    if tools is not None:
+        record["tools"] = tools
+    return record
+
+
+def messages_under(source: DatasetSource, row: dict[str, Any]) -> Any:
+    """What the row holds under messagesField, or ShareGPT's `conversations` when that is the default."""
     messages = row.get(source.messages_field)
     if messages is None and source.messages_field == "messages" and "conversations" in row:
         messages = row["conversations"]  # ShareGPT
-    if not isinstance(messages, list) or not messages:
-        raise Refused(f"no list of messages under {source.messages_field}")
+    return messages
+
+
+def turns(source: DatasetSource, messages: list[Any], reasoning: str, *, system: Any = None
+          ) -> list[dict[str, Any]]:  # fmt: skip
+    """Messages as users write them in the one shape, tool call ids not yet linked; `system` (a
+    record's system column) first unless the first message is a system message already."""
     roles = _roles(source)
     out: list[dict[str, Any]] = []
-    system = row.get("system")
-    if isinstance(system, str) and system.strip() and not _is_system(messages[0], source, roles):
+    if isinstance(system, str) and system.strip() and \
+            not (messages and _is_system(messages[0], source, roles)):  # fmt: skip
         out.append({"role": "system", "content": system})
     for raw in messages:
         message = _message(source, raw, roles, reasoning)
@@ -52,15 +71,16 @@ def conversation(source: DatasetSource, row: dict[str, Any], reasoning: str) -> 
             out[-1]["tool_calls"] = message["tool_calls"]  # an answer, then its call (ShareGPT)
             continue
         out.append(message)
-    _link_tool_results(out)
-    record: dict[str, Any] = {"messages": out}
+    return out
+
+
+def tools_under(source: DatasetSource, row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The row's tools column as OpenAI tools; None when it has none."""
     tools = row.get(source.tools_field)
-    if tools not in (None, "", [], "[]"):
-        record["tools"] = _tools(tools)
-    return record
+    return None if tools in (None, "", [], "[]") else _tools(tools)
 
 
-def _link_tool_results(messages: list[dict[str, Any]]) -> None:
+def link_tool_results(messages: list[dict[str, Any]]) -> None:
     """Give calls without an id one (9 letters and digits: the form Mistral's template demands),
     and a tool result without tool_call_id the id of the call it answers, in order."""
     pending: list[str] = []
@@ -119,7 +139,7 @@ def _message(source: DatasetSource, raw: Any, roles: dict[str, str], reasoning: 
     message: dict[str, Any] = {"role": role, "content": text}
     if role == "assistant":
         thought = thought or raw.get("reasoning_content") or ""
-        message["content"] = _with_reasoning(text, thought, reasoning)
+        message["content"] = with_reasoning(text, thought, reasoning)
         if calls:
             message["tool_calls"] = calls
     if role == "tool":
@@ -155,7 +175,8 @@ def _content(content: Any) -> tuple[str, str, list[dict[str, Any]]]:
     return "".join(text), "\n".join(thought), calls
 
 
-def _with_reasoning(text: str, thought: str, reasoning: str) -> str:
+def with_reasoning(text: str, thought: str, reasoning: str) -> str:
+    """An answer's text with its reasoning before it (`dataset.reasoning` train) or without (drop)."""
     if reasoning == "drop":
         return THINK_BLOCK.sub("", text, count=1)
     if thought.strip() and "<think>" not in text:

@@ -22,6 +22,7 @@ from finetune_operator.api.spec import DATASET_EXTENSIONS, DATASET_EXTENSIONS_TE
 from finetune_trainer.data_files import Malformed, read_rows
 from finetune_trainer.failures import InputMissing
 from finetune_trainer.messages import Refused, conversation, has_target
+from finetune_trainer.preferences import clean_pair
 from finetune_trainer.storage import ObjectNotFound, Opener, open_store
 
 CHUNK = 1 << 16  # positions handed on at a time by the mixture
@@ -109,6 +110,8 @@ def _clean(source: DatasetSource, row: dict[str, Any], reasoning: str) -> dict[s
         return fields if completion.strip() else None
     if source.shape == "alpaca":
         return _alpaca(source, row)
+    if source.shape == "preference":
+        return clean_pair(source, row, reasoning)
     record = conversation(source, row, reasoning)
     return record if has_target(record) else None
 

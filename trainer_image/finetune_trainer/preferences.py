@@ -1,0 +1,293 @@
+"""Preference pairs (shape preference, for training.objective dpo): a prompt, a chosen answer and a
+rejected one, read from the forms users keep them in, and encoded as one example of two parts.
+
+Read (the source's promptField, messagesField, chosenField, rejectedField and toolsField name them):
+- TRL, explicit prompt: `prompt`, `chosen` and `rejected` as text, or `prompt` as messages and `chosen`
+  and `rejected` as lists of assistant messages. Text on one side and messages on the other is read
+  as a chat (a text prompt is one user message, a text answer one assistant message).
+- TRL, implicit prompt: no prompt; `chosen` and `rejected` are whole conversations, the prompt their
+  longest common prefix of messages, which must end before the assistant turns that differ. Answers
+  that are whole conversations are read so even beside a prompt column (UltraFeedback keeps both;
+  TRL's `maybe_extract_prompt` does the same). Whole texts (Anthropic HH) share their opening words:
+  the prompt ends before the whitespace that precedes the first word they differ in, and that
+  whitespace opens each answer, as TRL's `extract_prompt` moves it (which, unlike here, may cut a
+  word in two).
+- LLaMA-Factory's ranking format: the prompt a conversation under messagesField (ShareGPT's
+  `conversations` found by itself), `chosen` and `rejected` each one message (from/value or
+  role/content).
+- A `system` column and a tools column, as chat records read them; messages.py reads the messages
+  (roles, ShareGPT keys, typed parts, tool calls, reasoning), which `dataset.reasoning` also applies to
+  text answers.
+
+Written (a record's fields in the data plan): `{"prompt": [messages], "chosen": [assistant messages],
+"rejected": [assistant messages], "tools"?: [...]}`, or when the prompt and both answers are text and
+there are no tools `{"prompt": str, "chosen": str, "rejected": str, "system"?: str}`, which the
+source's promptFormat lays out as plain text or as a chat, like promptCompletion records.
+
+Encoded: one `Example`, the chosen sequence then the rejected one, `segments` their two lengths (so
+the example table stores a pair as it is). Both sequences begin with the same prompt ids, never labels
+(assistant turns inside the prompt included): the DPO loss compares the two answers under one prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from finetune_operator.api.spec import DatasetSource
+
+from finetune_trainer.chat_labels import _forms, chat_labels
+from finetune_trainer.encoding import (
+    GENERATION_BLOCK,
+    IGNORE_INDEX,
+    EncodingReport,
+    Example,
+    _ids,
+    _marked,
+    collate,
+)
+from finetune_trainer.messages import (
+    Refused,
+    link_tool_results,
+    messages_under,
+    tools_under,
+    turns,
+    with_reasoning,
+)
+
+if TYPE_CHECKING:
+    from finetune_trainer.records import Record
+
+Pair = tuple[list[int], list[int], list[int], list[int]]  # chosen ids, labels; rejected ids, labels
+Messages = list[dict[str, Any]]
+SIDES = ("chosen", "rejected")
+LAST_WORD = re.compile(r"\s*\S*\Z")  # a text's last word and the whitespace before it
+
+
+def clean_pair(source: DatasetSource, row: dict[str, Any], reasoning: str) -> dict[str, Any]:
+    """The record as a pair in the written shape; `Refused` with the reason, naming the field, otherwise."""
+    names = {"chosen": source.chosen_field, "rejected": source.rejected_field}
+    answers: dict[str, Any] = {side: _answer(source, row, side, names[side], reasoning) for side in SIDES}
+    prompt, where = row.get(source.prompt_field), f"under {source.prompt_field}"
+    if prompt is None:
+        prompt = messages_under(source, row)
+        where = f"under {source.messages_field if source.messages_field in row else 'conversations'}"
+        if prompt is None:
+            where = f"under {source.prompt_field} or {source.messages_field}"
+    shared = f"shared by {names['chosen']} and {names['rejected']}"
+    # A whole conversation holds its question; answers never hold a user turn.
+    whole = [isinstance(row.get(names[s]), list) and any(m["role"] == "user" for m in answers[s])
+             for s in SIDES]  # fmt: skip
+    if all(whole) or (prompt is None and not any(isinstance(a, str) for a in answers.values())):
+        return _chat(source, row, *_common_prefix(source, row, reasoning), where=shared)
+    if prompt is None and all(isinstance(a, str) for a in answers.values()):
+        prompt, answers, where = *_shared_words(answers["chosen"], answers["rejected"]), shared
+    tools = tools_under(source, row)
+    if isinstance(prompt, str) and tools is None and all(isinstance(a, str) for a in answers.values()):
+        if not prompt.strip():
+            raise Refused(f"no prompt {where}")
+        for side in SIDES:
+            if not answers[side].strip():
+                raise Refused(f"no {side} answer under {names[side]}")
+        _differ(answers, names)
+        system = row.get("system")
+        return {"prompt": prompt, **answers, **({"system": system} if _text(system) else {})}
+    if isinstance(prompt, str):  # a chat after all: the text is the user's turn
+        system = [{"role": "system", "content": row["system"]}] if _text(row.get("system")) else []
+        messages = [*system, {"role": "user", "content": prompt}] if prompt.strip() else []
+    elif isinstance(prompt, dict | list):
+        messages = turns(source, _listed(prompt), reasoning, system=row.get("system"))
+    else:
+        raise Refused(f"no prompt {where}")
+    chosen, rejected = (
+        [{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in answers.values()
+    )
+    return _chat(source, row, messages, chosen, rejected, where=where)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _listed(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value  # a single message (LLaMA-Factory's answers)
+
+
+def _answer(source: DatasetSource, row: dict[str, Any], side: str, field: str, reasoning: str
+            ) -> str | Messages:  # fmt: skip
+    """One answer as text (reasoning applied) or messages; whether those say anything is judged once
+    the prompt is known (whole conversations hold it)."""
+    value = row.get(field)
+    if isinstance(value, str):
+        text = with_reasoning(value, "", reasoning)
+        if text.strip():
+            return text
+    elif isinstance(value, dict | list) and value:
+        return turns(source, _listed(value), reasoning)
+    raise Refused(f"no {side} answer under {field}")
+
+
+def _common_prefix(source: DatasetSource, row: dict[str, Any], reasoning: str) -> tuple[Messages, ...]:
+    """Whole conversations as (prompt, chosen answer, rejected answer): the prompt is the messages
+    both open with, a system column first in each as in a chat record."""
+    chosen, rejected = (turns(source, _listed(row[field]), reasoning, system=row.get("system"))
+                        for field in (source.chosen_field, source.rejected_field))  # fmt: skip
+    pairs = zip(chosen, rejected, strict=False)
+    n = next((i for i, (c, r) in enumerate(pairs) if c != r), min(len(chosen), len(rejected)))
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _shared_words(chosen: str, rejected: str) -> tuple[str, dict[str, str]]:
+    """Whole texts as the prompt and the two answers: the prompt ends at a word boundary of both, and
+    the whitespace before the first word they differ in opens each answer (as a prompt and its
+    completion are tokenized: the answer's first token carries its leading space)."""
+    n = next((i for i, (c, r) in enumerate(zip(chosen, rejected, strict=False)) if c != r),
+             min(len(chosen), len(rejected)))  # fmt: skip
+    common = chosen[:n]
+    if all(n == len(text) or text[n].isspace() for text in (chosen, rejected)):
+        cut = len(common.rstrip())  # the last shared word is whole in both
+    else:
+        cut = LAST_WORD.search(common).start()  # type: ignore[union-attr]  # matches every string
+    return chosen[:cut], {"chosen": chosen[cut:], "rejected": rejected[cut:]}
+
+
+def _chat(source: DatasetSource, row: dict[str, Any], prompt: Messages, chosen: Messages, rejected: Messages,
+          *, where: str) -> dict[str, Any]:  # fmt: skip
+    names = {"chosen": source.chosen_field, "rejected": source.rejected_field}
+    answers = {"chosen": chosen, "rejected": rejected}
+    for side, answer in answers.items():
+        other = next((m["role"] for m in answer if m["role"] != "assistant"), None)
+        if other:
+            raise Refused(
+                f"a {other} turn in the {side} answer under {names[side]}: answers are assistant turns"
+            )
+        if not any(m["content"].strip() or m.get("tool_calls") for m in answer):
+            raise Refused(f"no {side} answer under {names[side]}")
+    if all(m["role"] == "system" for m in prompt):
+        raise Refused(f"no prompt {where}")
+    if prompt[-1]["role"] == "assistant":  # DPO compares answers to one question: the last turn asks it
+        raise Refused(f"the prompt {where} ends with an assistant turn")
+    _differ(answers, names)
+    for answer in (chosen, rejected):
+        link_tool_results([*prompt, *answer])  # the prompt's calls get the same ids before either answer
+    record: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    tools = tools_under(source, row)
+    if tools is not None:
+        record["tools"] = tools
+    return record
+
+
+def _differ(answers: dict[str, Any], names: dict[str, str]) -> None:
+    if answers["chosen"] == answers["rejected"]:
+        raise Refused(f"{names['chosen']} and {names['rejected']} are the same: nothing to prefer")
+
+
+def encode_pair(fields: dict[str, Any], tokenizer: Any, *, as_chat: bool, report: EncodingReport | None = None
+                ) -> Pair:  # fmt: skip
+    """Chosen ids and labels, rejected ids and labels; `Refused` with the reason when the pair cannot be
+    labelled. `as_chat`: a pair of texts goes into the chat template (the source's promptFormat), its
+    system prompt with it; laid out as plain text, it has none (as alpaca's plain layout)."""
+    if isinstance(fields["prompt"], str) and not as_chat:
+        prompt = _ids(tokenizer, fields["prompt"], special=True)
+        out: list[list[int]] = []
+        for side in SIDES:  # as encoding's prompt and completion: the answer, then end of sequence
+            answer = [*_ids(tokenizer, fields[side], special=False), tokenizer.eos_token_id]
+            out += [prompt + answer, [IGNORE_INDEX] * len(prompt) + answer]
+        return out[0], out[1], out[2], out[3]
+    if isinstance(fields["prompt"], str):
+        system = [{"role": "system", "content": fields["system"]}] if fields.get("system") else []
+        fields = {"prompt": [*system, {"role": "user", "content": fields["prompt"]}],
+                  **{side: [{"role": "assistant", "content": fields[side]}] for side in SIDES}}  # fmt: skip
+    return _chat_pair(fields, tokenizer, report)
+
+
+def _chat_pair(fields: dict[str, Any], tokenizer: Any, report: EncodingReport | None) -> Pair:
+    tools = fields.get("tools")
+    records = [{"messages": [*fields["prompt"], *fields[side]], **({"tools": tools} if tools else {})}
+               for side in SIDES]  # fmt: skip
+    if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        sides = [_marked(tokenizer, record) for record in records]
+        texts: list[str] = []
+        prompts = [_generation_prompt(tokenizer, fields["prompt"], tools)]
+    else:
+        labelled = [chat_labels(tokenizer, record) for record in records]
+        sides = [(ids, labels) for ids, labels, _ in labelled]
+        texts = [rendered.text for _, _, rendered in labelled]
+        # In whichever of chat_labels' forms the conversations rendered (tool calls as wire text, the
+        # system prompt merged into the first user turn), so the prompt is rendered in each.
+        prompts = [_generation_prompt(tokenizer, form, tools) for form in _forms(fields["prompt"])]
+        if report is not None:
+            report.system_merged += any(rendered.system_merged for _, _, rendered in labelled)
+            report.rewritten += any(rendered.rewritten for _, _, rendered in labelled)
+    prompt = next((ids for _, ids in prompts if ids and all(s[: len(ids)] == ids for s, _ in sides)), None)
+    if prompt is None:
+        if texts and any(text and all(t.startswith(text) for t in texts) for text, _ in prompts):
+            raise Refused("the prompt's last token merges with the answer's first (the template puts nothing "
+                          "between them)")  # fmt: skip
+        raise Refused("the chat template's generation prompt is not how it starts the answers")
+    (chosen, chosen_labels), (rejected, rejected_labels) = sides
+    masked = [IGNORE_INDEX] * len(prompt)  # the prompt's own assistant turns are context, never learned
+    return chosen, masked + chosen_labels[len(prompt) :], rejected, masked + rejected_labels[len(prompt) :]
+
+
+def _generation_prompt(tokenizer: Any, messages: Messages, tools: Any) -> tuple[str, list[int]]:
+    """The prompt as the model is given it to answer (`add_generation_prompt`) and its ids, tokenized as
+    the conversations are (no special tokens beyond the template's); ("", []) when the template
+    refuses this form."""
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # the template's raise_exception: another form may render
+        return "", []
+    return text, _ids(tokenizer, text, special=False)
+
+
+def fitted(
+    record: Record, pair: Pair, *, max_len: int, overlength: str, report: EncodingReport
+) -> Example | None:
+    """The pair as one example within `max_len` a side, or None when it is dropped (counted): longer
+    than `max_len` under overlength drop, or a side with no target left once truncated. Split (which
+    the API refuses with dpo) truncates: a window without its prompt is no preference."""
+    chosen, chosen_labels, rejected, rejected_labels = pair
+    if max(len(chosen), len(rejected)) > max_len:
+        if overlength == "drop":
+            report.dropped_overlength += 1
+            return None
+        chosen, chosen_labels = chosen[:max_len], chosen_labels[:max_len]
+        rejected, rejected_labels = rejected[:max_len], rejected_labels[:max_len]
+        report.truncated += 1
+    if any(all(label == IGNORE_INDEX for label in labels[1:]) for labels in (chosen_labels, rejected_labels)):
+        report.dropped_no_target += 1
+        report.lose(record.source, "no target left in the window")
+        return None
+    return join_pair(Example(record.id, chosen, chosen_labels), Example(record.id, rejected, rejected_labels))
+
+
+def join_pair(chosen: Example, rejected: Example) -> Example:
+    """Two sides as the one example stored: chosen then rejected, `segments` their lengths."""
+    return Example(
+        id=chosen.id,
+        input_ids=chosen.input_ids + rejected.input_ids,
+        labels=chosen.labels + rejected.labels,
+        segments=(len(chosen.input_ids), len(rejected.input_ids)),
+    )
+
+
+def split_pair(example: Example) -> tuple[Example, Example]:
+    """A stored pair as its chosen and rejected sides (each with the pair's id)."""
+    if len(example.segments) != 2:
+        raise ValueError(f"example {example.id} is not a preference pair (segments {example.segments})")
+    n = example.segments[0]
+    return (Example(example.id, example.input_ids[:n], example.labels[:n]),
+            Example(example.id, example.input_ids[n:], example.labels[n:]))  # fmt: skip
+
+
+def pair_columns(examples: Sequence[Example], pad_id: int) -> dict[str, list[list[int]]]:
+    """A micro batch of B pairs as 2B right-padded rows, every chosen side first and then every
+    rejected side (TRL's concatenated order): input_ids, labels and attention_mask, padding neither
+    attended to nor learned."""
+    sides = [split_pair(example) for example in examples]
+    rows = [chosen for chosen, _ in sides] + [rejected for _, rejected in sides]
+    return collate(rows, pad_id, max(len(row.input_ids) for row in rows))
