@@ -53,7 +53,11 @@ def preference_records(count: int, seed: int = 0) -> list[dict[str, str]]:
     """Counting pairs for DPO: the chosen answer continues the sequence, the rejected one gives the
     same numbers backwards. A tiny model learns to prefer the first within a few dozen steps."""
     return [
-        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": " ".join(reversed(r["completion"].split()))}
+        {
+            "prompt": r["prompt"],
+            "chosen": r["completion"],
+            "rejected": " ".join(reversed(r["completion"].split())),
+        }
         for r in counting_records(count, seed)
     ]
 
