@@ -98,11 +98,26 @@ def dpo(tmp_path_factory: pytest.TempPathFactory) -> Run:
     })  # fmt: skip
 
 
+def _opinionated_teacher(dest: Path) -> Path:
+    """A deeper tiny Llama of the same word-level vocabulary whose output layer is scaled up: a random
+    model's next-token distribution is nearly uniform, like the student's, so there would be little
+    divergence to learn away."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    write_tiny_model(dest, hidden=64, layers=4, seed=7)
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def distill(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("distill")
     ws = Workspace.create(root / "ws", records=192)
-    teacher = write_tiny_model(root / "teacher", hidden=64, layers=4, seed=7)  # same word-level vocabulary
+    teacher = _opinionated_teacher(root / "teacher")
     return _run(root, ws, {
         "spec.training.objective": "distill",
         "spec.training.distillation": {"teacher": f"file://{teacher}", "beta": 0.5, "temperature": 2.0,

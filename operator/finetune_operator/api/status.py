@@ -104,6 +104,10 @@ class ObjectiveMetrics(ApiModel):
     cross_entropy: float | None = Field(
         None, description="Distillation: cross-entropy on the data's tokens, per token."
     )
+    eval_divergence: float | None = Field(None, description="Distillation: divergence on held-out data.")
+    eval_cross_entropy: float | None = Field(
+        None, description="Distillation: cross-entropy on held-out data."
+    )
 
 
 class Progress(ApiModel):
