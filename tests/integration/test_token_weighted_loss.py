@@ -1,6 +1,7 @@
 """Every target token of a global batch weighs the same, however the batch is cut into micro
 batches, accumulation steps and ranks (token_loss.py; the fix transformers 4.46 made with
-`num_items_in_batch`, transformers/trainer.py `_get_num_items_in_batch`)."""
+`num_items_in_batch`, transformers/trainer.py `_get_num_items_in_batch`); every pair of a DPO batch
+alike, and every target token of a distillation batch in both of its terms."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def steps(
     return _run(request.param, tmp_path_factory.mktemp("grads") / "deltas.pt")
 
 
-@pytest.mark.parametrize("setup", ["z0-full", "z2-full", "z3-full", "z2-lora"])
+@pytest.mark.parametrize("setup", ["z0-full", "z2-full", "z3-full", "z2-lora", "z2-dpo", "z2-distill"])
 def test_micro_1_x_accumulation_4_gives_the_gradient_of_micro_4_x_accumulation_1(
     steps: dict[str, dict[str, torch.Tensor]], setup: str
 ) -> None:

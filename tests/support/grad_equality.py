@@ -5,19 +5,26 @@ Every rank trains its share of the same global batch (examples whose targets dif
 ~40 tokens) with token_loss.step, once as micro batch 1 x accumulation 4 and once as micro batch 4 x
 accumulation 1, with plain SGD (lr 1): the change of the weights is the gradient itself, which
 AdamW's first step (about lr x sign) would hide. Rank 0 saves each run's weight change, and the
-same cut under the naive per-micro-batch mean as a control that must differ.
+same cut under the naive per-micro-batch mean as a control that must differ. The dpo and distill
+objectives step the same way through their own `step` (a mean over the global batch's pairs, and over
+its target tokens), on pairs of different answer lengths and against a fixed teacher.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import deepspeed
 import torch
+from finetune_operator.api.spec import DistillationSpec, DpoSpec
 from finetune_trainer import token_loss
+from finetune_trainer.distill_objective import Distillation
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate
+from finetune_trainer.preference_objective import Preference
+from finetune_trainer.preferences import join_pair
 from transformers import LlamaConfig, LlamaForCausalLM
 
 PER_RANK = 4
@@ -93,6 +100,68 @@ def one_step(stage: int, lora: bool, micro: int, accumulation: int, naive: bool)
     return {n: before[n] - after[n] for n in before}
 
 
+class Table(list[Example]):
+    """The examples as the objectives read them (by index, with their target count)."""
+
+    def targets(self, indices: list[int]) -> int:
+        return sum(token_loss.targets_of(self[i].labels) for i in indices)
+
+
+def pairs(world: int) -> Table:
+    """Pairs sharing a prompt, their answers 1 to ~40 tokens long."""
+    table = Table()
+    for i, e in enumerate(examples(world)):
+        rejected_ids = e.input_ids[:PROMPT] + list(reversed(e.input_ids[PROMPT:])) + [5] * (i % 3)
+        rejected = Example(e.id, rejected_ids, [IGNORE_INDEX] * PROMPT + rejected_ids[PROMPT:])
+        table.append(join_pair(e, rejected))
+    return table
+
+
+class FixedReference:
+    """Reference log-probabilities of every pair: any fixed values serve a gradient comparison."""
+
+    def __getitem__(self, indices: list[int]) -> tuple[list[float], list[float]]:
+        return [-30.0 - i for i in indices], [-25.0 - 2 * i for i in indices]
+
+
+def objective_step(kind: str, micro: int, accumulation: int) -> dict[str, torch.Tensor]:
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    net = model(lora=False)
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+    engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+                                      config=config)  # fmt: skip
+    before = weights(engine)
+    settings = SimpleNamespace(
+        training=SimpleNamespace(dpo=DpoSpec(beta=0.5), distillation=DistillationSpec(teacher="file:///t")),
+        dataset=SimpleNamespace(max_seq_length=64, packing=False),
+        schedule=SimpleNamespace(micro_batch_size=micro),
+    )
+    settings.training.attention_implementation = "sdpa"
+    ranks = SimpleNamespace(rank=rank, world_size=world)
+    if kind == "dpo":
+        table = pairs(world)
+        objective: Any = Preference(settings, ranks, None, table, {"train": FixedReference()})
+        global_count = len(table)
+    else:
+        table = Table(examples(world))
+        torch.manual_seed(5)
+        teacher = model(lora=False).eval()
+        objective = Distillation(settings, ranks, None, table, teacher)
+        global_count = table.targets(list(range(len(table))))
+    mine = list(range(rank * PER_RANK, (rank + 1) * PER_RANK))
+    objective.step(engine, [mine[at : at + micro] for at in range(0, PER_RANK, micro)], global_count, world)
+    after = weights(engine)
+    engine.destroy()
+    return {n: before[n] - after[n] for n in before}
+
+
 def main(out: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
@@ -103,6 +172,8 @@ def main(out: Path) -> None:
             )
     for micro, accumulation in ((1, 4), (4, 1)):
         results[f"naive-{micro}x{accumulation}"] = one_step(2, False, micro, accumulation, naive=True)
+        for kind in ("dpo", "distill"):
+            results[f"z2-{kind}-{micro}x{accumulation}"] = objective_step(kind, micro, accumulation)
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
     # An orderly end: no rank tears its process group down while another still talks to it.
