@@ -228,16 +228,18 @@ def _metric_label(name: str) -> str:
 
 
 def _metric_series(reports: list[ProgressReport]) -> dict[str, list[tuple[int, float]]]:
-    """Each objective metric's points, a point where its value changed (reports repeat the latest)."""
+    """Each objective metric's points: a training metric at every report of a new step, a held-out
+    one where its value changed (every report repeats the latest evaluation)."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in reports:
-        metrics = (
-            r.progress.metrics.model_dump(by_alias=True, exclude_none=True) if r.progress.metrics else {}
-        )
-        for name, value in metrics.items():
+        step, metrics = r.progress.step, r.progress.metrics
+        for name, value in (metrics.model_dump(by_alias=True, exclude_none=True) if metrics else {}).items():
             points = series.setdefault(name, [])
-            if r.progress.step is not None and (not points or points[-1][1] != value):
-                points.append((r.progress.step, value))
+            changed = not points or (
+                points[-1][1] != value if name.startswith("eval") else points[-1][0] != step
+            )
+            if step is not None and changed:
+                points.append((step, value))
     return series
 
 
