@@ -6,11 +6,13 @@ and template are read from ../shared/realworld (those tests skip, with that reas
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_operator.api.spec import DatasetSource, DatasetSpec
+from finetune_trainer import preferences
 from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, encode, encode_all
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.messages import Refused
@@ -258,12 +260,64 @@ def test_a_generation_marked_template_learns_what_it_marks_after_the_prompt() ->
     assert marked.decode(_learned(chosen, chosen_labels)) == "fine thanks <|end|>"
 
 
-def test_a_template_whose_generation_prompt_does_not_start_the_answers_refuses_the_pair(tok: Any) -> None:
+@pytest.fixture
+def thinking(tok: Any) -> Any:
     """A DeepSeek-R1-like template: its generation prompt opens a thought that the answers do not hold."""
-    thinking = tiny_tokenizer([CORPUS])
-    thinking.chat_template = tok.chat_template.replace("'<|assistant|> '", "'<|assistant|> hello '")
-    with pytest.raises(Refused, match="generation prompt is not how it starts the answers"):
-        encode_pair(_clean(_pair([_user("hi")], "four", "five")), thinking, as_chat=True)
+    tokenizer = tiny_tokenizer([CORPUS])
+    tokenizer.chat_template = tok.chat_template.replace("'<|assistant|> '", "'<|assistant|> hello '")
+    return tokenizer
+
+
+def test_without_a_generation_prompt_to_share_the_sides_share_their_common_prefix(thinking: Any) -> None:
+    chosen, chosen_labels, rejected, rejected_labels = encode_pair(
+        _clean(_pair([_user("what is two plus two")], "four", "five")), thinking, as_chat=True
+    )
+    n = _prompt_length(chosen_labels)
+    assert n == _prompt_length(rejected_labels) and chosen[:n] == rejected[:n]
+    assert thinking.decode(chosen[:n]) == "<|user|> what is two plus two <|end|> <|assistant|>"
+    assert thinking.decode(_learned(chosen, chosen_labels)) == "four <|end|>"
+    assert thinking.decode(_learned(rejected, rejected_labels)) == "five <|end|>"
+
+
+def test_the_common_prefix_stops_where_the_answers_begin_even_when_they_open_alike(thinking: Any) -> None:
+    chosen, chosen_labels, rejected, rejected_labels = encode_pair(
+        _clean(_pair([_user("hi")], "four five", "four")), thinking, as_chat=True
+    )
+    assert thinking.decode(_learned(chosen, chosen_labels)) == "four five <|end|>"
+    assert thinking.decode(_learned(rejected, rejected_labels)) == "four <|end|>"
+
+
+def test_the_common_prefix_never_learns_the_prompts_own_assistant_turns(thinking: Any) -> None:
+    prompt = [_user("hello there"), _assistant("hello"), _user("how are you")]
+    chosen, chosen_labels, rejected, rejected_labels = encode_pair(
+        _clean(_pair(prompt, "fine thanks", "bad")), thinking, as_chat=True
+    )
+    assert thinking.decode(_learned(chosen, chosen_labels)) == "fine thanks <|end|>"
+    assert thinking.decode(_learned(rejected, rejected_labels)) == "bad <|end|>"
+
+
+def test_the_common_prefix_is_logged_once_naming_what_the_template_does(
+    thinking: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preferences, "_shared_prompt_logged", False)
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.preferences"):
+        for answer in ("four", "five"):
+            encode_pair(_clean(_pair([_user("hi")], answer, "bad")), thinking, as_chat=True)
+    (logged,) = [r.getMessage() for r in caplog.records if r.name == "finetune_trainer.preferences"]
+    assert logged.startswith("the chat template's generation prompt is not how it starts the answers")
+
+
+def test_a_pair_is_refused_when_even_the_common_prefix_leaves_a_side_nothing_to_learn() -> None:
+    """A generation-marked template that marks no answer after a prompt it does not open them with."""
+    unmarked = tiny_tokenizer([CORPUS])
+    unmarked.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{% generation %}"
+        "{{ '<|assistant|> ' + m['content'] + ' <|end|> ' }}{% endgeneration %}{% else %}"
+        "{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|> hello ' }}{% endif %}"
+    )
+    with pytest.raises(Refused, match="no chosen answer tokens to learn: the chat template's generation"):
+        encode_pair(_clean(_pair([_user("hi")], "four", "five")), unmarked, as_chat=True)
 
 
 def test_a_refused_pair_is_counted_as_unencodable_for_its_source() -> None:
@@ -458,3 +512,67 @@ def test_text_pairs_under_llama2_learn_each_answer_and_end_of_sequence(tmp_path:
             *tokenizer(answer, add_special_tokens=False)["input_ids"],
             tokenizer.eos_token_id,
         ]
+
+
+# Templates whose generation prompt is no token prefix of the answers: DeepSeek-R1-Distill's opens a
+# `<think>` the answers do not hold; Mistral v0.1's `[/INST]` runs into the answer, and for 7 of the
+# demo's pairs its `]` merges with the answer's first character (`](`) under the Llama 2 tokenizer.
+SHARED_PREFIX_TEMPLATES = {  # template: the tokenizer of its models, its end of turn
+    "deepseek-r1-distill-llama-8b.jinja": ("llama3-base", "<\uff5cend\u2581of\u2581sentence\uff5c>"),
+    "mistral-7b-instruct-v0.1.jinja": ("llama2-base", "</s>"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SHARED_PREFIX_TEMPLATES))
+def shared_prefix_demo(request: pytest.FixtureRequest, dpo_demo: Any) -> dict[str, Any]:
+    """The ranking demo encoded under one of those templates, with its model family's real tokenizer."""
+    from transformers import AutoTokenizer
+
+    records, _ = dpo_demo
+    tokenizer_name, end_of_turn = SHARED_PREFIX_TEMPLATES[request.param]
+    tokenizer = AutoTokenizer.from_pretrained(REALWORLD / "tokenizers" / tokenizer_name)
+    tokenizer.chat_template = (REALWORLD / "templates" / request.param).read_text()
+    report = EncodingReport()
+    examples = encode_all(records, tokenizer, max_len=8192, overlength="truncate", report=report)
+    return {"records": records, "tokenizer": tokenizer, "end_of_turn": end_of_turn, "report": report,
+            "pairs": [split_pair(example) for example in examples]}  # fmt: skip
+
+
+@needs_realworld
+def test_the_ranking_demo_encodes_whole_where_the_generation_prompt_starts_no_answer(
+    shared_prefix_demo: dict[str, Any],
+) -> None:
+    report = shared_prefix_demo["report"]
+    assert len(shared_prefix_demo["pairs"]) == 200 and report.unencodable == 0 and report.lost == {}
+
+
+@needs_realworld
+def test_the_ranking_demo_sides_share_a_prompt_that_holds_the_question_and_is_never_learned(
+    shared_prefix_demo: dict[str, Any],
+) -> None:
+    tokenizer, records = shared_prefix_demo["tokenizer"], shared_prefix_demo["records"]
+    for record, (chosen, rejected) in zip(records, shared_prefix_demo["pairs"], strict=True):
+        n = min(_prompt_length(chosen.labels), _prompt_length(rejected.labels))
+        assert chosen.input_ids[:n] == rejected.input_ids[:n]
+        assert record.fields["prompt"][-1]["content"].strip() in tokenizer.decode(chosen.input_ids[:n])
+
+
+@needs_realworld
+def test_the_ranking_demo_sides_learn_exactly_their_answer_and_its_end_of_turn(
+    shared_prefix_demo: dict[str, Any],
+) -> None:
+    """Only a first learned token may reach back into the template: one merged with the answer's
+    first character (Mistral v0.1's `](`), as chat_labels labels it."""
+    tokenizer, end_of_turn = shared_prefix_demo["tokenizer"], shared_prefix_demo["end_of_turn"]
+    for record, sides in zip(shared_prefix_demo["records"], shared_prefix_demo["pairs"], strict=True):
+        for side, encoded in zip(("chosen", "rejected"), sides, strict=True):
+            answer = _answer_text(record.fields[side]).strip() + end_of_turn
+            learned = _learned(encoded.input_ids, encoded.labels)
+            assert tokenizer.decode(learned).endswith(answer)
+            assert answer.endswith(tokenizer.decode(learned[1:]))
+
+
+@needs_realworld
+def test_the_ranking_demo_sides_learn_different_tokens(shared_prefix_demo: dict[str, Any]) -> None:
+    for chosen, rejected in shared_prefix_demo["pairs"]:
+        assert _learned(chosen.input_ids, chosen.labels) != _learned(rejected.input_ids, rejected.labels)

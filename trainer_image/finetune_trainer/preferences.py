@@ -27,10 +27,15 @@ source's promptFormat lays out as plain text or as a chat, like promptCompletion
 Encoded: one `Example`, the chosen sequence then the rejected one, `segments` their two lengths (so
 the example table stores a pair as it is). Both sequences begin with the same prompt ids, never labels
 (assistant turns inside the prompt included): the DPO loss compares the two answers under one prompt.
+That prompt is the template's generation prompt where it is a token prefix of both sequences; where it
+is not (DeepSeek-R1's opens a `<think>` the answers do not hold; Mistral v0.1's `[/INST]` merges with
+an answer's first token), it is the longest common token prefix of the two sequences, ending at or
+before where each answer's labels begin, and each side learns its answer's labels (`_shared_prompt`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -63,6 +68,9 @@ Pair = tuple[list[int], list[int], list[int], list[int]]  # chosen ids, labels; 
 Messages = list[dict[str, Any]]
 SIDES = ("chosen", "rejected")
 LAST_WORD = re.compile(r"\s*\S*\Z")  # a text's last word and the whitespace before it
+
+log = logging.getLogger(__name__)
+_shared_prompt_logged = False  # the fallback is logged once per process
 
 
 def clean_pair(source: DatasetSource, row: dict[str, Any], reasoning: str) -> dict[str, Any]:
@@ -223,12 +231,64 @@ def _chat_pair(fields: dict[str, Any], tokenizer: Any, report: EncodingReport | 
     prompt = next((ids for _, ids in prompts if ids and all(s[: len(ids)] == ids for s, _ in sides)), None)
     if prompt is None:
         if texts and any(text and all(t.startswith(text) for t in texts) for text, _ in prompts):
-            raise Refused("the prompt's last token merges with the answer's first (the template puts nothing "
-                          "between them)")  # fmt: skip
-        raise Refused("the chat template's generation prompt is not how it starts the answers")
+            behaviour = ("the prompt's last token merges with the answer's first (the template puts nothing "
+                         "between them)")  # fmt: skip
+        else:
+            behaviour = "the chat template's generation prompt is not how it starts the answers"
+        return _shared_prompt(fields, tokenizer, sides, behaviour)
     (chosen, chosen_labels), (rejected, rejected_labels) = sides
     masked = [IGNORE_INDEX] * len(prompt)  # the prompt's own assistant turns are context, never learned
     return chosen, masked + chosen_labels[len(prompt) :], rejected, masked + rejected_labels[len(prompt) :]
+
+
+def _shared_prompt(fields: dict[str, Any], tokenizer: Any, sides: list[tuple[list[int], list[int]]],
+                   behaviour: str) -> Pair:  # fmt: skip
+    """The pair when the generation prompt is not a token prefix of both sides (`behaviour` says why):
+    the prompt is the longest common token prefix of the two sequences, but never past where either
+    answer's labels begin (the labels of the conversation's assistant turns after the prompt's own);
+    before that every token is masked on both sides, and each side learns its answer's labels, the
+    prompt's own assistant turns never. `Refused` when a side has no answer label to learn.
+
+    Sound for the sigmoid DPO loss: a token equal on both sides, in equal context, has the same
+    log-probability there under any model (policy or reference), so whether a common leading piece is
+    learned or masked, its term cancels in the chosen-minus-rejected log-ratio; what both sides share
+    is the prompt. It is the boundary TRL draws for implicit prompts (the longest common prefix)."""
+    global _shared_prompt_logged
+    tools = fields.get("tools")
+    before = 0  # label runs of the prompt's own assistant turns, rendered alone as the sides are
+    if any(m["role"] == "assistant" for m in fields["prompt"]):
+        record = {"messages": fields["prompt"], **({"tools": tools} if tools else {})}
+        if GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+            _, labels = _marked(tokenizer, record)
+        else:
+            _, labels, _ = chat_labels(tokenizer, record)
+        before = len(_runs(labels))
+    starts: list[int] = []
+    for side, (_, labels) in zip(SIDES, sides, strict=True):
+        runs = _runs(labels)
+        if len(runs) <= before:
+            raise Refused(f"no {side} answer tokens to learn: {behaviour}")
+        starts.append(runs[before])
+    (chosen, chosen_labels), (rejected, rejected_labels) = sides
+    common = next((i for i, (c, r) in enumerate(zip(chosen, rejected, strict=False)) if c != r),
+                  min(len(chosen), len(rejected)))  # fmt: skip
+    shared = min(common, *starts)  # chosen[:shared] == rejected[:shared]: the prompt, never learned
+    if not _shared_prompt_logged:
+        _shared_prompt_logged = True
+        log.info("%s: pairs take the longest common token prefix of chosen and rejected, up to where the "
+                 "answers' labels begin, as their prompt (first: %d shared tokens); logged once", behaviour,
+                 shared)  # fmt: skip
+    # Tokens between the shared prompt and a side's answer (the template's, or one merged with the
+    # answer's first) are context on that side, not labels, as chat_labels has them.
+    chosen_start, rejected_start = starts
+    return (chosen, [IGNORE_INDEX] * chosen_start + chosen_labels[chosen_start:],
+            rejected, [IGNORE_INDEX] * rejected_start + rejected_labels[rejected_start:])  # fmt: skip
+
+
+def _runs(labels: list[int]) -> list[int]:
+    """Where each run of labels begins."""
+    pairs = zip([IGNORE_INDEX, *labels], labels, strict=False)  # each label after the one before it
+    return [i for i, (previous, label) in enumerate(pairs) if previous == IGNORE_INDEX != label]
 
 
 def _generation_prompt(tokenizer: Any, messages: Messages, tools: Any) -> tuple[str, list[int]]:
