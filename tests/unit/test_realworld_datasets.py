@@ -1,6 +1,7 @@
 """The demo datasets users start from (LLaMA-Factory's, OpenAI's), read from ../shared/realworld as
 they ship: every one loads with its shape and no override, every record kept, and the tool and
-reasoning records keep their calls and their thinking. (The ranking file waits for preference data.)"""
+reasoning records keep their calls and their thinking. (The ranking file, dpo_en_demo.json, is
+read as preference pairs in test_preference_data.py.)"""
 
 from __future__ import annotations
 
