@@ -163,3 +163,25 @@ def test_distillation_reports_its_divergence_falling_beside_the_cross_entropy(di
     divergence = [p.divergence for p in parts if p.divergence is not None]
     assert all(p.cross_entropy is not None for p in parts if p.divergence is not None)
     assert len(divergence) >= 4 and divergence[-1] < divergence[0], divergence
+
+
+def test_full_dpo_on_zero3_scores_shares_of_unequal_size_and_trains(tmp_path: Path) -> None:
+    """ZeRO-3 gathers the weights collectively in every forward: the reference scoring runs as many
+    forwards on every rank even when the pairs do not divide evenly, and training goes on from it."""
+    from tests.support.trainer_run import run, trainer_config
+
+    ws = Workspace.create(tmp_path / "ws", records=16)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_records(61, seed=3))
+    config = trainer_config(ws, f"file://{tmp_path / 'store'}", {
+        "spec.dataset.sources": [{"uri": f"file://{pairs}", "shape": "preference"}],
+        "spec.dataset.validationFraction": 0.2,
+        "spec.training.objective": "dpo",
+        "spec.training.maxSteps": 3,
+        "spec.training.microBatchSize": 3,
+        "spec.training.globalBatchSize": 6,
+        "spec.deepspeed.zeroStage": 3,
+    })  # fmt: skip
+    done = run(config, tmp_path / "work")
+    assert done.code == 0, done.output[-4000:]
+    scored = [line for line in done.output.splitlines() if "pairs with the reference model" in line]
+    assert len(scored) == 1 and done.progress is not None and done.progress.progress.metrics is not None
