@@ -60,3 +60,22 @@ def test_the_trainer_refuses_a_precision_its_device_lacks_as_invalid_config(
     config = resolve_trainer_config(job)
     with pytest.raises(InvalidInput, match=r"training\.precision: fp16 is not supported on this cpu device"):
         ds_config.check(config, ds_config.deepspeed_config(config, cpu=True))
+
+
+def test_the_global_batch_counts_data_parallel_ranks_only(apiserver: FakeApiServer) -> None:
+    """8 processes in one tensor-parallel group train one sequence at a time: a global batch of 2 is
+    2 accumulation steps, in both layers and in the trainer's config."""
+    data = manifest({
+        "spec.resources.gpusPerNode": 8, "spec.parallelism.tensor": 8,
+        "spec.training.microBatchSize": 1, "spec.training.globalBatchSize": 2,
+    })  # fmt: skip
+    assert apiserver.admit(data).allowed, apiserver.admit(data).errors
+    schedule = resolve_trainer_config(parse_manifest(data)).schedule
+    assert (schedule.global_batch_size, schedule.gradient_accumulation_steps) == (2, 2)
+
+
+def test_left_out_the_global_batch_is_one_micro_batch_per_data_parallel_rank() -> None:
+    data = manifest({"spec.resources.gpusPerNode": 8, "spec.parallelism.sequence": 4,
+                     "spec.training.microBatchSize": 3})  # fmt: skip
+    schedule = resolve_trainer_config(parse_manifest(data)).schedule
+    assert (schedule.global_batch_size, schedule.gradient_accumulation_steps) == (6, 1)

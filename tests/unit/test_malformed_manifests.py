@@ -241,6 +241,70 @@ CASES = [
         },
         "spec.training.distillation.beta",
     ),
+    # model parallelism and QLoRA: what DeepSpeed's mechanisms cannot run
+    Bad(
+        "sequence and tensor parallel at once",
+        {**GPU8, "spec.parallelism": {"sequence": 2, "tensor": 2}},
+        "spec.parallelism.tensor",
+        rule=True,
+    ),
+    Bad(
+        "a sequence-parallel group wider than a node",
+        {**GPU8, "spec.parallelism.sequence": 3},
+        "spec.parallelism.sequence",
+        rule=True,
+    ),
+    Bad(
+        "a tensor-parallel group across nodes",
+        {"spec.resources.gpusPerNode": 2, "spec.resources.nodes": 2, "spec.parallelism.tensor": 4},
+        "spec.parallelism.tensor",
+        rule=True,
+    ),
+    Bad(
+        "tensor parallel on ZeRO-3",
+        {**GPU8, "spec.parallelism.tensor": 2, "spec.deepspeed.zeroStage": 3},
+        "spec.parallelism.tensor",
+        rule=True,
+    ),
+    Bad(
+        "sequence parallel with eager attention",
+        {**GPU8, "spec.parallelism.sequence": 2, "spec.training.attentionImplementation": "eager"},
+        "spec.training.attentionImplementation",
+        rule=True,
+    ),
+    Bad(
+        "sequence parallel packing under sdpa",
+        {**GPU8, "spec.parallelism.sequence": 2, "spec.dataset.packing": True},
+        "spec.dataset.packing",
+        rule=True,
+    ),
+    Bad(
+        "global batch counting model-parallel ranks as data-parallel",
+        {
+            **GPU8,
+            "spec.parallelism.tensor": 8,
+            "spec.training.microBatchSize": 4,
+            "spec.training.globalBatchSize": 6,
+        },
+        "spec.training.globalBatchSize",
+        rule=True,
+    ),
+    Bad(
+        "a 4-bit base on ZeRO-3",
+        {
+            "spec.training.method": "lora",
+            "spec.training.lora": {"quantization": "nf4"},
+            "spec.deepspeed.zeroStage": 3,
+        },
+        "spec.training.lora.quantization",
+        rule=True,
+    ),
+    Bad(
+        "an unknown quantization",
+        {"spec.training.method": "lora", "spec.training.lora": {"quantization": "int3"}},
+        "spec.training.lora.quantization",
+    ),
+    Bad("parallel degree zero", {"spec.parallelism.sequence": 0}, "spec.parallelism.sequence"),
     # enums
     Bad("fp8 precision", {"spec.training.precision": "fp8"}, "spec.training.precision"),
     Bad("ZeRO stage 4", {"spec.deepspeed.zeroStage": 4}, "spec.deepspeed.zeroStage"),

@@ -3,6 +3,7 @@ that keep a started job's training semantics fixed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
@@ -16,6 +17,7 @@ from finetune_operator.api.spec import (
     DeepSpeedSpec,
     ModelSpec,
     OutputSpec,
+    ParallelismSpec,
     PlacementSpec,
     ResourcesSpec,
     RunPolicy,
@@ -42,6 +44,69 @@ def _world_cel(resources: str) -> str:
     return f"({resources}.nodes * {_PROCS_CEL.format(r=resources)})"
 
 
+_MODEL_PARALLEL_CEL = "(self.parallelism.sequence * self.parallelism.tensor)"
+
+
+def _divides_node(kind: str) -> Callable[[Any], bool]:
+    return lambda s: bool(s.resources.procs_per_node % getattr(s.parallelism, kind) == 0)
+
+
+def _parallelism_rules() -> tuple[Rule, ...]:
+    procs = _PROCS_CEL.format(r="self.resources")
+    per_node = [
+        Rule(
+            cel=f"{procs} % self.parallelism.{kind} == 0",
+            message=f"parallelism.{kind} must divide the processes per node (resources.processesPerNode, "
+            f"else gpusPerNode): a {kind}-parallel group talks every layer and stays inside a node",
+            field=f"parallelism.{kind}",
+            check=_divides_node(kind),
+        )
+        for kind in ("sequence", "tensor")
+    ]
+    return (
+        *per_node,
+        Rule(
+            cel="self.parallelism.tensor == 1 || self.deepspeed.zeroStage <= 2",
+            message="tensor parallelism (DeepSpeed AutoTP) runs with ZeRO 0-2: set deepspeed.zeroStage 2, "
+            "or use ZeRO-3 alone",
+            field="parallelism.tensor",
+            check=lambda s: s.parallelism.tensor == 1 or s.deepspeed.zero_stage <= 2,
+        ),
+        Rule(
+            cel="self.parallelism.sequence == 1 || self.training.attentionImplementation != 'eager'",
+            message="sequence parallelism needs sdpa or flash_attention_2 (eager builds a full attention "
+            "mask of the whole sequence): set training.attentionImplementation",
+            field="training.attentionImplementation",
+            check=lambda s: s.parallelism.sequence == 1 or s.training.attention_implementation != "eager",
+        ),
+        Rule(
+            cel="self.parallelism.sequence == 1 || !self.dataset.packing "
+            "|| self.training.attentionImplementation == 'flash_attention_2'",
+            message="with sequence parallelism only flash_attention_2 keeps packed documents apart (by "
+            "their position ids; sdpa sees one causal sequence): set dataset.packing false or "
+            "training.attentionImplementation flash_attention_2",
+            field="dataset.packing",
+            check=lambda s: (
+                s.parallelism.sequence == 1
+                or not s.dataset.packing
+                or s.training.attention_implementation == "flash_attention_2"
+            ),
+        ),
+        Rule(
+            cel="!has(self.training.lora) || !has(self.training.lora.quantization) "
+            "|| self.training.lora.quantization == 'none' || self.deepspeed.zeroStage <= 2",
+            message="a 4-bit base (training.lora.quantization) is not partitioned by ZeRO-3: set "
+            "deepspeed.zeroStage 2 (only the adapters train, so ZeRO-3 saves little)",
+            field="training.lora.quantization",
+            check=lambda s: (
+                s.training.lora is None
+                or s.training.lora.quantization == "none"
+                or s.deepspeed.zero_stage <= 2
+            ),
+        ),
+    )
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on which data, how, on which machines, and where checkpoints go."""
 
@@ -50,6 +115,7 @@ class FineTuneJobSpec(ApiModel):
     checkpoint: CheckpointSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
@@ -72,15 +138,17 @@ class FineTuneJobSpec(ApiModel):
         ),
         Rule(
             cel="!has(self.training.globalBatchSize) || self.training.globalBatchSize % "
-            f"(self.training.microBatchSize * {_world_cel('self.resources')}) == 0",
-            message="globalBatchSize must be a multiple of microBatchSize x world size "
-            "(nodes x processes per node), so gradient accumulation is a whole number",
+            f"(self.training.microBatchSize * ({_world_cel('self.resources')} / {_MODEL_PARALLEL_CEL})) == 0",
+            message="globalBatchSize must be a multiple of microBatchSize x data-parallel size (nodes x "
+            "processes per node / (parallelism.sequence x parallelism.tensor)), so gradient accumulation "
+            "is a whole number",
             field="training.globalBatchSize",
             check=lambda s: (
                 s.training.global_batch_size is None
-                or s.training.global_batch_size % (s.training.micro_batch_size * s.resources.world_size) == 0
+                or s.training.global_batch_size % (s.training.micro_batch_size * s.data_parallel_size) == 0
             ),
         ),
+        *_parallelism_rules(),
         Rule(
             cel="!has(self.training.evalEverySteps) || self.dataset.validationFraction > 0.0",
             message="evalEverySteps needs held-out data: set dataset.validationFraction above 0",
@@ -126,6 +194,11 @@ class FineTuneJobSpec(ApiModel):
             check=lambda s: s.training.precision != "fp16" or s.resources.gpus_per_node > 0,
         ),
     )
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Processes that train different sequences: the world over the model-parallel degree."""
+        return self.resources.world_size // self.parallelism.model_parallel_size
 
 
 class ObjectMeta(ApiModel):
@@ -211,6 +284,7 @@ class FineTuneJob(ApiModel):
         _frozen_once_started("spec.dataset", "spec.dataset"),
         _frozen_once_started("spec.training", "spec.training"),
         _frozen_once_started("spec.deepspeed", "spec.deepspeed"),
+        _frozen_once_started("spec.parallelism", "spec.parallelism"),
         _frozen_once_started("spec.checkpoint.uri", "spec.checkpoint.uri"),
         *_world_size_rules(),
     )

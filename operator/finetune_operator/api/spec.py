@@ -245,6 +245,13 @@ class LoraSpec(ApiModel):
     export: Literal["merged", "adapter"] = Field(
         "merged", description="Final model: adapters merged into the base weights, or the adapter alone."
     )
+    quantization: Literal["none", "nf4", "fp4"] = Field(
+        "none",
+        description="QLoRA: the frozen base held in 4 bits (bitsandbytes; nf4 for weights trained as "
+        "Llama's are, fp4 the plain float format), with double quantisation and computed in the "
+        "training precision; the adapters train in full precision. A merged export dequantises the "
+        "base first, so the result is a plain model. Needs ZeRO 0-2.",
+    )
 
 
 class DpoSpec(ApiModel):
@@ -419,6 +426,45 @@ class TrainingSpec(ApiModel):
             check=lambda s: s.global_batch_size is None or s.global_batch_size >= s.micro_batch_size,
         ),
     )
+
+
+class ParallelismSpec(ApiModel):
+    """Model parallelism inside a node, for what ZeRO's data parallelism alone cannot fit: a
+    sequence's activations (sequence) or a layer's matrices (tensor). The rest of the world is data
+    parallel: globalBatchSize counts sequences over the data-parallel groups only."""
+
+    sequence: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Ulysses sequence parallelism (DeepSpeed's Arctic Long Sequence Training): each "
+        "sequence's tokens are split over this many processes of a node, which exchange attention "
+        "heads by all-to-all; for contexts whose activations do not fit one GPU. The model's attention "
+        "and key/value heads must divide by it; sdpa or flash_attention_2 only, and packing only with "
+        "flash_attention_2.",
+    )
+    tensor: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Tensor parallelism (DeepSpeed AutoTP): each layer's matrices are split over this "
+        "many processes of a node, with an all-reduce per layer; for models whose weights and "
+        "activations do not fit one GPU below ZeRO-3. ZeRO 0-2 only.",
+    )
+
+    rules = (
+        Rule(
+            cel="self.sequence == 1 || self.tensor == 1",
+            message="set sequence or tensor above 1, not both",
+            field="tensor",
+            check=lambda s: s.sequence == 1 or s.tensor == 1,
+        ),
+    )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Processes that share each sequence of a batch."""
+        return self.sequence * self.tensor
 
 
 class DeepSpeedSpec(ApiModel):

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from finetune_operator.api.base import ApiModel, ShortString, StorageUri
 from finetune_operator.api.job import FineTuneJob
-from finetune_operator.api.spec import DatasetSpec, DeepSpeedSpec, ModelSpec, TrainingSpec
+from finetune_operator.api.spec import DatasetSpec, DeepSpeedSpec, ModelSpec, ParallelismSpec, TrainingSpec
 
 DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4}
 # Preference tuning moves a model that already answers well: TRL's DPOConfig default for full
@@ -78,6 +78,7 @@ class TrainerConfig(ApiModel):
     dataset: DatasetSpec
     training: TrainingSpec
     deepspeed: DeepSpeedSpec
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     world: World
     schedule: Schedule
     checkpoint: Store
@@ -94,10 +95,10 @@ def job_store_uri(job: FineTuneJob) -> str:
 
 
 def global_batch_size(job: FineTuneJob) -> int:
-    """Sequences per optimizer step: as written, or one micro batch per rank as written (never the
-    reduced micro batch: reducing it keeps the global batch)."""
+    """Sequences per optimizer step: as written, or one micro batch per data-parallel rank as written
+    (never the reduced micro batch: reducing it keeps the global batch)."""
     training = job.spec.training
-    return training.global_batch_size or training.micro_batch_size * job.spec.resources.world_size
+    return training.global_batch_size or training.micro_batch_size * job.spec.data_parallel_size
 
 
 def micro_batch_in_effect(job: FineTuneJob) -> int:
@@ -118,7 +119,7 @@ def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
     spec = job.spec
     world = World(nnodes=spec.resources.nodes, nproc_per_node=spec.resources.procs_per_node)
     micro = micro_batch_in_effect(job)
-    per_step = micro * world.world_size
+    per_step = micro * spec.data_parallel_size
     global_batch = global_batch_size(job)
     warmup_ratio = spec.training.warmup_ratio
     if warmup_ratio is None:
@@ -131,6 +132,7 @@ def resolve_trainer_config(job: FineTuneJob) -> TrainerConfig:
         dataset=spec.dataset,
         training=spec.training,
         deepspeed=spec.deepspeed,
+        parallelism=spec.parallelism,
         world=world,
         schedule=Schedule(
             global_batch_size=global_batch,

@@ -42,7 +42,7 @@ def smaller_size(size: int) -> int | None:
 
 def accumulation(job: FineTuneJob, size: int) -> int:
     """Gradient accumulation steps that keep the global batch at micro batch `size`."""
-    return global_batch_size(job) // (size * job.spec.resources.world_size)
+    return global_batch_size(job) // (size * job.spec.data_parallel_size)
 
 
 def in_effect(job: FineTuneJob, status: FineTuneJobStatus, now: datetime) -> MicroBatch:
