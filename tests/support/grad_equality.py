@@ -144,16 +144,16 @@ def objective_step(kind: str, micro: int, accumulation: int) -> dict[str, torch.
         schedule=SimpleNamespace(micro_batch_size=micro),
     )
     settings.training.attention_implementation = "sdpa"
-    ranks = SimpleNamespace(rank=rank, world_size=world)
+    layout = SimpleNamespace(data_rank=rank, data_size=world)
     if kind == "dpo":
         table = pairs(world)
-        objective: Any = Preference(settings, ranks, None, table, {"train": FixedReference()})
+        objective: Any = Preference(settings, layout, None, table, {"train": FixedReference()})
         global_count = len(table)
     else:
         table = Table(examples(world))
         torch.manual_seed(5)
         teacher = model(lora=False).eval()
-        objective = Distillation(settings, ranks, None, table, teacher)
+        objective = Distillation(settings, layout, None, table, teacher)
         global_count = table.targets(list(range(len(table))))
     mine = list(range(rank * PER_RANK, (rank + 1) * PER_RANK))
     objective.step(engine, [mine[at : at + micro] for at in range(0, PER_RANK, micro)], global_count, world)

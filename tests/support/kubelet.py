@@ -261,7 +261,10 @@ class Kubelet:
                 checkpoint = CheckpointRef(step=done, uri=f"s3://ckpt/{key[0]}/{key[1]}/step-{done:08d}")
             report = ProgressReport(
                 progress=Progress(
-                    step=step, total_steps=1000, loss=2.0 - step / 1000, updated_at=self.clock.now(),
+                    step=step,
+                    total_steps=1000,
+                    loss=2.0 - step / 1000,
+                    updated_at=self.clock.now(),
                     in_place_restarts=restarts or None,
                 ),
                 latest_checkpoint=checkpoint,

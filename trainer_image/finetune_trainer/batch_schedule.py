@@ -55,7 +55,8 @@ class BatchSchedule:
         return [int(i) for i in window]
 
     def rank_indices(self, step: int, rank: int) -> list[int]:
-        """Example indices rank `rank` trains on in optimizer step `step` (0-based), in order."""
+        """Example indices data-parallel rank `rank` trains on in optimizer step `step` (0-based), in
+        order (`world_size` counts data-parallel ranks: parallel_layout.py)."""
         return rank_shard(self.global_indices(step), 0, rank, self.world_size)
 
 
@@ -71,7 +72,7 @@ def schedule_for(config: TrainerConfig, examples: int) -> BatchSchedule:
     return BatchSchedule(
         examples=examples,
         global_batch=global_batch,
-        world_size=config.world.world_size,
+        world_size=config.world.world_size // config.parallelism.model_parallel_size,  # data-parallel
         total_steps=total,
         seed=config.training.seed,
         shuffle=config.dataset.shuffle,

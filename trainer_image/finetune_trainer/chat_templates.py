@@ -46,7 +46,7 @@ LLAMA31 = (
     "{{- " + _HEADER.format(role="'user'") + " }}"
     "{{- 'Given the following functions, please respond with a JSON for a function call '"
     " + 'with its proper arguments that best answers the given prompt.\\n\\n'"
-    " + 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name '"
+    ' + \'Respond in the format {"name": function name, "parameters": dictionary of argument name \''
     " + 'and its value}.Do not use variables.\\n\\n' }}"
     "{%- for tool in tools %}{{- tool | tojson(indent=4) + '\\n\\n' }}{%- endfor %}"
     "{{- messages[0]['content'] | trim + '<|eot_id|>' }}{%- set messages = messages[1:] %}"

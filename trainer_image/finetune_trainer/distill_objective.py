@@ -25,7 +25,7 @@ from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.failures import InvalidInput
 from finetune_trainer.model import ModelNotFound, local_source, torch_dtype
 from finetune_trainer.objectives import Evaluation, StepSums, batch_inputs, evaluation_share, held_out
-from finetune_trainer.process_group import Ranks
+from finetune_trainer.parallel_layout import Layout
 
 if TYPE_CHECKING:
     from finetune_trainer.startup import RankContext
@@ -86,16 +86,16 @@ def load_teacher(ctx: RankContext, ds_config: dict[str, Any], student_vocab: int
 class Distillation:
     metric_names = ("divergence", "cross_entropy")
 
-    def __init__(self, config: TrainerConfig, ranks: Ranks, device: Any, train: ExampleTable,
+    def __init__(self, config: TrainerConfig, layout: Layout, device: Any, train: ExampleTable,
                  teacher: Any) -> None:  # fmt: skip
-        self.config, self.ranks, self.device, self.train = config, ranks, device, train
+        self.config, self.layout, self.device, self.train = config, layout, device, train
         self.settings: DistillationSpec = config.training.distillation  # type: ignore[assignment]
         self.teacher = teacher
 
     @classmethod
     def prepare(cls, ctx: RankContext, engine: Any, data: Any, ds_config: dict[str, Any]) -> Distillation:
         teacher = load_teacher(ctx, ds_config, engine.module.config.vocab_size)
-        return cls(ctx.config, ctx.ranks, ctx.device, data.train, teacher)
+        return cls(ctx.config, ctx.layout, ctx.device, data.train, teacher)
 
     def count(self, table: ExampleTable, indices: Sequence[int]) -> int:
         return table.targets(indices)
@@ -136,7 +136,7 @@ class Distillation:
 
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
         """The same loss and parts per target token over the held-out examples."""
-        batches = evaluation_share(examples, self.ranks, self.config.schedule.micro_batch_size)
+        batches = evaluation_share(examples, self.layout, self.config.schedule.micro_batch_size)
         if batches is None:
             return None
 

@@ -22,7 +22,7 @@ from finetune_operator.api import TrainerConfig
 from finetune_trainer import process_group, token_loss
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
-from finetune_trainer.process_group import Ranks
+from finetune_trainer.parallel_layout import Layout
 
 if TYPE_CHECKING:
     from finetune_trainer.prepared_data import PreparedData
@@ -68,13 +68,14 @@ def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any) ->
     return model_inputs(columns, device)
 
 
-def evaluation_share(examples: ExampleTable, ranks: Ranks, micro: int) -> list[list[int]] | None:
-    """This rank's micro batches of the held-out examples: equal shares on every rank, since ZeRO-3
-    gathers parameters collectively on every forward. None when there are fewer examples than ranks."""
-    per_rank = len(examples) // ranks.world_size
+def evaluation_share(examples: ExampleTable, layout: Layout, micro: int) -> list[list[int]] | None:
+    """This rank's micro batches of the held-out examples: equal shares on every data-parallel rank,
+    since ZeRO-3 gathers parameters collectively on every forward (and a model-parallel group's ranks
+    run each forward together). None when there are fewer examples than data-parallel ranks."""
+    per_rank = len(examples) // layout.data_size
     if per_rank == 0:
         return None
-    first = ranks.rank * per_rank
+    first = layout.data_rank * per_rank
     return [
         list(range(at, min(at + micro, first + per_rank))) for at in range(first, first + per_rank, micro)
     ]
@@ -109,8 +110,8 @@ class Supervised:
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, config: TrainerConfig, ranks: Ranks, device: Any, train: ExampleTable) -> None:
-        self.config, self.ranks, self.device, self.train = config, ranks, device, train
+    def __init__(self, config: TrainerConfig, layout: Layout, device: Any, train: ExampleTable) -> None:
+        self.config, self.layout, self.device, self.train = config, layout, device, train
 
     def count(self, table: ExampleTable, indices: Sequence[int]) -> int:
         return table.targets(indices)
@@ -125,7 +126,7 @@ class Supervised:
 
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
         """Mean loss per target token over the held-out examples."""
-        batches = evaluation_share(examples, self.ranks, self.config.schedule.micro_batch_size)
+        batches = evaluation_share(examples, self.layout, self.config.schedule.micro_batch_size)
         if batches is None:
             return None
 
@@ -150,4 +151,4 @@ def objective_for(ctx: RankContext, engine: Any, data: PreparedData, *, store: A
         from finetune_trainer.distill_objective import Distillation
 
         return Distillation.prepare(ctx, engine, data, ds_config)
-    return Supervised(ctx.config, ctx.ranks, ctx.device, data.train)
+    return Supervised(ctx.config, ctx.layout, ctx.device, data.train)

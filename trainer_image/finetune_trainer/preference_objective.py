@@ -20,9 +20,9 @@ from finetune_operator.api.spec import DpoSpec
 from finetune_trainer.encoding import model_inputs
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.objectives import Evaluation, StepSums, evaluation_share, held_out
+from finetune_trainer.parallel_layout import Layout
 from finetune_trainer.preference_loss import dpo_terms, sequence_logps
 from finetune_trainer.preferences import pair_columns
-from finetune_trainer.process_group import Ranks
 from finetune_trainer.reference import ReferenceTable, reference_tables
 
 if TYPE_CHECKING:
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 class Preference:
     metric_names = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
 
-    def __init__(self, config: TrainerConfig, ranks: Ranks, device: Any, train: ExampleTable,
+    def __init__(self, config: TrainerConfig, layout: Layout, device: Any, train: ExampleTable,
                  references: dict[str, ReferenceTable]) -> None:  # fmt: skip
-        self.config, self.ranks, self.device, self.train = config, ranks, device, train
+        self.config, self.layout, self.device, self.train = config, layout, device, train
         self.settings = config.training.dpo or DpoSpec()
         self.references = references
 
@@ -44,7 +44,7 @@ class Preference:
         splits = {"train": data.train, "validation": data.validation}
         references = reference_tables(ctx.config, engine, splits, data_key=data.key, store=store,
                                       scratch=ctx.scratch, phases=ctx.phases, device=ctx.device)  # fmt: skip
-        return cls(ctx.config, ctx.ranks, ctx.device, data.train, references)
+        return cls(ctx.config, ctx.layout, ctx.device, data.train, references)
 
     def count(self, table: ExampleTable, indices: Sequence[int]) -> int:
         return len(indices)
@@ -87,7 +87,7 @@ class Preference:
 
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
         """Mean pair loss, reward margin and reward accuracy over the held-out pairs."""
-        batches = evaluation_share(examples, self.ranks, self.config.schedule.micro_batch_size)
+        batches = evaluation_share(examples, self.layout, self.config.schedule.micro_batch_size)
         if batches is None:
             return None
 

@@ -38,6 +38,7 @@ from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data_plan import SPLITS
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.failures import InputMissing
+from finetune_trainer.parallel_layout import Layout
 from finetune_trainer.preference_loss import sequence_logps
 from finetune_trainer.preferences import pair_columns
 from finetune_trainer.storage import ObjectNotFound, ObjectStore
@@ -141,6 +142,7 @@ def reference_tables(config: TrainerConfig, engine: Any, splits: dict[str, Examp
     key = reference_key(config, data_key)
     prefix, local = f"cache/reference-{key}", scratch / "cache" / f"reference-{key}"
     ranks = phases.ranks
+    layout = Layout.of(config, ranks)
     found = phases.on_main("the reference table's lookup", lambda: _read(store, prefix, local))
     if not found:
         log.info("scoring %s pairs with the reference model", " and ".join(f"{len(t)} {n}" for n, t in
@@ -149,15 +151,18 @@ def reference_tables(config: TrainerConfig, engine: Any, splits: dict[str, Examp
         mine.mkdir(parents=True, exist_ok=True)
         micro = config.schedule.micro_batch_size
         for name, table in splits.items():
-            scored = _score_share(engine, table, ranks.rank, ranks.world_size, micro, device)
+            # A model-parallel group's ranks score the same share together (their forward is one).
+            scored = _score_share(engine, table, layout.data_rank, layout.data_size, micro, device)
             np.save(mine / f"{name}.npy", scored)
 
         def upload_mine() -> None:
-            if not ranks.is_main:
+            if not ranks.is_main and layout.model_rank == 0:
                 CommittedDir(store, f"{prefix}/shares/rank-{ranks.rank:05d}").upload(mine)
 
         phases.every_rank("the reference shares' upload", upload_mine)
-        phases.on_main("the reference table's commit", lambda: _merge_and_commit(store, prefix, local, ranks))
+        phases.on_main(
+            "the reference table's commit", lambda: _merge_and_commit(store, prefix, local, layout)
+        )
     phases.per_node("the reference table's download", lambda: _read(store, prefix, local) or _torn(prefix))
     return {name: ReferenceTable(local / f"{name}.npy") for name in splits}
 
@@ -166,9 +171,11 @@ def _torn(prefix: str) -> bool:
     raise ReferenceMissing(f"the DPO reference table {prefix} is torn or vanished from the job's store")
 
 
-def _merge_and_commit(store: ObjectStore, prefix: str, local: Path, ranks: Any) -> None:
+def _merge_and_commit(store: ObjectStore, prefix: str, local: Path, layout: Layout) -> None:
     shares_dir = local.with_name(local.name + ".shares")
-    for rank in range(1, ranks.world_size):
+    # The first rank of each model-parallel group uploaded its group's share (data rank r: rank r x degree).
+    groups = [r * layout.model_parallel for r in range(layout.data_size)]
+    for rank in groups[1:]:
         for name in SPLITS:
             key = f"{prefix}/shares/rank-{rank:05d}/{name}.npy"
             store.get_file(key, shares_dir / f"rank-{rank:05d}" / f"{name}.npy")
@@ -176,7 +183,7 @@ def _merge_and_commit(store: ObjectStore, prefix: str, local: Path, ranks: Any) 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for name in SPLITS:
-        parts = [np.load(shares_dir / f"rank-{r:05d}" / f"{name}.npy") for r in range(ranks.world_size)]
+        parts = [np.load(shares_dir / f"rank-{r:05d}" / f"{name}.npy") for r in groups]
         np.save(partial / f"{name}.npy", np.concatenate(parts))
     directory = CommittedDir(store, prefix)
     entries = [e for e in directory.upload(partial) if not e.path.startswith("shares/")]

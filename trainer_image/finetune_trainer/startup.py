@@ -25,6 +25,7 @@ from finetune_trainer.ds_config import check as check_deepspeed_config
 from finetune_trainer.ds_config import deepspeed_config, lr_at, parameter_groups, warmup_steps
 from finetune_trainer.model import load_model, load_tokenizer, local_source
 from finetune_trainer.objectives import Objective, objective_for
+from finetune_trainer.parallel_layout import Layout
 from finetune_trainer.prepared_data import PreparedData, prepare
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.reporting import Reporter
@@ -54,6 +55,7 @@ class RankContext:
     phases: Coordinator
     scratch: Path
     open: Opener  # every store is opened with the job's endpoint and region, by this one route
+    layout: Layout  # the data-parallel rank this process trains as
 
     @classmethod
     def join(cls, config: TrainerConfig) -> RankContext:
@@ -64,7 +66,8 @@ class RankContext:
         scratch = scratch_dir(config, ranks)
         scratch.mkdir(parents=True, exist_ok=True)
         return cls(config, ranks, collective_timeout, device, phases, scratch,
-                   opener(config.checkpoint.endpoint_url, config.checkpoint.region))  # fmt: skip
+                   opener(config.checkpoint.endpoint_url, config.checkpoint.region),
+                   Layout.of(config, ranks))  # fmt: skip
 
 
 @dataclass

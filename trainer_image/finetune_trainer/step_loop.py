@@ -49,10 +49,10 @@ class StepLoop:
         engine.train()
         for step in range(run.start, steps.total_steps):
             faults.before_step(step, ranks.rank, micro)
-            indices = steps.rank_indices(step, ranks.rank)
+            indices = steps.rank_indices(step, ctx.layout.data_rank)
             global_count = objective.count(data.train, steps.global_indices(step))
             micro_batches = [indices[at : at + micro] for at in range(0, len(indices), micro)]
-            sums = objective.step(engine, micro_batches, global_count, ranks.world_size)
+            sums = objective.step(engine, micro_batches, global_count, ctx.layout.data_size)
             loss_sum += sums.loss
             metric_sums += sums.metrics
             tokens += data.train.token_count(indices)
