@@ -83,12 +83,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             continue
         for job in jobs:
             cfg = resolve_trainer_config(job)
+            parallel = cfg.parallelism
+            model_parallel = (
+                f" in {job.spec.data_parallel_size} data-parallel group(s) of sequence {parallel.sequence} x "
+                f"tensor {parallel.tensor}"
+                if parallel.model_parallel_size > 1
+                else ""
+            )
             print(
                 f"{path}: {job.metadata.name} ok: {cfg.world.nnodes} node(s) x {cfg.world.nproc_per_node} "
-                f"process(es) = world size {cfg.world.world_size}; "
+                f"process(es) = world size {cfg.world.world_size}{model_parallel}; "
                 f"global batch {cfg.schedule.global_batch_size} "
-                f"= micro {job.spec.training.micro_batch_size} x world x accumulation "
-                f"{cfg.schedule.gradient_accumulation_steps}; checkpoints under {cfg.checkpoint.job_uri}"
+                f"= micro {job.spec.training.micro_batch_size} x {'data-parallel ' if model_parallel else ''}"
+                f"world x accumulation {cfg.schedule.gradient_accumulation_steps}; "
+                f"checkpoints under {cfg.checkpoint.job_uri}"
             )
             _warn_grace_period(path, job)
     return status
