@@ -16,7 +16,8 @@ from finetune_trainer import preferences
 from finetune_trainer.encoding import IGNORE_INDEX, EncodingReport, Example, encode, encode_all
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.messages import Refused
-from finetune_trainer.preferences import clean_pair, encode_pair, join_pair, pair_columns, split_pair
+from finetune_trainer.preference_records import clean_pair
+from finetune_trainer.preferences import encode_pair, join_pair, pair_columns, split_pair
 from finetune_trainer.records import DataReport, Record, iter_records
 from finetune_trainer.tiny import tiny_tokenizer
 

@@ -22,7 +22,7 @@ from finetune_operator.api.spec import DATASET_EXTENSIONS, DATASET_EXTENSIONS_TE
 from finetune_trainer.data_files import Malformed, read_rows
 from finetune_trainer.failures import InputMissing
 from finetune_trainer.messages import Refused, conversation, has_target
-from finetune_trainer.preferences import clean_pair
+from finetune_trainer.preference_records import clean_pair
 from finetune_trainer.storage import ObjectNotFound, Opener, open_store
 
 CHUNK = 1 << 16  # positions handed on at a time by the mixture
