@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 import torch
 from finetune_operator.api.trainer_config import resolve_trainer_config
-from finetune_trainer.model import load_model, load_trained, quantization_config, rebuilt_at_load
+from finetune_trainer.model import (
+    TargetModulesMissing,
+    load_model,
+    load_trained,
+    quantization_config,
+    rebuilt_at_load,
+)
 from finetune_trainer.tiny import write_tiny_model
 
 from tests.support.factories import job
@@ -126,6 +132,11 @@ def test_after_an_evaluation_the_gradient_still_reaches_the_first_layer_s_adapte
     _step(model)
     assert first.base_layer.weight.shape == shape
     torch.testing.assert_close(first.lora_A.default.weight.grad, before)
+
+
+def test_target_modules_that_match_nothing_are_refused_naming_the_4bit_layers(base: str) -> None:
+    with pytest.raises(TargetModulesMissing, match=r"its linear layers are \[.*'q_proj'"):
+        _load(base, _config({"targetModules": ["attention"]}))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

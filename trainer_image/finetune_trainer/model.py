@@ -130,6 +130,10 @@ def lora_config(config: TrainerConfig) -> Any:
     )
 
 
+# What peft can adapt and the refusal lists: plain linear layers, and a 4-bit base's (QLoRA).
+LINEAR = ("Linear", "Linear4bit")
+
+
 class TargetModulesMissing(InvalidInput):
     """training.lora.targetModules names no module of the model: exit 2, the fix is the list."""
 
@@ -143,7 +147,7 @@ def with_adapters(model: Any, config: TrainerConfig) -> Any:
         return get_peft_model(model, lora_config(config))
     except NoMatchingPeftModuleError:
         linear = sorted(
-            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__ == "Linear"}
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__ in LINEAR}
         )
         wanted = list((config.training.lora or LoraSpec()).target_modules)
         raise TargetModulesMissing(
