@@ -17,7 +17,16 @@ from packaging.version import Version
 # torchrun reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT from 2.12 on (torch/distributed/launcher/api.py,
 # LaunchConfig.__post_init__); before, it sent SIGKILL 30 s after SIGTERM whatever the pod's grace.
 GRACE_PERIOD_TORCH = Version("2.12")
-TRAINING_STACK = ("torch", "deepspeed", "transformers", "peft", "boto3", "pyarrow", "safetensors")
+TRAINING_STACK = (
+    "torch",
+    "deepspeed",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "boto3",
+    "pyarrow",
+    "safetensors",
+)
 BASE_IMAGE = re.compile(r"^ARG BASE_IMAGE=pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-\w+$", re.M)
 
 

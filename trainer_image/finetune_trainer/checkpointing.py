@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from finetune_trainer import process_group
 from finetune_trainer.checkpoint_store import CheckpointStore, step_dir
 from finetune_trainer.coordination import Coordinator
+from finetune_trainer.model import rebuilt_at_load
 from finetune_trainer.position import DataPosition
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.resuming import Resumer, keep_for_restart
@@ -135,8 +136,9 @@ class Checkpointer:
         self.snapshots.step = step
         stored = position.to_json()  # the same JSON in DeepSpeed's client state and in the manifest
         self.engine.save_checkpoint(
-            str(self.local_root), tag=tag(step), client_state={"data_position": stored}, save_latest=False
-        )
+            str(self.local_root), tag=tag(step), client_state={"data_position": stored}, save_latest=False,
+            exclude_frozen_parameters=rebuilt_at_load(self.engine.module),
+        )  # fmt: skip
         snapshots = self.snapshots.take()
         snapshotted = time.perf_counter() - started - waited
         self.last_saved = step

@@ -7,7 +7,18 @@ HF/DeepSpeed link is dropped, so nothing rank 0 does alone can enter a collectiv
 alive, transformers' `from_pretrained` would open `deepspeed.zero.Init` and broadcast every
 parameter in a collective only rank 0 joins (the LoRA-on-ZeRO-3 hang). Rank 0 writes while the
 other ranks wait on the rendezvous store. A LoRA run exports either the adapter alone or the adapter
-merged into a fresh CPU copy of the base. The output uri is a directory committed by its manifest
+merged into a fresh CPU copy of the base.
+
+QLoRA (a base trained in 4 bits) exports the same two ways, and neither holds a 4-bit weight. The
+adapter is saved as any LoRA adapter: it loads with peft on the unquantised base (or on a 4-bit one,
+for inference as it trained). The merged model is the adapter merged into the base's own weights,
+loaded unquantised in the training dtype, never into the 4-bit weights the run trained against:
+merging there means dequantising, adding the update and quantising again, a second rounding that
+loses part of the update (all of it wherever it is under half a 4-bit step); and a 4-bit model is
+not the plain model a merged export promises. The merged weights differ from what the run computed by
+the base's own quantisation error (W + BA where it trained on dequant(Q(W)) + BA), as in every
+QLoRA merge into the 16-bit base; a run that must serve exactly what it trained exports the adapter
+and serves it on the 4-bit base. The output uri is a directory committed by its manifest
 (committed_dir.py): the upload ends with the export's own MANIFEST.json, so a reader never takes a
 half-uploaded model for a finished one, and a restart after a finished export does not redo it.
 """
@@ -85,6 +96,8 @@ def _write(config: TrainerConfig, engine: Any, state: dict[str, Any], base_sourc
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
         # A fresh CPU copy of the base (a plain load: the DeepSpeed link is gone), the adapter on it.
+        # Under QLoRA too: load_base without a quantisation config loads the base's own weights
+        # unquantised in the training dtype (the module docstring says why never the 4-bit ones).
         fresh = get_peft_model(load_base(config, base_source), lora_config(config))
         set_peft_model_state_dict(fresh, get_peft_model_state_dict(fresh, state_dict=state))
         fresh.merge_and_unload().save_pretrained(out, safe_serialization=True)

@@ -1,4 +1,5 @@
-"""The base model and tokenizer: fetched once per node, loaded for full fine-tuning or LoRA.
+"""The base model and tokenizer: fetched once per node, loaded for full fine-tuning, LoRA or QLoRA
+(LoRA on a base held in 4 bits by bitsandbytes, `training.lora.quantization`).
 
 An `s3://` model is downloaded by each node's local rank 0 into the node's scratch cache (marked
 complete only after the last file), while every other rank waits for the nodes' outcomes on the
@@ -129,6 +130,10 @@ def lora_config(config: TrainerConfig) -> Any:
     )
 
 
+# What peft can adapt and the refusal lists: plain linear layers, and a 4-bit base's (QLoRA).
+LINEAR = ("Linear", "Linear4bit")
+
+
 class TargetModulesMissing(InvalidInput):
     """training.lora.targetModules names no module of the model: exit 2, the fix is the list."""
 
@@ -142,7 +147,7 @@ def with_adapters(model: Any, config: TrainerConfig) -> Any:
         return get_peft_model(model, lora_config(config))
     except NoMatchingPeftModuleError:
         linear = sorted(
-            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__ == "Linear"}
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if type(m).__name__ in LINEAR}
         )
         wanted = list((config.training.lora or LoraSpec()).target_modules)
         raise TargetModulesMissing(
@@ -184,10 +189,58 @@ def check_kernels(config: TrainerConfig) -> None:
             )
 
 
-def load_base(config: TrainerConfig, source: str) -> Any:
+def quantization(config: TrainerConfig) -> str:
+    """none, nf4 or fp4: how the base is held while it trains (4-bit only under LoRA)."""
+    lora = config.training.lora
+    return lora.quantization if config.training.method == "lora" and lora is not None else "none"
+
+
+def quantization_config(config: TrainerConfig) -> Any:
+    """transformers' BitsAndBytesConfig for a QLoRA run (None when the base loads unquantised).
+
+    Double quantisation (the block scales quantised again) as in the QLoRA paper; the compute dtype is
+    the training precision's (bf16 on GPUs for bf16 runs, fp16 for fp16, fp32 for fp32 runs, the CPU
+    tests'): bitsandbytes dequantises a block of the weight to it and multiplies in it, then casts
+    the output back to the input's dtype, and DeepSpeed feeds every layer inputs in the training
+    precision, so any other choice only adds two casts per layer (and under fp32 compute in a bf16
+    run, a dequantised weight twice the size) without changing what the adapters learn from."""
+    kind = quantization(config)
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(config.training.precision),
+    )
+
+
+def _this_device() -> Any:
+    """Where this rank's 4-bit base is quantised and kept: its own GPU (process_group.init set the
+    current device), or the CPU. bitsandbytes quantises as the weights reach the device, so a 4-bit
+    model is placed while it loads instead of by DeepSpeed afterwards."""
+    from deepspeed.accelerator import get_accelerator
+
+    from finetune_trainer.process_group import on_cpu
+
+    return "cpu" if on_cpu() else get_accelerator().current_device_name()
+
+
+def load_base(config: TrainerConfig, source: str, *, quantized: Any = None) -> Any:
+    """The base in the training dtype; with `quantized` (a BitsAndBytesConfig), its linear layers in
+    4 bits on this rank's device. Without it (the merged export's fresh copy), always unquantised."""
     from transformers import AutoModelForCausalLM
 
     check_kernels(config)
+    if quantized is not None:
+        # On a CPU, importing bitsandbytes warns that it cannot fetch an optional inference kernel
+        # (the `kernels` package, from the hub); training never runs it (keep_training_layout).
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    placement = (
+        {} if quantized is None else {"quantization_config": quantized, "device_map": {"": _this_device()}}
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -195,6 +248,7 @@ def load_base(config: TrainerConfig, source: str) -> Any:
             trust_remote_code=config.model.trust_remote_code,
             dtype=torch_dtype(config.training.precision),
             attn_implementation=config.training.attention_implementation,
+            **placement,
         )
     except OSError as exc:
         raise ModelNotFound(f"model {source}: {exc}".splitlines()[0]) from None
@@ -219,15 +273,96 @@ def load_model(config: TrainerConfig, source: str, ds_config: dict[str, Any]) ->
 
         keep_alive = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(config.training.seed)
-    model = load_base(config, source)
-    if config.training.gradient_checkpointing:
+    quantized = quantization_config(config)
+    model = load_base(config, source, quantized=quantized)
+    checkpointing = config.training.gradient_checkpointing
+    if quantized is not None:
+        model = prepare_4bit_base(model, gradient_checkpointing=checkpointing)
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
         model.config.use_cache = False
     if config.training.method == "lora":
         model = with_adapters(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA: %d trainable parameters", trainable)
     return model, keep_alive
+
+
+def prepare_4bit_base(model: Any, *, gradient_checkpointing: bool) -> Any:
+    """peft's preparation of a k-bit base for training, with the job's own checkpointing setting.
+
+    `prepare_model_for_kbit_training` freezes every base parameter and upcasts the unquantised ones
+    (norms, embeddings, output layer) to fp32; under bf16/fp16 DeepSpeed casts them back when the
+    engine is built (it casts floating parameters only: the 4-bit weights are uint8 storage and stay
+    as they are), so the upcast is transient. It would turn gradient checkpointing on by default;
+    here it is on only when training.gradientCheckpointing asks, and non-reentrant as for every other
+    model (which needs no input-gradient hook: the frozen embeddings' output requires no gradient)."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    layers = [m for m in model.modules() if _is_4bit(m)]
+    for layer in layers:
+        keep_training_layout(layer)
+        # The 4-bit weight and its quantisation state are rebuilt from the model source at every
+        # start (rebuilt_at_load), so no state dict (a checkpoint's) carries them.
+        layer.register_state_dict_post_hook(_without_weight)
+    log.info("QLoRA: %d linear layers of the base in 4 bits, frozen", len(layers))
+    return model
+
+
+def _is_4bit(module: Any) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def _without_weight(module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")]:
+        del state_dict[key]
+
+
+def rebuilt_at_load(module: Any) -> bool:
+    """Whether the run re-creates its frozen base from the model source at every start instead of
+    restoring it from a checkpoint: a 4-bit base (QLoRA) is quantised afresh, deterministically, from
+    the same weights, so its checkpoints hold only what trains (the adapters and their optimizer
+    state): no frozen weights, no quantisation state, and no second copy in DeepSpeed's frozen
+    fragments. A 70B base would otherwise be snapshotted to host memory and uploaded, twice, at
+    every checkpoint for nothing."""
+    return bool(getattr(module, "is_loaded_in_4bit", False))
+
+
+def load_trained(src: dict[str, Any], dst: Any) -> None:
+    """DeepSpeed's `custom_load_fn` for a run whose base is rebuilt at load: every trained parameter
+    from the checkpoint (a missing one is an error, as a strict load's), the rest left as loaded
+    from the model source. Whatever else the checkpoint holds (an older one's base) is ignored."""
+    import torch
+
+    trained = {name: p for name, p in dst.named_parameters() if p.requires_grad}
+    missing = sorted(set(trained) - set(src))
+    if missing:
+        raise RuntimeError(
+            f"the checkpoint lacks {len(missing)} trained parameters of this model, e.g. {missing[:3]}"
+        )
+    with torch.no_grad():
+        for name, param in trained.items():
+            param.copy_(src[name])
+
+
+def keep_training_layout(layer: Any) -> None:
+    """Keep a 4-bit layer's weight in the layout it trains in.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight for its inference
+    kernel the first time the layer runs in eval mode without gradients (our evaluation), and from
+    then on multiplies with that kernel in training too: it has no backward, so gradients stop
+    flowing through the base layers to the adapters below them (torch warns "silently incorrect"),
+    the forward runs in bf16 whatever the compute dtype, the parameter changes shape under DeepSpeed,
+    and a checkpoint's state dict converts it back lossily. GPUs never take that path."""
+    layer.support_avx512bf16_for_cpu = False
 
 
 def unlink_deepspeed() -> None:

@@ -30,6 +30,7 @@ from finetune_trainer.checkpoint_store import (
 )
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.failures import InputMissing
+from finetune_trainer.model import load_trained, rebuilt_at_load
 from finetune_trainer.position import DataPosition
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.snapshot import tag
@@ -118,8 +119,9 @@ class Resumer:
                 )  # fmt: skip
             with universal_loading(self.engine, reshaped is not None):
                 _, client_state = self.engine.load_checkpoint(
-                    str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
-                )
+                    str(target), tag=tag(step), load_optimizer_states=True, load_lr_scheduler_states=True,
+                    custom_load_fn=load_trained if rebuilt_at_load(self.engine.module) else None,
+                )  # fmt: skip
             loaded = Loaded(
                 step=step,
                 position=DataPosition.from_json((client_state or {}).get("data_position", {})),

@@ -249,8 +249,8 @@ class LoraSpec(ApiModel):
         "none",
         description="QLoRA: the frozen base held in 4 bits (bitsandbytes; nf4 for weights trained as "
         "Llama's are, fp4 the plain float format), with double quantisation and computed in the "
-        "training precision; the adapters train in full precision. A merged export dequantises the "
-        "base first, so the result is a plain model. Needs ZeRO 0-2.",
+        "training precision; the adapters train as under LoRA. A merged export merges them into the "
+        "base's own weights, loaded unquantised, so the result is a plain model. Needs ZeRO 0-2.",
     )
 
 
