@@ -128,3 +128,15 @@ def test_packed_parts_keep_their_positions_and_padding_is_a_part_of_its_own() ->
     assert positions == [0, 1, 2, 0, 1, 2, 0, 0]
     # never predict across parts: a part's last token has no target (its next part's first label is -100)
     assert labels == [2, 3, X, 5, 6, X, X, X]
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_under_sequence_parallelism() -> None:
+    """DeepSpeed's universal conversion reads the degree as tensor parallelism and fails on it."""
+    from types import SimpleNamespace
+
+    from finetune_trainer.sequence_parallel import refuse_conversion
+
+    refuse_conversion(SimpleNamespace(sequence_parallel_size=1), 4, 2, 4)  # data parallel: converted
+    why = r"^parallelism\.sequence: checkpoint step 4 .* resume at world size 2 \(resources\.nodes x "
+    with pytest.raises(SequenceParallelRefused, match=why):
+        refuse_conversion(SimpleNamespace(sequence_parallel_size=2), 4, 2, 4)

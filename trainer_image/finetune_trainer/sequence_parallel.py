@@ -12,6 +12,10 @@ What this module owns, and why:
   `[i * degree, (i + 1) * degree)`), so `layout.model_rank` is the rank's place in its DeepSpeed group
   and the index of its shard. Every rank of a group trains the group's examples (the batch schedule
   counts data-parallel ranks). `register` returns DeepSpeed's `mpu` for `deepspeed.initialize`.
+- Checkpoints: sequence parallelism shards no weight and ZeRO partitions over every rank whatever
+  the degree, so a checkpoint loads as saved at the same world size and the export is the usual
+  one; at another world size the universal conversion fails on it, so `refuse_conversion` ends the
+  run first (exit 2: resume at the saved world size).
 - Refusals before any weight loads (`check`, exit 2 naming `parallelism.sequence`): heads that the
   degree does not divide (each rank attends with heads / degree query heads and key/value
   heads / degree key/value heads), and the dpo and distill objectives (not wired: their per-sequence
@@ -109,6 +113,21 @@ def check(config: TrainerConfig, model_source: str, ds_config: dict[str, Any]) -
     except OSError:
         return  # load_model reports a missing model in its own words (exit 3)
     check_heads(degree, model_config)
+
+
+def refuse_conversion(engine: Any, step: int, saved_world_size: int, world_size: int) -> None:
+    """A checkpoint saved at another world size loads through DeepSpeed's universal conversion, which
+    (DeepSpeed 0.19) reads a sequence-parallel checkpoint's degree as tensor parallelism and fails
+    ("model-state file count 1 does not match pp_degree=1 * tp_degree=2"): refused, saying what works.
+    At the same world size a checkpoint loads as saved, whatever the degree."""
+    degree = int(getattr(engine, "sequence_parallel_size", 1) or 1)
+    if degree > 1:
+        raise SequenceParallelRefused(
+            f"{FIELD}: checkpoint step {step} was saved at world size {saved_world_size}; with sequence "
+            f"parallelism it cannot be converted to world size {world_size} (DeepSpeed's universal "
+            f"checkpoint conversion does not support it); resume at world size {saved_world_size} "
+            "(resources.nodes x processesPerNode)"
+        )
 
 
 def rows(config: TrainerConfig) -> int:
