@@ -42,8 +42,9 @@ What this module owns, and why:
   bucket, so `check` refuses that override. The multiplier is therefore the data-parallel size
   below ZeRO-3, as without sequence parallelism, and data-parallel size x degree on ZeRO-3
   (tests/integration/test_sequence_parallel.py checks both against plain data parallelism, and
-  will fail if a DeepSpeed upgrade changes either). Gradient clipping's norm needs nothing: with the
-  mpu, DeepSpeed counts a replicated parameter on the group's first rank only.
+  will fail if a DeepSpeed upgrade changes either). Gradient clipping needs nothing: DeepSpeed's
+  norm counts each gradient once over the group (ZeRO 0 through the mpu, on the group's first rank;
+  ZeRO 1-3 over disjoint partitions), and the clipped step equals data parallelism's in that test.
   The shard sums add up to the sequence's sum once (no rank holds another's tokens), so the step
   loop's all-reduced loss sums are right as they are; only the example-level token count, the same
   on every rank of a group, is counted by the group's first rank alone (step_loop.py).
