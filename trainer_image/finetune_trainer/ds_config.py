@@ -72,6 +72,10 @@ def deepspeed_config(config: TrainerConfig, *, cpu: bool = False) -> dict[str, A
         "steps_per_print": 10**9,  # progress is reported by the trainer, once, from rank 0
         "wall_clock_breakdown": False,
     }
+    if config.parallelism.sequence > 1:
+        # Ulysses (sequence_parallel.py): DeepSpeed's batch check and ZeRO-3's HF link divide the
+        # world by it; the engine itself takes the groups from the mpu.
+        generated["sequence_parallel_size"] = config.parallelism.sequence
     return deep_merge(generated, config.deepspeed.override or {})
 
 

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group, token_loss
+from finetune_trainer import process_group, sequence_parallel, token_loss
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.parallel_layout import Layout
+from finetune_trainer.sequence_parallel import Shards
 
 if TYPE_CHECKING:
     from finetune_trainer.prepared_data import PreparedData
@@ -55,8 +56,10 @@ class Objective(Protocol):
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None: ...
 
 
-def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any) -> dict[str, Any]:
-    """A micro batch of single examples (sft, distill) as model inputs."""
+def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any, shards: Shards | None = None
+                 ) -> dict[str, Any]:  # fmt: skip
+    """A micro batch of single examples (sft, distill) as model inputs; with sequence parallelism,
+    this rank's shard of it (sequence_parallel.py)."""
     pad_id = 0  # masked out of attention and loss, so any id serves
     columns = collate(
         examples,
@@ -65,7 +68,7 @@ def batch_inputs(config: TrainerConfig, examples: list[Example], device: Any) ->
         packed=config.dataset.packing,
         flatten=config.training.attention_implementation == "flash_attention_2",
     )
-    return model_inputs(columns, device)
+    return model_inputs(columns, device) if shards is None else shards.inputs(columns, device)
 
 
 def evaluation_share(examples: ExampleTable, layout: Layout, micro: int) -> list[list[int]] | None:
@@ -110,8 +113,10 @@ class Supervised:
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, config: TrainerConfig, layout: Layout, device: Any, train: ExampleTable) -> None:
+    def __init__(self, config: TrainerConfig, layout: Layout, device: Any, train: ExampleTable,
+                 shards: Shards | None = None) -> None:  # fmt: skip
         self.config, self.layout, self.device, self.train = config, layout, device, train
+        self.shards = shards  # this rank's cut of every sequence under sequence parallelism
 
     def count(self, table: ExampleTable, indices: Sequence[int]) -> int:
         return table.targets(indices)
@@ -120,8 +125,12 @@ class Supervised:
              ) -> StepSums:  # fmt: skip
         import torch
 
-        batches = (batch_inputs(self.config, [self.train[i] for i in b], self.device) for b in micro_batches)
-        loss = token_loss.step(engine, batches, global_count, world_size)
+        batches = (
+            batch_inputs(self.config, [self.train[i] for i in b], self.device, self.shards)
+            for b in micro_batches
+        )
+        multiplier = world_size if self.shards is None else self.shards.multiplier(world_size)
+        loss = token_loss.step(engine, batches, global_count, multiplier)
         return StepSums(loss=loss, metrics=torch.zeros(0, dtype=torch.float64, device=self.device))
 
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
@@ -131,7 +140,9 @@ class Supervised:
             return None
 
         def part(indices: list[int]) -> tuple[float, float, list[float]]:
-            batch = batch_inputs(self.config, [examples[i] for i in indices], self.device)
+            batch = batch_inputs(self.config, [examples[i] for i in indices], self.device, self.shards)
+            if self.shards is not None:  # this rank's shard: its own targets, its summed loss
+                return float(engine(**batch, num_items_in_batch=1).loss), sequence_parallel.targets(batch), []
             targets = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             return float(engine(**batch).loss) * targets, targets, []
 
@@ -151,4 +162,4 @@ def objective_for(ctx: RankContext, engine: Any, data: PreparedData, *, store: A
         from finetune_trainer.distill_objective import Distillation
 
         return Distillation.prepare(ctx, engine, data, ds_config)
-    return Supervised(ctx.config, ctx.layout, ctx.device, data.train)
+    return Supervised(ctx.config, ctx.layout, ctx.device, data.train, Shards.of(ctx.config, ctx.layout))

@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group, restart_records
+from finetune_trainer import process_group, restart_records, sequence_parallel
 from finetune_trainer.batch_schedule import BatchSchedule, schedule_for
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
@@ -105,7 +105,9 @@ def set_up(ctx: RankContext) -> Started:
     steps = schedule_for(config, len(data.train))
     ds_config = deepspeed_config(config, cpu=process_group.on_cpu())
     check_deepspeed_config(config, ds_config)  # before any weight loads: a bad override fails fast
+    sequence_parallel.check(config, model_source, ds_config)  # before any weight loads
     model, keep_alive = load_model(config, model_source, ds_config)
+    mpu = sequence_parallel.register(config, model)  # Ulysses attention and its groups; None without
     warmup = warmup_steps(config, steps.total_steps)
 
     def schedule(optimizer: Any) -> Any:
@@ -121,6 +123,7 @@ def set_up(ctx: RankContext) -> Started:
         model_parameters=parameter_groups(model.named_parameters(), config.training.weight_decay),
         config=ds_config,
         lr_scheduler=schedule,
+        mpu=mpu,
     )
     checkpointer = Checkpointer(
         engine,

@@ -55,7 +55,8 @@ class StepLoop:
             sums = objective.step(engine, micro_batches, global_count, ctx.layout.data_size)
             loss_sum += sums.loss
             metric_sums += sums.metrics
-            tokens += data.train.token_count(indices)
+            if ctx.layout.model_rank == 0:  # a model-parallel group's ranks train the same examples
+                tokens += data.train.token_count(indices)
             counted_in_window += global_count
             done = self.step = step + 1
             trace.record(done, [data.train[i].id for i in indices])

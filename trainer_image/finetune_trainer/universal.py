@@ -37,6 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from finetune_trainer import sequence_parallel
 from finetune_trainer.checkpoint_store import CheckpointManifest, CheckpointStore, TornCheckpoint, step_dir
 from finetune_trainer.committed_dir import CommittedDir, FileEntry, TornDirectory
 from finetune_trainer.coordination import Coordinator
@@ -157,6 +158,7 @@ class Reshaper:
             check_global_batch(checkpoint, self.engine.train_batch_size())
         if not needs_conversion(checkpoint, self.ranks.world_size):
             return None
+        sequence_parallel.refuse_conversion(self.engine, step, checkpoint.world_size, self.ranks.world_size)
         wanted = manifest_sha256(checkpoint)
         existing = self.committed(step, wanted)
         if existing is not None:
