@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group, restart_records
+from finetune_trainer import process_group, restart_records, tensor_parallel
 from finetune_trainer.batch_schedule import BatchSchedule, schedule_for
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
@@ -95,6 +95,7 @@ def set_up(ctx: RankContext) -> Started:
     restarts = restart_records.gathered(ranks)  # before anything that can fail: a restart is reported
     job_store = ctx.open(config.checkpoint.job_uri)
     model_source = local_source(config.model.source, ctx.scratch / "models", ctx.phases, ctx.open)
+    tensor_parallel.check(config, model_source)  # heads and MLP split at parallelism.tensor: exit 2
     tokenizer_source = (
         local_source(config.model.tokenizer, ctx.scratch / "models", ctx.phases, ctx.open)
         if config.model.tokenizer
@@ -121,6 +122,7 @@ def set_up(ctx: RankContext) -> Started:
         model_parameters=parameter_groups(model.named_parameters(), config.training.weight_decay),
         config=ds_config,
         lr_scheduler=schedule,
+        mpu=tensor_parallel.model_parallel_unit(config, ctx.layout),  # None below parallelism.tensor 2
     )
     checkpointer = Checkpointer(
         engine,
