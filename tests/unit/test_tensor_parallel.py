@@ -70,11 +70,12 @@ def test_the_refusal_reads_the_models_own_config_before_any_weight_loads(tmp_pat
     "changes,named",
     [
         ({"spec.training.method": "lora"}, "training.method lora"),
+        ({"spec.training.ligerKernels": True}, "training.ligerKernels"),
         ({"spec.training.objective": "distill",
           "spec.training.distillation": {"teacher": "file:///teacher"}}, "training.objective distill"),
     ],
 )  # fmt: skip
-def test_lora_and_distillation_are_refused_under_tensor_parallelism(
+def test_lora_liger_and_distillation_are_refused_under_tensor_parallelism(
     changes: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(TensorParallelRefused, match=f"^parallelism.tensor: 2 with {named}"):

@@ -5,8 +5,9 @@ here; startup, the DeepSpeed config, the step loop, the resume and the export on
 - Refusals, before any weight loads (`check`, exit 2 naming `parallelism.tensor`): attention heads,
   key/value heads and the MLP's intermediate size must divide by the degree (AutoTP splits whole heads
   and equal column blocks; DeepSpeed would otherwise cut them unevenly or leave ranks without a head),
-  and the run must be full fine-tuning with sft or dpo (LoRA's wrapped layers and distillation's
-  teacher engine are not sharded by AutoTP as we use it, and no test covers them).
+  and the run must be full fine-tuning with sft or dpo, without Liger's kernels (LoRA's wrapped
+  layers and distillation's teacher engine are not sharded by AutoTP as we use it, and Liger's fused
+  cross-entropy reads the whole lm_head, which AutoTP splits).
 - Groups (`model_parallel_unit`): DeepSpeed's own mesh (`deepspeed.utils.groups._init_tp_mesh_device`,
   a (data, tensor) DeviceMesh: tensor-parallel groups are consecutive ranks, data-parallel groups
   ranks strided by the degree), made before `deepspeed.initialize` and handed to it as its `mpu`, so
@@ -80,6 +81,11 @@ def check_run(config: TrainerConfig) -> None:
         raise TensorParallelRefused(
             f"{FIELD}: {tp} with training.method lora is not supported (AutoTP does not shard peft's "
             "wrapped layers); use full fine-tuning, or parallelism.tensor 1 with LoRA"
+        )
+    if config.training.liger_kernels:
+        raise TensorParallelRefused(
+            f"{FIELD}: {tp} with training.ligerKernels is not supported (Liger's fused cross-entropy "
+            "multiplies by the whole lm_head, which AutoTP splits by vocabulary); set ligerKernels false"
         )
     if config.training.objective == "distill":
         raise TensorParallelRefused(
