@@ -13,6 +13,7 @@ import pytest
 from finetune_operator import contract
 from finetune_operator.api import resolve_trainer_config
 from finetune_trainer import ds_config, tensor_parallel
+from finetune_trainer.model import ModelNotFound
 from finetune_trainer.parallel_layout import Layout
 from finetune_trainer.process_group import Ranks
 from finetune_trainer.tensor_parallel import TensorParallelRefused
@@ -64,6 +65,8 @@ def test_the_refusal_reads_the_models_own_config_before_any_weight_loads(tmp_pat
     tensor_parallel.check(_config(2, processes=4), str(model))
     with pytest.raises(TensorParallelRefused, match=r"^parallelism.tensor: 4 .* key/value heads 2"):
         tensor_parallel.check(_config(4, processes=4), str(model))
+    with pytest.raises(ModelNotFound):  # exit 3, as loading it would
+        tensor_parallel.check(_config(2, processes=4), str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize(

@@ -130,9 +130,14 @@ def check(config: TrainerConfig, model_source: str) -> None:
     check_run(config)
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(
-        model_source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
-    )
+    from finetune_trainer.model import ModelNotFound
+
+    try:
+        model_config = AutoConfig.from_pretrained(
+            model_source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+        )
+    except OSError as exc:  # as load_base answers it: exit 3
+        raise ModelNotFound(f"model {model_source}: {exc}".splitlines()[0]) from None
     check_model(config, model_config)
 
 
