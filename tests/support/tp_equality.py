@@ -16,6 +16,7 @@ transformers on rank 0.
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,10 +166,12 @@ def exported_logits(engine: Any, state: dict[str, torch.Tensor], probe: dict[str
 
 
 def main(tp: int, out: Path) -> None:
+    faulthandler.enable()  # a rank that aborts in C++ (gloo) still shows where it was
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for kind, tied in (("plain", False), ("packed", False), ("plain", True), ("dpo", False), ("dpo", True)):
         results[f"{kind}-{'tied' if tied else 'untied'}"] = case(tp, kind, tied, out)
+        torch.distributed.barrier()  # rank 0's export check done before the next engine is built
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
     torch.distributed.barrier()
