@@ -13,6 +13,7 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
+from finetune_trainer import tensor_parallel
 from finetune_trainer.failures import InvalidInput
 
 ADAM_BETAS = (0.9, 0.95)
@@ -71,6 +72,7 @@ def deepspeed_config(config: TrainerConfig, *, cpu: bool = False) -> dict[str, A
         },
         "steps_per_print": 10**9,  # progress is reported by the trainer, once, from rank 0
         "wall_clock_breakdown": False,
+        **tensor_parallel.ds_config_section(config),  # AutoTP: nothing at parallelism.tensor 1
     }
     if config.parallelism.sequence > 1:
         # Ulysses (sequence_parallel.py): DeepSpeed's batch check and ZeRO-3's HF link divide the
@@ -100,7 +102,8 @@ def check(config: TrainerConfig, ds_config: dict[str, Any]) -> None:
             "use " + " or ".join(p for p in ("bf16", "fp32") if p != precision)
         )
     try:
-        DeepSpeedConfig(copy.deepcopy(ds_config))
+        # Under tensor parallelism DeepSpeed counts data-parallel ranks in the batch (its mpu).
+        DeepSpeedConfig(copy.deepcopy(ds_config), mpu=tensor_parallel.config_view(config))
     except Exception as exc:  # DeepSpeed raises pydantic errors, assertions and ValueErrors alike
         first = " ".join(str(exc).split())[:400] or type(exc).__name__
         field = "deepspeed.override" if config.deepspeed.override else "the generated DeepSpeed config"

@@ -36,7 +36,7 @@ from finetune_operator.api import TrainerConfig
 from finetune_operator.api.spec import LoraSpec
 from pydantic import BaseModel
 
-from finetune_trainer import process_group
+from finetune_trainer import process_group, tensor_parallel
 from finetune_trainer.committed_dir import CommittedDir, FileEntry
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.model import load_base, lora_config, unlink_deepspeed
@@ -66,7 +66,10 @@ def export_kind(config: TrainerConfig) -> str:
 
 
 def full_state_dict(engine: Any, zero_stage: int) -> dict[str, Any] | None:
-    """The whole model's weights on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+    """The whole model's weights on rank 0 (None elsewhere); every rank must call it under ZeRO-3
+    and under tensor parallelism (each group gathers its shards)."""
+    if tensor_parallel.degree_of(engine) > 1:
+        return tensor_parallel.gathered_state_dict(engine)
     if zero_stage == 3:
         state: dict[str, Any] | None = engine._zero3_consolidated_16bit_state_dict()
         return state

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group, sequence_parallel, token_loss
+from finetune_trainer import process_group, sequence_parallel, tensor_parallel, token_loss
 from finetune_trainer.encoding import IGNORE_INDEX, Example, collate, model_inputs
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.parallel_layout import Layout
@@ -88,10 +88,11 @@ def evaluation_share(examples: ExampleTable, layout: Layout, micro: int) -> list
 Part = Callable[[list[int]], tuple[float, float, list[float]]]
 
 
-def held_out(engine: Any, batches: list[list[int]], part: Part, names: tuple[str, ...], device: Any
-             ) -> Evaluation | None:  # fmt: skip
+def held_out(engine: Any, batches: list[list[int]], part: Part, names: tuple[str, ...], device: Any,
+             share: float = 1.0) -> Evaluation | None:  # fmt: skip
     """Loss and metrics over every rank's share of the held-out examples, `part` giving one micro
-    batch's (loss sum, items counted, metric sums) without gradients; None when nothing counted."""
+    batch's (loss sum, items counted, metric sums) without gradients; None when nothing counted.
+    `share` weighs this rank's sums in the world's (tensor_parallel.report_share)."""
     import torch
 
     loss_sum, counted, metric_sums = 0.0, 0.0, [0.0] * len(names)
@@ -102,7 +103,8 @@ def held_out(engine: Any, batches: list[list[int]], part: Part, names: tuple[str
             loss_sum, counted = loss_sum + loss, counted + count
             metric_sums = [a + b for a, b in zip(metric_sums, metrics, strict=True)]
     engine.train()
-    total, count, *metrics = process_group.all_reduce([loss_sum, counted, *metric_sums], "sum", device)
+    sums = [share * v for v in (loss_sum, counted, *metric_sums)]
+    total, count, *metrics = process_group.all_reduce(sums, "sum", device)
     if not count:
         return None
     return Evaluation(loss=total / count, metrics={n: v / count for n, v in zip(names, metrics, strict=True)})
@@ -146,7 +148,8 @@ class Supervised:
             targets = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             return float(engine(**batch).loss) * targets, targets, []
 
-        return held_out(engine, batches, part, self.metric_names, self.device)
+        share = tensor_parallel.report_share(self.config, self.layout)
+        return held_out(engine, batches, part, self.metric_names, self.device, share)
 
 
 def objective_for(ctx: RankContext, engine: Any, data: PreparedData, *, store: Any,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from finetune_operator.api import TrainerConfig
 from finetune_operator.api.spec import DpoSpec
 
+from finetune_trainer import tensor_parallel
 from finetune_trainer.encoding import model_inputs
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.objectives import Evaluation, StepSums, evaluation_share, held_out
@@ -95,4 +96,5 @@ class Preference:
             loss, metrics = self._sums(engine, examples, self.references["validation"], indices)
             return float(loss), float(len(indices)), [float(metrics[2]), float(metrics[3])]
 
-        return held_out(engine, batches, part, ("rewards_margin", "rewards_accuracy"), self.device)
+        share = tensor_parallel.report_share(self.config, self.layout)  # a TP group's sums once
+        return held_out(engine, batches, part, ("rewards_margin", "rewards_accuracy"), self.device, share)

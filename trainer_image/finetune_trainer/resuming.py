@@ -21,7 +21,7 @@ from typing import Any
 
 from finetune_operator.api.spec import RESUME_LATEST, RESUME_NONE
 
-from finetune_trainer import process_group
+from finetune_trainer import process_group, tensor_parallel
 from finetune_trainer.checkpoint_store import (
     CheckpointManifest,
     CheckpointStore,
@@ -135,7 +135,7 @@ class Resumer:
 
     def _node_files(self, manifest: CheckpointManifest) -> Callable[[str], bool] | None:
         reads_all = self.engine.zero_elastic_checkpoint() or self.engine.load_universal_checkpoint()
-        return node_files(self.ranks, manifest.world_size, reads_all)
+        return node_files(self.ranks, manifest.world_size, reads_all, tensor_parallel.degree_of(self.engine))
 
 
 RESTART_COPY = "resume"  # under the checkpoints' scratch root: the node's copy of one checkpoint
@@ -164,15 +164,18 @@ def keep_for_restart(local_root: Path, uploaded: Path) -> None:
     uploaded.rename(target / uploaded.name)
 
 
-def node_files(ranks: Ranks, saved_world_size: int, reads_all: bool) -> Callable[[str], bool] | None:
+def node_files(ranks: Ranks, saved_world_size: int, reads_all: bool, tensor: int = 1
+               ) -> Callable[[str], bool] | None:  # fmt: skip
     """The files a node's ranks load: their own ZeRO shards plus the shared files, when the world
     size is unchanged; None (every file) otherwise. DeepSpeed 0.19 reads only the loading rank's
     `zero_pp_rank_<rank>_*` files (`_get_all_zero_checkpoint_state_dicts`, and `_get_ckpt_name` under
-    ZeRO-3), except for elastic and universal checkpoints (`reads_all`), which read them all."""
+    ZeRO-3), except for elastic and universal checkpoints (`reads_all`), which read them all. The
+    rank there is the data-parallel one: under tensor parallelism of degree `tensor`, the global rank
+    over the degree (every `mp_rank_NN` of the node's data ranks)."""
     if saved_world_size != ranks.world_size or reads_all:
         return None
     first = ranks.node_rank * ranks.local_world_size
-    mine = range(first, first + ranks.local_world_size)
+    mine = tensor_parallel.node_data_ranks(first, ranks.local_world_size, tensor)
     return lambda path: (rank := shard_rank(path)) is None or rank in mine
 
 

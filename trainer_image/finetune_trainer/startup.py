@@ -15,7 +15,7 @@ from typing import Any
 from finetune_operator import contract
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer import process_group, restart_records, sequence_parallel
+from finetune_trainer import process_group, restart_records, sequence_parallel, tensor_parallel
 from finetune_trainer.batch_schedule import BatchSchedule, schedule_for
 from finetune_trainer.checkpoint_store import CheckpointStore
 from finetune_trainer.checkpointing import Checkpointer
@@ -95,6 +95,7 @@ def set_up(ctx: RankContext) -> Started:
     restarts = restart_records.gathered(ranks)  # before anything that can fail: a restart is reported
     job_store = ctx.open(config.checkpoint.job_uri)
     model_source = local_source(config.model.source, ctx.scratch / "models", ctx.phases, ctx.open)
+    tensor_parallel.check(config, model_source)  # heads and MLP split at parallelism.tensor: exit 2
     tokenizer_source = (
         local_source(config.model.tokenizer, ctx.scratch / "models", ctx.phases, ctx.open)
         if config.model.tokenizer
@@ -107,7 +108,8 @@ def set_up(ctx: RankContext) -> Started:
     check_deepspeed_config(config, ds_config)  # before any weight loads: a bad override fails fast
     sequence_parallel.check(config, model_source, ds_config)  # before any weight loads
     model, keep_alive = load_model(config, model_source, ds_config)
-    mpu = sequence_parallel.register(config, model)  # Ulysses attention and its groups; None without
+    # Ulysses attention and its groups, or AutoTP's mesh (both layers refuse the two at once); None without
+    mpu = sequence_parallel.register(config, model) or tensor_parallel.model_parallel_unit(config, ctx.layout)
     warmup = warmup_steps(config, steps.total_steps)
 
     def schedule(optimizer: Any) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from finetune_trainer import faults, grace, process_group
+from finetune_trainer import faults, grace, process_group, tensor_parallel
 from finetune_trainer.agreement import StopFlag, StopOrCheckpointVote
 from finetune_trainer.cadence import Cadence
 from finetune_trainer.failures import Terminated
@@ -63,9 +63,9 @@ class StepLoop:
             agreed = vote.agree(done, last=done == steps.total_steps)
             decisions = cadence.after(done, stop=agreed.stop, time_due=agreed.time_due)
             if decisions.log:
-                total_loss, total_tokens, *totals = process_group.all_reduce(
-                    [float(loss_sum), float(tokens), *metric_sums.tolist()], "sum", ctx.device
-                )
+                share = tensor_parallel.report_share(config, ctx.layout)  # a TP group's sums once
+                sums = [share * v for v in (float(loss_sum), float(tokens), *metric_sums.tolist())]
+                total_loss, total_tokens, *totals = process_group.all_reduce(sums, "sum", ctx.device)
                 elapsed = time.monotonic() - window_start
                 window = max(counted_in_window, 1)  # every rank counted the whole global batch
                 run.reporter.step(

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from finetune_trainer import sequence_parallel
+from finetune_trainer import sequence_parallel, tensor_parallel
 from finetune_trainer.checkpoint_store import CheckpointManifest, CheckpointStore, TornCheckpoint, step_dir
 from finetune_trainer.committed_dir import CommittedDir, FileEntry, TornDirectory
 from finetune_trainer.coordination import Coordinator
@@ -154,6 +154,9 @@ class Reshaper:
 
     def _on_main(self, source: CheckpointStore, step: int) -> Reshaped | None:
         checkpoint = source.manifest(step)
+        degree = tensor_parallel.degree_of(self.engine)
+        paths = [f.path for f in checkpoint.files]
+        tensor_parallel.check_resume(step, paths, checkpoint.world_size, degree, self.ranks.world_size)
         if checkpoint.world_size != self.ranks.world_size:
             check_global_batch(checkpoint, self.engine.train_batch_size())
         if not needs_conversion(checkpoint, self.ranks.world_size):
