@@ -305,6 +305,35 @@ CASES = [
         "spec.training.lora.quantization",
     ),
     Bad("parallel degree zero", {"spec.parallelism.sequence": 0}, "spec.parallelism.sequence"),
+    Bad(
+        "tensor parallel LoRA",
+        {**GPU8, "spec.parallelism.tensor": 2, "spec.training.method": "lora"},
+        "spec.parallelism.tensor",
+        rule=True,
+    ),
+    Bad(
+        "tensor parallel distillation",
+        {
+            **GPU8,
+            "spec.parallelism.tensor": 2,
+            "spec.training.objective": "distill",
+            "spec.training.distillation": {"teacher": "s3://models/teacher"},
+        },
+        "spec.parallelism.tensor",
+        rule=True,
+    ),
+    Bad(
+        "tensor parallel with Liger kernels",
+        {**GPU8, "spec.parallelism.tensor": 2, "spec.training.ligerKernels": True},
+        "spec.parallelism.tensor",
+        rule=True,
+    ),
+    Bad(
+        "sequence parallel dpo",
+        {**GPU8, **DPO, "spec.parallelism.sequence": 2},
+        "spec.parallelism.sequence",
+        rule=True,
+    ),
     # enums
     Bad("fp8 precision", {"spec.training.precision": "fp8"}, "spec.training.precision"),
     Bad("ZeRO stage 4", {"spec.deepspeed.zeroStage": 4}, "spec.deepspeed.zeroStage"),

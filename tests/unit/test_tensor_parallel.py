@@ -81,9 +81,15 @@ def test_the_refusal_reads_the_models_own_config_before_any_weight_loads(tmp_pat
 def test_lora_liger_and_distillation_are_refused_under_tensor_parallelism(
     changes: dict[str, Any], named: str
 ) -> None:
+    """Both API layers refuse these (test_malformed_manifests.py); a config that got past them (written
+    by hand) is refused by the trainer too, at start."""
+    from finetune_operator.api.spec import ParallelismSpec
+
+    allowed = _config(1, **changes)
+    past_the_api = allowed.model_copy(update={"parallelism": ParallelismSpec.model_construct(tensor=2)})
     with pytest.raises(TensorParallelRefused, match=f"^parallelism.tensor: 2 with {named}"):
-        tensor_parallel.check_run(_config(2, **changes))
-    tensor_parallel.check_run(_config(1, **changes))
+        tensor_parallel.check_run(past_the_api)
+    tensor_parallel.check_run(allowed)
 
 
 def test_the_deepspeed_config_asks_autotp_for_the_degree_and_nothing_without_it() -> None:

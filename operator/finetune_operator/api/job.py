@@ -73,6 +73,31 @@ def _parallelism_rules() -> tuple[Rule, ...]:
             check=lambda s: s.parallelism.tensor == 1 or s.deepspeed.zero_stage <= 2,
         ),
         Rule(
+            cel="self.parallelism.tensor == 1 || self.training.method != 'lora'",
+            message="tensor parallelism (AutoTP) does not split LoRA's adapter layers: set "
+            "training.method full, or use ZeRO-3 or QLoRA (training.lora.quantization) to fit the base",
+            field="parallelism.tensor",
+            check=lambda s: s.parallelism.tensor == 1 or s.training.method != "lora",
+        ),
+        Rule(
+            cel="self.parallelism.tensor == 1 || (self.training.objective != 'distill' "
+            "&& !self.training.ligerKernels)",
+            message="tensor parallelism trains objectives sft and dpo without Liger kernels (the teacher "
+            "is not split, and Liger's fused loss reads the whole output layer AutoTP splits)",
+            field="parallelism.tensor",
+            check=lambda s: (
+                s.parallelism.tensor == 1
+                or (s.training.objective != "distill" and not s.training.liger_kernels)
+            ),
+        ),
+        Rule(
+            cel="self.parallelism.sequence == 1 || self.training.objective == 'sft'",
+            message="sequence parallelism trains objective sft only for now: set parallelism.sequence 1 "
+            "for dpo or distill",
+            field="parallelism.sequence",
+            check=lambda s: s.parallelism.sequence == 1 or s.training.objective == "sft",
+        ),
+        Rule(
             cel="self.parallelism.sequence == 1 || self.training.attentionImplementation != 'eager'",
             message="sequence parallelism needs sdpa or flash_attention_2 (eager builds a full attention "
             "mask of the whole sequence): set training.attentionImplementation",
