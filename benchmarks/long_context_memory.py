@@ -10,8 +10,12 @@ processes, so no configuration inherits another's allocator state) and prints it
   --seq tokens per data-parallel rank. Aim: the step's peak per rank at SP 2 / SP 1 <= 0.6. The
   baseline trains twice the tokens per step (two ranks, two sequences), so its tokens/s is the
   figure to compare, not steps/s.
-- tensor (`parallelism.tensor`) and qlora (`training.lora.quantization`): their owners add a
-  section here (a function taking the parsed arguments, returning nothing, registered in SECTIONS).
+- tensor (`parallelism.tensor`): benchmarks/tensor_parallel_memory.py, model state (parameters,
+  gradients, optimizer states), peak and steps/s per rank at TP 2 against TP 1 at the same
+  data-parallel degree, and against ZeRO-2 over the same ranks. Aim: model state TP 2 / TP 1 <= 0.6.
+- qlora (`training.lora.quantization`): benchmarks/qlora_memory.py, model state of LoRA on a 4-bit
+  NF4 base against LoRA on the bf16/fp32 base. Aim: QLoRA / LoRA <= 0.35.
+  Both run as their own scripts (each prints its table and ratio); `--part` picks one section.
 
 How memory is measured: torch's CPU tensors come from malloc, which tracemalloc does not see, and
 torch's profiler sees allocations but not the allocator's fragmentation or what it keeps; what a rank
@@ -211,9 +215,21 @@ def sequence_section(args: argparse.Namespace) -> None:
     print(f"ratio (step peak per rank, SP 2 / SP 1): {step_peaks[2] / step_peaks[1]:.3f}  (aim <= 0.6)")
 
 
-# Each part of the benchmark: its name, and the function that runs it and prints its table. Tensor
-# parallelism and QLoRA add theirs here.
-SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"sequence": sequence_section}
+def _script(name: str) -> Callable[[argparse.Namespace], None]:
+    """A section that is a benchmark script of its own, run with its defaults."""
+
+    def section(args: argparse.Namespace) -> None:
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / name)], check=True)
+
+    return section
+
+
+# Each part of the benchmark: its name, and the function that runs it and prints its table.
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "sequence": sequence_section,
+    "tensor": _script("tensor_parallel_memory.py"),
+    "qlora": _script("qlora_memory.py"),
+}
 WORKERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "sequence": lambda a: sequence_worker(a.degree, a.seq, Path(a.out)),
 }
