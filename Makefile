@@ -81,7 +81,7 @@ GPU_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp --abi 
 gpu-wheels: $(INSTALLED)
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
 	$(PY) -m pip download --quiet $(GPU_TAGS) -d $(GPU_WHEELS) \
-		pydantic boto3 kopf tensorboard hjson ninja psutil py-cpuinfo msgpack einops nvidia-ml-py
+		pydantic boto3 kopf tensorboard hjson ninja psutil py-cpuinfo msgpack einops nvidia-ml-py bitsandbytes
 	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) deepspeed
 	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) .
 	@echo "$(GPU_WHEELS)/: $$(ls $(GPU_WHEELS) | wc -l) wheels; on the GPU machine: python3 tools/gpu_check.py --wheels $(GPU_WHEELS)"

@@ -3,7 +3,8 @@
 with ZeRO-2, packing and sdpa (flash_attention_2 when the machine has flash-attn) at a 4096-token
 window, then a short fp16 run with DeepSpeed's dynamic loss scaling. Prints tokens/s/GPU, MFU (6N plus
 the attention term 12 x layers x hidden x window per token, against the chip's dense bf16 peak) and
-the device's peak memory in use. Then a sequence-parallel run (`parallelism.sequence`, Ulysses) of the
+the device's peak memory in use. Then a QLoRA run of the same model (its base in 4-bit NF4,
+bitsandbytes, rank-16 adapters in bf16). Then a sequence-parallel run (`parallelism.sequence`, Ulysses) of the
 same model over 2 or 4 GPUs (as many as the machine has, heads permitting) at a 32768-token sequence,
 unpacked under sdpa (packed under flash_attention_2), with gradient checkpointing: its tokens/s per
 GPU, MFU and the largest peak memory of its GPUs. One GPU cannot hold two ranks (NCCL refuses a
@@ -105,9 +106,10 @@ def write_data(path: Path, records: int, window: int) -> None:
 
 
 def manifest(root: Path, name: str, *, precision: str, window: int, steps: int, attention: str, gpu: bool,
-             torch_adam: bool, sequence: int = 1, data: str = "train.jsonl") -> dict[str, Any]:  # fmt: skip
+             torch_adam: bool, sequence: int = 1, data: str = "train.jsonl", quantization: str | None = None
+             ) -> dict[str, Any]:  # fmt: skip
     """One GPU (or CPU rank) per process; `sequence` processes sharing each sequence (Ulysses), unpacked
-    unless flash_attention_2 keeps packed documents apart."""
+    unless flash_attention_2 keeps packed documents apart; `quantization` a QLoRA run on that 4-bit base."""
     spec: dict[str, Any] = {
         "model": {"source": f"file://{root / 'model'}"},
         "dataset": {
@@ -132,6 +134,9 @@ def manifest(root: Path, name: str, *, precision: str, window: int, steps: int, 
         "resources": {"gpusPerNode": sequence if gpu else 0, "processesPerNode": sequence},
         "checkpoint": {"uri": f"file://{root / 'store'}", "everySteps": 10 * steps, "keepLast": 1},
     }
+    if quantization:
+        spec["training"] |= {"method": "lora", "lora": {"rank": 16, "quantization": quantization},
+                             "learningRate": 2e-4}  # fmt: skip
     if torch_adam:  # no CUDA toolkit to JIT-build DeepSpeed's fused Adam: PyTorch's fused AdamW
         spec["deepspeed"]["override"] = {"optimizer": {"params": {"torch_adam": True, "adam_w_mode": True}}}
     return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
@@ -269,6 +274,19 @@ def main() -> int:
         label = "fp16 (loss scaling)" if index else precision
         if not report(label, code, output, seconds, memory.stop(), params, shape, seq, count, device, 1):
             return 1
+
+    # QLoRA: the same model's base in 4 bits (NF4, double quantisation), the adapters trained in the
+    # run's precision; bitsandbytes' CUDA kernels on a GPU, its CPU ones in the rehearsal.
+    precision = "bf16" if gpu else "fp32"
+    memory = MemoryPoll(gpu)
+    document = manifest(
+        root, "gpu-check-qlora", precision=precision, window=window, steps=max(steps // 2, 4),
+        attention=attention, gpu=gpu, torch_adam=torch_adam, quantization="nf4",
+    )  # fmt: skip
+    code, output, seconds = train(root, "run-qlora", document, gpu)
+    if not report(f"QLoRA nf4 ({precision}, rank 16)", code, output, seconds, memory.stop(), params, shape,
+                  window, max(steps // 2, 4), device, 1):  # fmt: skip
+        return 1
 
     # Sequence parallelism: as many GPUs as the machine has, up to 4, that divide the heads.
     gpus = torch.cuda.device_count() if gpu else 2
