@@ -58,7 +58,7 @@ def settings(degree: int, stage: int = 0) -> Any:
         dataset=SimpleNamespace(max_seq_length=64, packing=False),
         training=SimpleNamespace(attention_implementation="sdpa"),
         schedule=SimpleNamespace(micro_batch_size=MICRO),
-        parallelism=SimpleNamespace(sequence=degree),
+        parallelism=SimpleNamespace(sequence=degree, tensor=1),
         deepspeed=SimpleNamespace(zero_stage=stage, offload_optimizer=False, offload_parameters=False),
     )
 
