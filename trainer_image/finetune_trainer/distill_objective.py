@@ -24,7 +24,14 @@ from finetune_trainer.distill_loss import token_divergence
 from finetune_trainer.example_table import ExampleTable
 from finetune_trainer.failures import InvalidInput
 from finetune_trainer.model import ModelNotFound, local_source, torch_dtype
-from finetune_trainer.objectives import Evaluation, StepSums, batch_inputs, evaluation_share, held_out
+from finetune_trainer.objectives import (
+    Evaluation,
+    StepSums,
+    accumulate,
+    batch_inputs,
+    evaluation_share,
+    held_out,
+)
 from finetune_trainer.parallel_layout import Layout
 
 if TYPE_CHECKING:
@@ -122,17 +129,14 @@ class Distillation:
              ) -> StepSums:  # fmt: skip
         import torch
 
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        metric_sums = torch.zeros(len(self.metric_names), dtype=torch.float64, device=self.device)
-        for indices in micro_batches:
+        def sums(indices: list[int]) -> tuple[Any, Any]:
             loss, divergence, cross_entropy = self._sums(
                 engine, [self.train[i] for i in indices], global_count
             )
-            engine.backward(loss / global_count * world_size, scale_wrt_gas=False)
-            engine.step()
-            loss_sum += loss.detach().double()
-            metric_sums += torch.stack([divergence, cross_entropy])
-        return StepSums(loss=loss_sum, metrics=metric_sums)
+            return loss, torch.stack([divergence, cross_entropy])
+
+        return accumulate(engine, micro_batches, global_count, world_size, sums, len(self.metric_names),
+                          self.device)  # fmt: skip
 
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
         """The same loss and parts per target token over the held-out examples."""

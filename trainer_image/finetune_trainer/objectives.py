@@ -84,6 +84,28 @@ def evaluation_share(examples: ExampleTable, layout: Layout, micro: int) -> list
     ]
 
 
+# A micro batch's summed loss (with its graph) and its metric sums (detached).
+MicroSums = Callable[[list[int]], tuple[Any, Any]]
+
+
+def accumulate(engine: Any, micro_batches: list[list[int]], global_count: int, world_size: int,
+               sums: MicroSums, metrics: int, device: Any) -> StepSums:  # fmt: skip
+    """One optimizer step over this rank's micro batches, `sums` giving a micro batch's summed loss
+    (with its graph) and its metric sums: each loss over the global count times the data-parallel
+    size, backward without DeepSpeed's division by the accumulation steps (token_loss.py says why)."""
+    import torch
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    metric_sums = torch.zeros(metrics, dtype=torch.float64, device=device)
+    for indices in micro_batches:
+        loss, parts = sums(indices)
+        engine.backward(loss / global_count * world_size, scale_wrt_gas=False)
+        engine.step()
+        loss_sum += loss.detach().double()
+        metric_sums += parts
+    return StepSums(loss=loss_sum, metrics=metric_sums)
+
+
 # One held-out micro batch's (loss sum, items counted, metric sums), computed without gradients.
 Part = Callable[[list[int]], tuple[float, float, list[float]]]
 

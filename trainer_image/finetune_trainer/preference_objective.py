@@ -20,7 +20,7 @@ from finetune_operator.api.spec import DpoSpec
 from finetune_trainer import tensor_parallel
 from finetune_trainer.encoding import model_inputs
 from finetune_trainer.example_table import ExampleTable
-from finetune_trainer.objectives import Evaluation, StepSums, evaluation_share, held_out
+from finetune_trainer.objectives import Evaluation, StepSums, accumulate, evaluation_share, held_out
 from finetune_trainer.parallel_layout import Layout
 from finetune_trainer.preference_loss import dpo_terms, sequence_logps
 from finetune_trainer.preferences import pair_columns
@@ -74,17 +74,11 @@ class Preference:
 
     def step(self, engine: Any, micro_batches: list[list[int]], global_count: int, world_size: int
              ) -> StepSums:  # fmt: skip
-        import torch
+        def sums(indices: list[int]) -> tuple[Any, Any]:
+            return self._sums(engine, self.train, self.references["train"], indices)
 
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        metric_sums = torch.zeros(len(self.metric_names), dtype=torch.float64, device=self.device)
-        for indices in micro_batches:
-            loss, metrics = self._sums(engine, self.train, self.references["train"], indices)
-            engine.backward(loss / global_count * world_size, scale_wrt_gas=False)
-            engine.step()
-            loss_sum += loss.detach().double()
-            metric_sums += metrics
-        return StepSums(loss=loss_sum, metrics=metric_sums)
+        return accumulate(engine, micro_batches, global_count, world_size, sums, len(self.metric_names),
+                          self.device)  # fmt: skip
 
     def evaluate(self, engine: Any, examples: ExampleTable) -> Evaluation | None:
         """Mean pair loss, reward margin and reward accuracy over the held-out pairs."""
