@@ -71,6 +71,7 @@ bench: $(INSTALLED)
 	$(PY) benchmarks/operator_scale.py
 	$(PY) benchmarks/local_recovery.py
 	$(PY) benchmarks/long_context_memory.py
+	$(PY) benchmarks/vs_trl_dpo.py
 
 # What tools/gpu_check.py needs on a GPU machine whose python3 (3.12) has torch, transformers and peft
 # but no network: CPython 3.12 manylinux wheels of the locked versions (never torch: the machine's
