@@ -24,6 +24,8 @@ so each keeps its own bytes.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -149,3 +151,25 @@ class CommittedDir:
                 raise TornDirectory(f"{entry.path} does not match its checksum")
         (dest / MANIFEST).write_text(manifest)
         return fetched
+
+
+def fetch_whole(directory: CommittedDir, local: Path, files_of: Callable[[str], list[FileEntry]]) -> bool:
+    """Whether `local` holds a verified copy of the committed directory, downloading it when it does
+    not yet (into `<local>.partial`, renamed into place once whole, so a killed download leaves
+    nothing reusable); False while the directory is uncommitted or when it is torn. `files_of` reads
+    the file list from the manifest's text, whose format is the caller's."""
+    if (local / MANIFEST).exists():
+        return True
+    try:
+        text = directory.manifest().decode()
+    except ObjectNotFound:
+        return False
+    partial = local.with_name(local.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        directory.download(files_of(text), partial, text)
+    except TornDirectory:
+        return False
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(partial, local)
+    return True

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.committed_dir import MANIFEST, CommittedDir, FileEntry, TornDirectory
+from finetune_trainer.committed_dir import CommittedDir, fetch_whole
 from finetune_trainer.coordination import Coordinator
 from finetune_trainer.data_plan import SPLITS
 from finetune_trainer.example_table import ExampleTable
@@ -41,8 +41,9 @@ from finetune_trainer.failures import InputMissing
 from finetune_trainer.parallel_layout import Layout
 from finetune_trainer.preference_loss import sequence_logps
 from finetune_trainer.preferences import pair_columns
-from finetune_trainer.storage import ObjectNotFound, ObjectStore
+from finetune_trainer.storage import ObjectStore
 from finetune_trainer.tokenization import share
+from finetune_trainer.tokenized_cache import manifest_files
 
 log = logging.getLogger(__name__)
 
@@ -115,23 +116,7 @@ class ReferenceTable:
 
 
 def _read(store: ObjectStore, prefix: str, local: Path) -> bool:
-    if (local / MANIFEST).exists():
-        return True
-    directory = CommittedDir(store, prefix)
-    try:
-        text = directory.manifest().decode()
-    except ObjectNotFound:
-        return False
-    files = [FileEntry.model_validate(f) for f in json.loads(text)["files"]]
-    partial = local.with_name(local.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        directory.download(files, partial, text)
-    except TornDirectory:
-        return False
-    shutil.rmtree(local, ignore_errors=True)
-    partial.rename(local)
-    return True
+    return fetch_whole(CommittedDir(store, prefix), local, manifest_files)
 
 
 def reference_tables(config: TrainerConfig, engine: Any, splits: dict[str, ExampleTable], *, data_key: str,

@@ -33,11 +33,11 @@ from typing import Any
 
 from finetune_operator.api import TrainerConfig
 
-from finetune_trainer.committed_dir import MANIFEST, CommittedDir, FileEntry, TornDirectory, sha256_of
+from finetune_trainer.committed_dir import MANIFEST, CommittedDir, FileEntry, fetch_whole, sha256_of
 from finetune_trainer.encoding import Example
 from finetune_trainer.example_table import ExampleTable, write_examples
 from finetune_trainer.packing import padding_share
-from finetune_trainer.storage import ObjectNotFound, ObjectStore
+from finetune_trainer.storage import ObjectStore
 
 # 2: memory-mapped columns (example_table.py); 3: packed parts' lengths, bin packing; 4: the plan
 # streamed through disk, its subsample drawn by selection sampling (data.py); 5: chat labels from one
@@ -153,21 +153,12 @@ def read_cache(store: ObjectStore, layout: CacheLayout) -> bool:
     """Whether the node holds a verified copy of the committed cache in `layout.local` (downloading
     it when it does not yet); False when the cache is not committed or torn (a rebuild then
     replaces it)."""
-    if (layout.local / MANIFEST).exists():
-        return True
-    cache = CommittedDir(store, layout.prefix)
-    try:
-        text = cache.manifest().decode()
-    except ObjectNotFound:
-        return False
-    files = [FileEntry.model_validate(f) for f in json.loads(text).get("files", [])]
-    shutil.rmtree(layout.partial, ignore_errors=True)
-    try:
-        cache.download(files, layout.partial, text)
-    except TornDirectory:
-        return False
-    _install(layout)
-    return True
+    return fetch_whole(CommittedDir(store, layout.prefix), layout.local, manifest_files)
+
+
+def manifest_files(text: str) -> list[FileEntry]:
+    """The files a `{"files": [...], ...}` manifest lists (the cache's, and the DPO reference table's)."""
+    return [FileEntry.model_validate(f) for f in json.loads(text).get("files", [])]
 
 
 def cached_report(layout: CacheLayout) -> dict[str, Any]:
